@@ -1,0 +1,55 @@
+//! Durations in config files are written the way people say them: `"30s"`, `"1500ms"`,
+//! `"2m"`. Parsed with `humantime`, so a bad value is a TOML error at its own position.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, de};
+
+/// A `Duration` that deserializes from a human-readable string such as `"1.5s"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map(HumanDuration).map_err(de::Error::custom)
+    }
+}
+
+/// Parses `"250ms"`, `"30s"`, `"2m"`, `"1h 30m"`; the error says what was expected.
+pub(crate) fn parse(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    // humantime rejects fractions; "1.5s" is too common not to accept.
+    if let Some(secs) = trimmed.strip_suffix('s').filter(|s| s.contains('.'))
+        && let Ok(secs) = secs.trim().parse::<f64>()
+        && secs.is_finite()
+        && secs >= 0.0
+    {
+        return Ok(Duration::from_secs_f64(secs));
+    }
+    humantime::parse_duration(trimmed).map_err(|e| {
+        format!(
+            "\"{text}\" is not a duration ({e}); write a number with a unit, such as \"500ms\", \"30s\" or \"2m\""
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_common_forms() {
+        assert_eq!(parse("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse("2m").unwrap(), Duration::from_secs(120));
+    }
+
+    #[test]
+    fn rejects_bare_numbers_with_a_hint() {
+        let e = parse("30").unwrap_err();
+        assert!(e.contains("\"30\" is not a duration"), "{e}");
+        assert!(e.contains("\"30s\""), "{e}");
+    }
+}

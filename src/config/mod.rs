@@ -1,0 +1,222 @@
+//! Typed configuration: the TOML file's schema, the embedded default, environment
+//! overrides, and validation that names the field, the place and the fix.
+//!
+//! Precedence, highest first: command-line flags > `METAORCH_*` environment variables >
+//! the config file > built-in defaults. A config is validated once, at load, into
+//! [`Config`], whose values cannot be invalid (durations are `Duration`s, every agent's
+//! provider exists, every prompt has its `{query}`).
+
+mod duration;
+mod error;
+mod overrides;
+mod raw;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::provider::SimOptions;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use overrides::Overrides;
+
+/// The embedded default config: six agents on the `sim` provider.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
+
+/// The name `origin` takes for the embedded default.
+pub const EMBEDDED_ORIGIN: &str = "<embedded default>";
+
+/// Agent calls in flight at once across all requests, unless configured.
+pub const DEFAULT_CONCURRENCY_LIMIT: usize = 6;
+/// A request's deadline, unless configured.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Successful agents a request needs, unless configured.
+pub const DEFAULT_MIN_SUCCESSES: usize = 1;
+/// The log filter, unless configured.
+pub const DEFAULT_LOG_LEVEL: &str = "warn";
+/// Generated-token bound per call, unless an agent sets one.
+pub const DEFAULT_MAX_TOKENS: u32 = 1024;
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where it came from: a file path or [`EMBEDDED_ORIGIN`].
+    pub origin: String,
+    /// Agent calls in flight at once, shared by all requests in the process.
+    pub concurrency_limit: usize,
+    /// Each request's deadline, measured from its start.
+    pub request_timeout: Duration,
+    /// Agents that must succeed for a request to count as answered.
+    pub min_successes: usize,
+    /// The log filter (`warn`, `info`, or `RUST_LOG`-style directives).
+    pub log_level: String,
+    /// Providers by name. `sim` is always defined; a `[providers.sim]` table tunes it.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// The sub-agents, in the order their outcomes are reported.
+    pub agents: Vec<AgentConfig>,
+}
+
+/// How to reach one provider.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProviderConfig {
+    /// The built-in simulator.
+    Sim(SimOptions),
+}
+
+impl ProviderConfig {
+    /// The `kind` as written in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderConfig::Sim(_) => "sim",
+        }
+    }
+}
+
+/// One sub-agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// Unique id: letters, digits, `-` and `_`.
+    pub id: String,
+    /// A short human name for the role, such as `Critic`.
+    pub role: String,
+    /// The system prompt.
+    pub system: Option<String>,
+    /// The user prompt; contains `{query}` at least once.
+    pub prompt: PromptTemplate,
+    /// The name of a provider in [`Config::providers`].
+    pub provider: String,
+    /// The model to ask for.
+    pub model: String,
+    /// Upper bound on generated tokens.
+    pub max_tokens: u32,
+    /// Sampling temperature, 0.0–2.0.
+    pub temperature: Option<f32>,
+}
+
+/// A prompt template in which `{query}` stands for the user's query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptTemplate(String);
+
+impl PromptTemplate {
+    /// The placeholder the query replaces.
+    pub const PLACEHOLDER: &'static str = "{query}";
+
+    /// A template, or `None` if it lacks the placeholder.
+    pub fn new(template: impl Into<String>) -> Option<Self> {
+        let template = template.into();
+        template
+            .contains(Self::PLACEHOLDER)
+            .then_some(PromptTemplate(template))
+    }
+
+    /// The template with every `{query}` replaced by `query`.
+    pub fn render(&self, query: &str) -> String {
+        self.0.replace(Self::PLACEHOLDER, query)
+    }
+
+    /// The template as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Config {
+    /// The embedded default: six agents with distinct roles on `sim`.
+    pub fn embedded() -> Config {
+        Config::from_toml_str(EMBEDDED_DEFAULT, EMBEDDED_ORIGIN)
+            .expect("the embedded default config is validated by the test suite")
+    }
+
+    /// Parses and validates TOML text. `origin` names it in error messages.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
+        validate::parse_and_validate(text, origin)
+    }
+
+    /// Reads, parses and validates a config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigErrors> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::one(ConfigError {
+                origin: origin.clone(),
+                position: None,
+                field: String::new(),
+                message: format!("cannot read the config file: {e}"),
+            })
+        })?;
+        Config::from_toml_str(&text, &origin)
+    }
+
+    /// Applies overrides (from the environment or flags), checking them against the
+    /// rest of the config.
+    pub fn apply(&mut self, overrides: &Overrides) -> Result<(), ConfigErrors> {
+        overrides.apply_to(self)
+    }
+
+    /// The agent with this id.
+    pub fn agent(&self, id: &str) -> Option<&AgentConfig> {
+        self.agents.iter().find(|a| a.id == id)
+    }
+}
+
+/// Which config file to load, by precedence: the `--config` flag, then
+/// `METAORCH_CONFIG`, then `./metaorch.toml` if it exists; `None` means the embedded
+/// default.
+pub fn discover(flag: Option<&Path>, env: Option<&str>, cwd: &Path) -> Option<PathBuf> {
+    if let Some(path) = flag {
+        return Some(path.to_owned());
+    }
+    if let Some(path) = env.filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(path));
+    }
+    let local = cwd.join("metaorch.toml");
+    local.is_file().then_some(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_has_six_distinct_agents_on_sim() {
+        let config = Config::embedded();
+        assert_eq!(config.agents.len(), 6);
+        let ids: std::collections::HashSet<_> = config.agents.iter().map(|a| &a.id).collect();
+        assert_eq!(ids.len(), 6);
+        assert!(config.agents.iter().all(|a| a.provider == "sim"));
+        assert_eq!(config.concurrency_limit, DEFAULT_CONCURRENCY_LIMIT);
+        match &config.providers["sim"] {
+            ProviderConfig::Sim(sim) => {
+                assert_eq!(sim.latency_min, Duration::from_millis(500));
+                assert_eq!(sim.latency_max, Duration::from_secs(2));
+            }
+        }
+    }
+
+    #[test]
+    fn template_renders_every_placeholder() {
+        let t = PromptTemplate::new("{query} / {query}").unwrap();
+        assert_eq!(t.render("q"), "q / q");
+        assert!(PromptTemplate::new("no placeholder").is_none());
+    }
+
+    #[test]
+    fn discover_follows_precedence() {
+        let dir = tempfile::tempdir().unwrap();
+        let flag = Path::new("flag.toml");
+        assert_eq!(
+            discover(Some(flag), Some("env.toml"), dir.path()),
+            Some(flag.into())
+        );
+        assert_eq!(
+            discover(None, Some("env.toml"), dir.path()),
+            Some("env.toml".into())
+        );
+        assert_eq!(discover(None, None, dir.path()), None);
+        std::fs::write(dir.path().join("metaorch.toml"), "").unwrap();
+        assert_eq!(
+            discover(None, None, dir.path()),
+            Some(dir.path().join("metaorch.toml"))
+        );
+    }
+}

@@ -1,0 +1,158 @@
+//! `AgentOutcome`: what became of one agent's task. There is exactly one per agent.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+use crate::provider::{ErrorKind, ProviderError, Usage};
+
+/// How an agent's task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeStatus {
+    /// The agent produced output.
+    Succeeded,
+    /// The agent's call failed (or its task panicked).
+    Failed,
+    /// The request's deadline passed, or the request was cancelled, before it finished.
+    TimedOut,
+}
+
+impl OutcomeStatus {
+    /// The stable snake_case name used in output and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeStatus::Succeeded => "succeeded",
+            OutcomeStatus::Failed => "failed",
+            OutcomeStatus::TimedOut => "timed_out",
+        }
+    }
+}
+
+impl fmt::Display for OutcomeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an agent did not succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The provider call failed, classified.
+    Provider(ErrorKind),
+    /// The request deadline passed before the agent finished.
+    DeadlineExceeded,
+    /// The request was cancelled (its caller went away or asked to stop).
+    Cancelled,
+    /// The agent's task panicked; the panic was contained.
+    Panicked,
+}
+
+impl FailureKind {
+    /// The stable snake_case name used in output and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Provider(kind) => kind.as_str(),
+            FailureKind::DeadlineExceeded => "deadline_exceeded",
+            FailureKind::Cancelled => "cancelled",
+            FailureKind::Panicked => "panicked",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for FailureKind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// The error part of a failed or timed-out outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutcomeError {
+    /// The class of failure.
+    pub kind: FailureKind,
+    /// The HTTP status of the last failed attempt, if there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// A human-readable explanation.
+    pub message: String,
+}
+
+impl From<ProviderError> for OutcomeError {
+    fn from(e: ProviderError) -> Self {
+        OutcomeError {
+            kind: FailureKind::Provider(e.kind),
+            status: e.status,
+            message: e.message,
+        }
+    }
+}
+
+impl fmt::Display for OutcomeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.kind)?;
+        if let Some(status) = self.status {
+            write!(f, " (HTTP {status})")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// What became of one agent's task.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentOutcome {
+    /// The agent's id from the config.
+    pub agent_id: String,
+    /// The provider's name from the config.
+    pub provider: String,
+    /// The model the agent asked for.
+    pub model: String,
+    /// How the task ended.
+    pub status: OutcomeStatus,
+    /// The agent's reply, when it succeeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// Why generation stopped, as the provider said it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    /// Why it did not succeed, when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<OutcomeError>,
+    /// Provider calls started (0 if it never got past the limiter).
+    pub attempts: u32,
+    /// From dispatch to finish, limiter wait included.
+    #[serde(rename = "latency_ms", serialize_with = "as_millis")]
+    pub latency: Duration,
+    /// Time spent waiting for a concurrency slot.
+    #[serde(rename = "queue_ms", serialize_with = "as_millis")]
+    pub queue_wait: Duration,
+    /// Time inside provider calls, as the provider measured it.
+    #[serde(rename = "provider_ms", serialize_with = "as_millis")]
+    pub provider_latency: Duration,
+    /// Tokens used by this agent's calls.
+    pub usage: Usage,
+}
+
+impl AgentOutcome {
+    /// True when the agent produced output.
+    pub fn succeeded(&self) -> bool {
+        self.status == OutcomeStatus::Succeeded
+    }
+}
+
+/// Serializes a duration as fractional milliseconds (microsecond precision).
+pub(crate) fn as_millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(millis(*d))
+}
+
+/// A duration as milliseconds, rounded to the microsecond.
+pub(crate) fn millis(d: Duration) -> f64 {
+    (d.as_micros() as f64) / 1000.0
+}

@@ -1,0 +1,24 @@
+//! metaorch: a meta-orchestrator for LLM sub-agents.
+//!
+//! A query fans out to several sub-agents — LLM calls, each with its own role, prompt,
+//! model and provider — in parallel under a concurrency limit shared by the whole
+//! process and a per-request deadline. Exactly one outcome comes back per agent,
+//! whatever happens (error, timeout, panic), and the successful replies are
+//! synthesized into one answer under one trace id.
+//!
+//! The request's path, top-down: [`orchestrator`] → [`executor`] → [`provider`], with
+//! [`limits`] bounding calls in flight, [`config`] describing it all and [`telemetry`]
+//! naming each request.
+//!
+//! See [`Orchestrator`] for an example.
+
+pub mod config;
+pub mod executor;
+pub mod limits;
+pub mod orchestrator;
+pub mod provider;
+pub mod telemetry;
+
+pub use config::Config;
+pub use executor::{AgentOutcome, OutcomeStatus};
+pub use orchestrator::{Orchestrator, Request, Response};

@@ -1,0 +1,203 @@
+//! The orchestrator: one request's whole life — a trace id, a plan (one task per
+//! agent, prompt rendered from its template), dispatch to the executor, synthesis.
+//!
+//! It knows nothing of transport: the CLI and the HTTP server both call
+//! [`Orchestrator::process`]. One orchestrator serves every request in the process, so
+//! its limiter (and, later, its breakers) are shared as provider limits require.
+
+mod builder;
+mod request;
+mod response;
+mod synthesis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::config::AgentConfig;
+use crate::executor::{AgentTask, Executor, millis};
+use crate::provider::{CompletionRequest, Provider, RequestMeta, Usage};
+use crate::telemetry::TraceId;
+
+pub use builder::{BuildError, OrchestratorBuilder};
+pub use request::{Request, RequestError};
+pub use response::{Response, Summary, Timings};
+pub use synthesis::{Concat, Synthesizer};
+
+/// Answers queries by fanning them out to sub-agents. Cheap to clone: clones share the
+/// agents, providers and limiter.
+///
+/// ```
+/// use metaorch::{Config, Orchestrator};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // Three agents on the simulator, with near-zero latency for the example.
+/// let config = Config::from_toml_str(r#"
+///     [providers.sim]
+///     kind = "sim"
+///     latency_min = "1ms"
+///     latency_max = "5ms"
+///
+///     [[agents]]
+///     id = "researcher"
+///     prompt = "Find facts about: {query}"
+///     provider = "sim"
+///
+///     [[agents]]
+///     id = "critic"
+///     prompt = "Criticise: {query}"
+///     provider = "sim"
+///
+///     [[agents]]
+///     id = "writer"
+///     prompt = "Answer briefly: {query}"
+///     provider = "sim"
+/// "#, "example.toml")?;
+///
+/// let orchestrator = Orchestrator::builder().config(config).build()?;
+/// let response = orchestrator.process("Should we rewrite the service in Rust?").await?;
+///
+/// assert_eq!(response.outcomes.len(), 3);
+/// assert!(response.ok);
+/// println!("{} (trace {})", response.answer, response.trace_id);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Orchestrator {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    agents: Vec<PlannedAgent>,
+    executor: Executor,
+    request_timeout: Duration,
+    min_successes: usize,
+    synthesizer: Arc<dyn Synthesizer>,
+}
+
+/// An agent with its provider resolved.
+#[derive(Debug)]
+struct PlannedAgent {
+    config: AgentConfig,
+    provider: Arc<dyn Provider>,
+}
+
+impl Orchestrator {
+    /// Starts building an orchestrator; with nothing else set it uses the embedded
+    /// default config (six agents on `sim`).
+    pub fn builder() -> OrchestratorBuilder {
+        OrchestratorBuilder::default()
+    }
+
+    /// The configured agents, in the order their outcomes are reported.
+    pub fn agents(&self) -> impl Iterator<Item = &AgentConfig> {
+        self.inner.agents.iter().map(|a| &a.config)
+    }
+
+    /// The executor, whose limiter every request shares.
+    pub fn executor(&self) -> &Executor {
+        &self.inner.executor
+    }
+
+    /// Answers `query` with a new trace id and the configured deadline.
+    pub async fn process(&self, query: &str) -> Result<Response, RequestError> {
+        self.process_request(Request::new(query)).await
+    }
+
+    /// Answers a request. Fails only on a request that cannot be run at all (an empty
+    /// query); agent failures are reported in the response's outcomes.
+    pub async fn process_request(&self, request: Request) -> Result<Response, RequestError> {
+        request.validate()?;
+        let trace_id = request.trace_id.unwrap_or_else(TraceId::random);
+        let span = tracing::info_span!("request", trace_id = %trace_id);
+        Ok(self.run(request, trace_id).instrument(span).await)
+    }
+
+    async fn run(&self, request: Request, trace_id: TraceId) -> Response {
+        let inner = &*self.inner;
+        let started = Instant::now();
+        let timeout = request.timeout.unwrap_or(inner.request_timeout);
+        let deadline = started + timeout;
+        tracing::info!(
+            event = "request.start",
+            agents = inner.agents.len(),
+            query_chars = request.query.chars().count(),
+            timeout_ms = millis(timeout),
+            concurrency_limit = inner.executor.limiter().limit(),
+            "request started"
+        );
+
+        let tasks = inner
+            .agents
+            .iter()
+            .map(|agent| plan(agent, &request.query, trace_id))
+            .collect();
+        let outcomes = inner.executor.run(tasks, deadline, &request.cancel).await;
+
+        let configs: Vec<&AgentConfig> = inner.agents.iter().map(|a| &a.config).collect();
+        let answer = inner
+            .synthesizer
+            .synthesize(&request.query, &configs, &outcomes)
+            .await;
+
+        let summary = Summary::of(&outcomes, inner.min_successes);
+        let mut usage = Usage::default();
+        for o in &outcomes {
+            usage += o.usage;
+        }
+        let timings = Timings {
+            total: started.elapsed(),
+            slowest_agent: outcomes.iter().map(|o| o.latency).max().unwrap_or_default(),
+            sum_of_agents: outcomes.iter().map(|o| o.latency).sum(),
+        };
+        let ok = summary.succeeded >= summary.min_successes;
+        tracing::info!(
+            event = "request.finish",
+            ok,
+            succeeded = summary.succeeded,
+            failed = summary.failed,
+            timed_out = summary.timed_out,
+            duration_ms = millis(timings.total),
+            input_tokens = usage.input_tokens,
+            output_tokens = usage.output_tokens,
+            "request finished: {}/{} agents succeeded",
+            summary.succeeded,
+            outcomes.len()
+        );
+        Response {
+            trace_id,
+            query: request.query,
+            answer,
+            ok,
+            summary,
+            outcomes,
+            usage,
+            timings,
+        }
+    }
+}
+
+/// One agent's task for this query.
+fn plan(agent: &PlannedAgent, query: &str, trace_id: TraceId) -> AgentTask {
+    let config = &agent.config;
+    AgentTask {
+        agent_id: config.id.clone(),
+        provider_name: config.provider.clone(),
+        provider: Arc::clone(&agent.provider),
+        request: CompletionRequest {
+            model: config.model.clone(),
+            system: config.system.clone(),
+            prompt: config.prompt.render(query),
+            max_tokens: config.max_tokens,
+            temperature: config.temperature,
+            meta: RequestMeta {
+                trace_id: trace_id.to_string(),
+                agent_id: config.id.clone(),
+                attempt: 0,
+            },
+        },
+    }
+}

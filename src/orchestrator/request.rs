@@ -1,0 +1,74 @@
+//! `Request`: one query and how to run it.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::TraceId;
+
+/// A query with per-request options. Built with [`Request::new`] and the `with_*`
+/// methods; anything unset takes the orchestrator's configured value.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The user's query.
+    pub query: String,
+    /// Use this trace id (e.g. from an incoming `traceparent`) instead of a new one.
+    pub trace_id: Option<TraceId>,
+    /// This request's deadline, instead of the configured `request_timeout`.
+    pub timeout: Option<Duration>,
+    /// Cancelling this token ends the request at once; unfinished agents are reported
+    /// as `timed_out` with kind `cancelled`.
+    pub cancel: CancellationToken,
+}
+
+impl Request {
+    /// A request for `query` with every option at its default.
+    pub fn new(query: impl Into<String>) -> Request {
+        Request {
+            query: query.into(),
+            trace_id: None,
+            timeout: None,
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// Sets the trace id.
+    pub fn with_trace_id(mut self, trace_id: TraceId) -> Request {
+        self.trace_id = Some(trace_id);
+        self
+    }
+
+    /// Sets the deadline, measured from the start of processing.
+    pub fn with_timeout(mut self, timeout: Duration) -> Request {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the token whose cancellation ends the request.
+    pub fn with_cancel(mut self, cancel: CancellationToken) -> Request {
+        self.cancel = cancel;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), RequestError> {
+        if self.query.trim().is_empty() {
+            return Err(RequestError::EmptyQuery);
+        }
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            return Err(RequestError::ZeroTimeout);
+        }
+        Ok(())
+    }
+}
+
+/// A request that cannot be run at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The query is empty or only white space.
+    #[error("the query is empty; pass the question to ask, e.g. metaorch run \"What are the risks?\"")]
+    EmptyQuery,
+    /// A timeout of zero would time out every agent before it starts.
+    #[error("the request timeout is zero; give a positive duration such as 30s")]
+    ZeroTimeout,
+}

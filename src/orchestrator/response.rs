@@ -1,0 +1,77 @@
+//! `Response`: what a request produced — the answer, every agent's outcome, tokens
+//! and timings, under the request's trace id.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::executor::{AgentOutcome, OutcomeStatus, as_millis};
+use crate::provider::Usage;
+use crate::telemetry::TraceId;
+
+/// The result of one request.
+#[derive(Debug, Clone, Serialize)]
+pub struct Response {
+    /// The request's trace id; every log line of the request carries it.
+    pub trace_id: TraceId,
+    /// The query as asked.
+    pub query: String,
+    /// The synthesized answer.
+    pub answer: String,
+    /// Whether at least `min_successes` agents succeeded.
+    pub ok: bool,
+    /// Counts of outcomes by status, and the bar the request had to meet.
+    pub summary: Summary,
+    /// One outcome per agent, in config order.
+    pub outcomes: Vec<AgentOutcome>,
+    /// Tokens summed over all agents.
+    pub usage: Usage,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// Outcome counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Agents that produced output.
+    pub succeeded: usize,
+    /// Agents whose call failed.
+    pub failed: usize,
+    /// Agents cut off by the deadline or a cancellation.
+    pub timed_out: usize,
+    /// Agents that had to succeed for the request to count as answered.
+    pub min_successes: usize,
+}
+
+impl Summary {
+    pub(crate) fn of(outcomes: &[AgentOutcome], min_successes: usize) -> Summary {
+        let count = |s| outcomes.iter().filter(|o| o.status == s).count();
+        Summary {
+            succeeded: count(OutcomeStatus::Succeeded),
+            failed: count(OutcomeStatus::Failed),
+            timed_out: count(OutcomeStatus::TimedOut),
+            min_successes,
+        }
+    }
+}
+
+/// Where a request's time went.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Timings {
+    /// Wall time from the request's start to its answer.
+    #[serde(rename = "total_ms", serialize_with = "as_millis")]
+    pub total: Duration,
+    /// The slowest agent's latency: what the request had to wait for.
+    #[serde(rename = "slowest_agent_ms", serialize_with = "as_millis")]
+    pub slowest_agent: Duration,
+    /// All agents' latencies added up: what running them one after another would take.
+    #[serde(rename = "sum_of_agents_ms", serialize_with = "as_millis")]
+    pub sum_of_agents: Duration,
+}
+
+impl Response {
+    /// The outcome of the agent with this id.
+    pub fn outcome(&self, agent_id: &str) -> Option<&AgentOutcome> {
+        self.outcomes.iter().find(|o| o.agent_id == agent_id)
+    }
+}

@@ -1,0 +1,248 @@
+//! The built-in `sim` provider: a simulated LLM for offline runs, demos and benchmarks.
+//!
+//! It is a real [`Provider`]: it sleeps on the runtime's clock for a latency drawn from a
+//! configured range, then returns a short reply that says it is simulated, with token
+//! counts. Under a fixed seed every draw is a pure function of (seed, model, agent,
+//! prompt, attempt), so a run is repeatable however the calls interleave; a retry
+//! (a higher attempt number) draws afresh.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use super::{Completion, CompletionRequest, Provider, ProviderError, Usage};
+
+/// How a [`SimProvider`] behaves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimOptions {
+    /// Shortest simulated latency.
+    pub latency_min: Duration,
+    /// Longest simulated latency (inclusive).
+    pub latency_max: Duration,
+    /// Seed for every draw. `None` draws a random seed when the provider is built.
+    pub seed: Option<u64>,
+}
+
+impl Default for SimOptions {
+    /// 0.5–2.0 s, the latency range of the original report's mock agents.
+    fn default() -> Self {
+        SimOptions {
+            latency_min: Duration::from_millis(500),
+            latency_max: Duration::from_millis(2000),
+            seed: None,
+        }
+    }
+}
+
+/// A simulated LLM. See the [module docs](self).
+///
+/// ```
+/// use std::time::Duration;
+/// use metaorch::provider::{CompletionRequest, Provider, RequestMeta, SimOptions, SimProvider};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let sim = SimProvider::new(SimOptions {
+///     latency_min: Duration::ZERO,
+///     latency_max: Duration::from_millis(1),
+///     seed: Some(7),
+/// });
+/// let request = CompletionRequest {
+///     model: "sim-1".into(),
+///     system: None,
+///     prompt: "Why is the sky blue?".into(),
+///     max_tokens: 256,
+///     temperature: None,
+///     meta: RequestMeta::default(),
+/// };
+/// let reply = sim.complete(&request).await.unwrap();
+/// assert!(reply.text.contains("simulated"));
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct SimProvider {
+    options: SimOptions,
+    seed: u64,
+}
+
+impl SimProvider {
+    /// Builds a simulator. `latency_max` below `latency_min` is treated as equal to it.
+    pub fn new(options: SimOptions) -> Self {
+        let seed = options.seed.unwrap_or_else(rand::random);
+        SimProvider { options, seed }
+    }
+
+    /// The seed in use (drawn at random when none was configured).
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    fn rng_for(&self, request: &CompletionRequest) -> SmallRng {
+        let mut h = Fnv64::new(self.seed);
+        h.write(request.model.as_bytes());
+        h.write(request.meta.agent_id.as_bytes());
+        h.write(request.system.as_deref().unwrap_or("").as_bytes());
+        h.write(request.prompt.as_bytes());
+        h.write(&request.meta.attempt.to_le_bytes());
+        SmallRng::seed_from_u64(h.finish())
+    }
+
+    fn draw_latency(&self, rng: &mut SmallRng) -> Duration {
+        let min = self.options.latency_min;
+        let max = self.options.latency_max.max(min);
+        let span = (max - min).as_nanos() as u64;
+        min + Duration::from_nanos(if span == 0 {
+            0
+        } else {
+            rng.random_range(0..=span)
+        })
+    }
+}
+
+#[async_trait]
+impl Provider for SimProvider {
+    fn kind(&self) -> &'static str {
+        "sim"
+    }
+
+    async fn complete(&self, request: &CompletionRequest) -> Result<Completion, ProviderError> {
+        let mut rng = self.rng_for(request);
+        let started = tokio::time::Instant::now();
+        tokio::time::sleep(self.draw_latency(&mut rng)).await;
+        let latency = started.elapsed();
+
+        let text = reply_text(request, &mut rng);
+        let output_tokens = estimate_tokens(&text).min(u64::from(request.max_tokens));
+        let input_tokens =
+            estimate_tokens(request.system.as_deref().unwrap_or("")) + estimate_tokens(&request.prompt);
+        Ok(Completion {
+            text,
+            stop_reason: Some("end_turn".to_owned()),
+            usage: Usage {
+                input_tokens,
+                output_tokens,
+            },
+            latency,
+        })
+    }
+}
+
+const OBSERVATIONS: &[&str] = &[
+    "The main trade-off is between speed of delivery and long-term maintainability.",
+    "Evidence from comparable cases points to a gradual, measured rollout.",
+    "The riskiest assumption should be tested first, with a small experiment.",
+    "Costs are front-loaded, while the benefits accrue over several quarters.",
+    "Two independent sources agree on the core facts; one detail remains unverified.",
+    "A clear owner and a rollback plan matter more than the choice of tool.",
+    "Operational load, not the initial build, dominates the total cost.",
+    "The strongest counter-argument concerns team familiarity and hiring.",
+];
+
+/// A short reply that says plainly it is simulated and echoes whose turn it was.
+fn reply_text(request: &CompletionRequest, rng: &mut SmallRng) -> String {
+    let first = rng.random_range(0..OBSERVATIONS.len());
+    let second = (first + 1 + rng.random_range(0..OBSERVATIONS.len() - 1)) % OBSERVATIONS.len();
+    let topic: String = request.prompt.chars().take(80).collect();
+    let ellipsis = if request.prompt.chars().count() > 80 { "…" } else { "" };
+    format!(
+        "[simulated reply from {model}] On \"{topic}{ellipsis}\": {} {}",
+        OBSERVATIONS[first], OBSERVATIONS[second],
+        model = request.model,
+    )
+}
+
+/// About four characters per token, the usual rule of thumb for English text.
+fn estimate_tokens(text: &str) -> u64 {
+    (text.len() as u64).div_ceil(4)
+}
+
+/// FNV-1a, 64-bit: a stable hash, so a seed means the same thing across builds.
+struct Fnv64(u64);
+
+impl Fnv64 {
+    fn new(seed: u64) -> Self {
+        let mut h = Fnv64(0xcbf2_9ce4_8422_2325);
+        h.write(&seed.to_le_bytes());
+        h
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // A separator, so ("ab","c") and ("a","bc") hash differently.
+        self.0 ^= 0xff;
+        self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::RequestMeta;
+
+    fn request(agent: &str, attempt: u32) -> CompletionRequest {
+        CompletionRequest {
+            model: "sim-1".into(),
+            system: Some("You are a critic.".into()),
+            prompt: "Should we rewrite it in Rust?".into(),
+            max_tokens: 512,
+            temperature: None,
+            meta: RequestMeta {
+                trace_id: "0".repeat(32),
+                agent_id: agent.into(),
+                attempt,
+            },
+        }
+    }
+
+    fn sim(seed: u64) -> SimProvider {
+        SimProvider::new(SimOptions {
+            seed: Some(seed),
+            ..SimOptions::default()
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn same_seed_same_reply_and_latency() {
+        let a = sim(42).complete(&request("critic", 1)).await.unwrap();
+        let b = sim(42).complete(&request("critic", 1)).await.unwrap();
+        assert_eq!(a, b);
+        assert!(a.text.starts_with("[simulated reply from sim-1]"));
+        assert!(a.usage.input_tokens > 0 && a.usage.output_tokens > 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_stays_in_range_and_varies_by_agent_and_attempt() {
+        let p = sim(1);
+        let mut seen = std::collections::HashSet::new();
+        for agent in ["a", "b", "c", "d"] {
+            for attempt in 1..=3 {
+                let started = tokio::time::Instant::now();
+                let c = p.complete(&request(agent, attempt)).await.unwrap();
+                assert_eq!(started.elapsed(), c.latency, "reports the time it slept");
+                // The timer wheel rounds up to the next whole millisecond.
+                assert!((500..=2001).contains(&c.latency.as_millis()), "{:?}", c.latency);
+                seen.insert(c.latency);
+            }
+        }
+        assert!(seen.len() > 6, "draws should differ across agents and attempts");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn inverted_range_is_a_fixed_latency() {
+        let p = SimProvider::new(SimOptions {
+            latency_min: Duration::from_millis(30),
+            latency_max: Duration::from_millis(10),
+            seed: Some(3),
+        });
+        let c = p.complete(&request("x", 1)).await.unwrap();
+        assert_eq!(c.latency, Duration::from_millis(30));
+    }
+}
