@@ -16,8 +16,15 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
-/// Parses `"250ms"`, `"30s"`, `"2m"`, `"1h 30m"`; the error says what was expected.
-pub(crate) fn parse(text: &str) -> Result<Duration, String> {
+/// Parses a human-readable duration: `"250ms"`, `"1.5s"`, `"2m"`, `"1h 30m"`. The error
+/// says what was expected.
+///
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(metaorch::config::parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+/// assert!(metaorch::config::parse_duration("30").is_err());
+/// ```
+pub fn parse(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
     // humantime rejects fractions; "1.5s" is too common not to accept.
     if let Some(secs) = trimmed.strip_suffix('s').filter(|s| s.contains('.'))

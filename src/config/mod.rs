@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::provider::SimOptions;
 
+pub use duration::parse as parse_duration;
 pub use error::{ConfigError, ConfigErrors};
 pub use overrides::Overrides;
 

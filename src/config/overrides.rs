@@ -180,7 +180,9 @@ mod tests {
 
     #[test]
     fn environment_overrides_the_file_and_flags_override_the_environment() {
-        let mut config = Config::from_toml_str("concurrency_limit = 2\nrequest_timeout = \"5s\"", "f.toml").unwrap();
+        let mut config =
+            Config::from_toml_str("concurrency_limit = 2\nrequest_timeout = \"5s\"", "f.toml")
+                .unwrap();
         let from_env = Overrides::from_env(env(&[
             ("METAORCH_CONCURRENCY_LIMIT", "3"),
             ("METAORCH_REQUEST_TIMEOUT", "7s"),
@@ -207,7 +209,10 @@ mod tests {
         .unwrap_err();
         let text = err.to_string();
         assert_eq!(err.errors().len(), 2, "{text}");
-        assert!(text.contains("METAORCH_CONCURRENCY_LIMIT=\"lots\": expected a whole number"), "{text}");
+        assert!(
+            text.contains("METAORCH_CONCURRENCY_LIMIT=\"lots\": expected a whole number"),
+            "{text}"
+        );
         assert!(text.contains("METAORCH_REQUEST_TIMEOUT=\"30\""), "{text}");
     }
 
@@ -223,7 +228,10 @@ mod tests {
         };
         let err = config.apply(&o).unwrap_err();
         assert_eq!(err.errors().len(), 3, "{err}");
-        assert_eq!(config.concurrency_limit, 6, "a rejected override changes nothing");
+        assert_eq!(
+            config.concurrency_limit, 6,
+            "a rejected override changes nothing"
+        );
     }
 
     #[test]

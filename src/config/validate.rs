@@ -19,14 +19,22 @@ use crate::provider::SimOptions;
 const SIM_DEFAULT_MODEL: &str = "sim-1";
 
 pub(super) fn parse_and_validate(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        ConfigErrors::one(ConfigError {
-            origin: origin.to_owned(),
-            position: e.span().map(|span| line_col(text, span.start)),
-            field: String::new(),
-            message: e.message().trim_end().to_owned(),
-        })
-    })?;
+    let raw: RawConfig =
+        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            // `Spanned` shows up in the path as a private key; people never wrote it.
+            let field = e
+                .path()
+                .to_string()
+                .replace(".$__serde_spanned_private_value", "");
+            let e = e.into_inner();
+            ConfigErrors::one(ConfigError {
+                origin: origin.to_owned(),
+                position: e.span().map(|span| line_col(text, span.start)),
+                // The path of a whole-document problem is ".", which helps nobody.
+                field: if field == "." { String::new() } else { field },
+                message: e.message().trim_end().replace('\n', "; "),
+            })
+        })?;
     let mut v = Validator {
         text,
         origin,
@@ -273,7 +281,8 @@ impl Validator<'_> {
                 role: agent.role.unwrap_or_else(|| id.clone()),
                 id,
                 system: agent.system,
-                prompt: prompt.unwrap_or_else(|| PromptTemplate(PromptTemplate::PLACEHOLDER.into())),
+                prompt: prompt
+                    .unwrap_or_else(|| PromptTemplate(PromptTemplate::PLACEHOLDER.into())),
                 provider,
                 model,
                 max_tokens,

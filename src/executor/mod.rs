@@ -252,7 +252,11 @@ async fn run_agent(
     deadline: Instant,
     progress: Arc<Progress>,
 ) -> AgentOutcome {
-    tracing::debug!(event = "agent.dispatch", "dispatching agent {}", task.agent_id);
+    tracing::debug!(
+        event = "agent.dispatch",
+        "dispatching agent {}",
+        task.agent_id
+    );
     let permit = limiter.acquire().await;
     let queue_wait = progress.dispatched.elapsed();
     progress
@@ -327,7 +331,8 @@ async fn run_agent(
             attempts = outcome.attempts,
             input_tokens = outcome.usage.input_tokens,
             output_tokens = outcome.usage.output_tokens,
-            "agent {} succeeded", outcome.agent_id
+            "agent {} succeeded",
+            outcome.agent_id
         ),
         Some(error) => tracing::warn!(
             event = "agent.failure",

@@ -27,7 +27,9 @@ pub enum BuildError {
     #[error("no agents are configured; add at least one [[agents]] table")]
     NoAgents,
     /// An agent names a provider that is neither configured nor supplied.
-    #[error("agent \"{agent}\" uses provider \"{provider}\", which is not defined; defined: {defined}")]
+    #[error(
+        "agent \"{agent}\" uses provider \"{provider}\", which is not defined; defined: {defined}"
+    )]
     UnknownProvider {
         /// The agent's id.
         agent: String,

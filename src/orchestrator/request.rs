@@ -66,7 +66,9 @@ impl Request {
 #[non_exhaustive]
 pub enum RequestError {
     /// The query is empty or only white space.
-    #[error("the query is empty; pass the question to ask, e.g. metaorch run \"What are the risks?\"")]
+    #[error(
+        "the query is empty; pass the question to ask, e.g. metaorch run \"What are the risks?\""
+    )]
     EmptyQuery,
     /// A timeout of zero would time out every agent before it starts.
     #[error("the request timeout is zero; give a positive duration such as 30s")]

@@ -114,8 +114,8 @@ impl Provider for SimProvider {
 
         let text = reply_text(request, &mut rng);
         let output_tokens = estimate_tokens(&text).min(u64::from(request.max_tokens));
-        let input_tokens =
-            estimate_tokens(request.system.as_deref().unwrap_or("")) + estimate_tokens(&request.prompt);
+        let input_tokens = estimate_tokens(request.system.as_deref().unwrap_or(""))
+            + estimate_tokens(&request.prompt);
         Ok(Completion {
             text,
             stop_reason: Some("end_turn".to_owned()),
@@ -144,10 +144,15 @@ fn reply_text(request: &CompletionRequest, rng: &mut SmallRng) -> String {
     let first = rng.random_range(0..OBSERVATIONS.len());
     let second = (first + 1 + rng.random_range(0..OBSERVATIONS.len() - 1)) % OBSERVATIONS.len();
     let topic: String = request.prompt.chars().take(80).collect();
-    let ellipsis = if request.prompt.chars().count() > 80 { "…" } else { "" };
+    let ellipsis = if request.prompt.chars().count() > 80 {
+        "…"
+    } else {
+        ""
+    };
     format!(
         "[simulated reply from {model}] On \"{topic}{ellipsis}\": {} {}",
-        OBSERVATIONS[first], OBSERVATIONS[second],
+        OBSERVATIONS[first],
+        OBSERVATIONS[second],
         model = request.model,
     )
 }
@@ -228,11 +233,18 @@ mod tests {
                 let c = p.complete(&request(agent, attempt)).await.unwrap();
                 assert_eq!(started.elapsed(), c.latency, "reports the time it slept");
                 // The timer wheel rounds up to the next whole millisecond.
-                assert!((500..=2001).contains(&c.latency.as_millis()), "{:?}", c.latency);
+                assert!(
+                    (500..=2001).contains(&c.latency.as_millis()),
+                    "{:?}",
+                    c.latency
+                );
                 seen.insert(c.latency);
             }
         }
-        assert!(seen.len() > 6, "draws should differ across agents and attempts");
+        assert!(
+            seen.len() > 6,
+            "draws should differ across agents and attempts"
+        );
     }
 
     #[tokio::test(start_paused = true)]

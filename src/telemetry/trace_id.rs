@@ -112,7 +112,11 @@ mod tests {
         ] {
             assert!(bad.parse::<TraceId>().is_err(), "{bad}");
         }
-        assert!("4bf92f3577b34da6a3ce929d0e0e4736".parse::<TraceId>().is_ok());
+        assert!(
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+                .parse::<TraceId>()
+                .is_ok()
+        );
     }
 
     #[test]

@@ -1,0 +1,110 @@
+//! The command line's shape, declared with clap's derive API.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// metaorch: fan a query out to LLM sub-agents in parallel and synthesize one answer.
+#[derive(Debug, Parser)]
+#[command(name = "metaorch", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file (TOML). Default: $METAORCH_CONFIG, then ./metaorch.toml, then the
+    /// embedded default (six agents on the built-in `sim` provider).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Log filter: error, warn, info, debug, trace, or RUST_LOG directives.
+    /// Default: $METAORCH_LOG_LEVEL, then $RUST_LOG, then the config's log.level (warn).
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// How log lines on stderr are written.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Json)]
+    pub log_format: LogFormatArg,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Answer one query: fan it out to every configured agent and synthesize the replies.
+    Run(RunArgs),
+    /// Work with config files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config file and print every problem with its place and the fix.
+    Check {
+        /// The file to check. Default: the file `run` would use.
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The query. Several words are joined with spaces; `-` reads it from stdin.
+    #[arg(required = true, num_args = 1.., value_name = "QUERY")]
+    pub query: Vec<String>,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+
+    /// Seed for the `sim` provider's draws, for repeatable runs.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+
+    /// Agent calls in flight at once (overrides concurrency_limit).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency_limit: Option<u32>,
+
+    /// The request's deadline, e.g. 30s or 1500ms (overrides request_timeout).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub request_timeout: Option<Duration>,
+
+    /// Successful agents needed for exit status 0 (overrides min_successes).
+    #[arg(long, value_name = "N")]
+    pub min_successes: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// A table of agent outcomes, then the answer and the trace id.
+    Text,
+    /// One JSON document: trace_id, answer, outcomes[], usage, timings.
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormatArg {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Pretty,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = metaorch::config::parse_duration(text)?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

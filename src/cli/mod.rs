@@ -1,0 +1,69 @@
+//! The command line: argument parsing (clap) and one module per command. Errors reach
+//! the person as one clear message and an exit code, never a panic or a backtrace.
+//!
+//! Exit codes: 0 success; 1 the command ran but its result is a failure (a request
+//! with fewer than `min_successes` successful agents, a config that does not pass
+//! `config check`); 2 bad usage or a config that cannot be loaded.
+
+mod args;
+mod config_check;
+mod render;
+mod run;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use args::{Cli, Command, ConfigCommand};
+use metaorch::config::{self, Config, ConfigErrors, Overrides};
+
+/// Parses arguments, runs the command, maps the result to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Run(args) => run::run(&cli, args),
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => config_check::check(&cli, file.as_deref()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The config a command runs with: the file chosen by precedence (or the embedded
+/// default), then environment overrides, then `flags`.
+fn load_config(cli: &Cli, flags: Overrides) -> Result<Config, ConfigErrors> {
+    let mut config = load_file(cli.config.as_deref())?;
+    let env = Overrides::from_env(|k| std::env::var(k).ok())?;
+    let log_level = cli.log_level.clone().or_else(|| {
+        // RUST_LOG is honoured when neither metaorch-specific setting is given.
+        env.log_level
+            .is_none()
+            .then(|| std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()))
+            .flatten()
+    });
+    let flags = Overrides {
+        origin: "command line".into(),
+        log_level,
+        ..flags
+    };
+    config.apply(&env.then(flags))?;
+    Ok(config)
+}
+
+/// The config file by precedence (`--config`, `METAORCH_CONFIG`, `./metaorch.toml`),
+/// or the embedded default when there is none.
+fn load_file(flag: Option<&Path>) -> Result<Config, ConfigErrors> {
+    let env = std::env::var("METAORCH_CONFIG").ok();
+    let cwd = std::env::current_dir().unwrap_or_default();
+    match config::discover(flag, env.as_deref(), &cwd) {
+        Some(path) => Config::from_file(&path),
+        None => Ok(Config::embedded()),
+    }
+}

@@ -1,0 +1,71 @@
+//! Text output for people: a table of agent outcomes, the answer, the trace id.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use metaorch::config::Config;
+use metaorch::{OutcomeStatus, Response};
+
+/// The whole text report of a response.
+pub fn response(response: &Response, config: &Config) -> String {
+    let mut out = String::new();
+    let id_width = response
+        .outcomes
+        .iter()
+        .map(|o| o.agent_id.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
+        "{:<id_width$}  {:<10}  {:>9}  {:>8}  {:<8}  {}",
+        "AGENT", "STATUS", "LATENCY", "ATTEMPTS", "PROVIDER", "MODEL"
+    );
+    for o in &response.outcomes {
+        let status = match o.status {
+            OutcomeStatus::Succeeded => "ok",
+            OutcomeStatus::Failed => "failed",
+            OutcomeStatus::TimedOut => "timed out",
+        };
+        let _ = writeln!(
+            out,
+            "{:<id_width$}  {:<10}  {:>9}  {:>8}  {:<8}  {}",
+            o.agent_id,
+            status,
+            seconds(o.latency),
+            o.attempts,
+            o.provider,
+            o.model
+        );
+        if let Some(error) = &o.error {
+            let _ = writeln!(out, "{:<id_width$}  └ {error}", "");
+        }
+    }
+
+    let s = &response.summary;
+    let t = &response.timings;
+    let _ = writeln!(
+        out,
+        "\n{}/{} agents succeeded (min {}) in {}; slowest agent {}, all agents one after another {}; concurrency limit {}.",
+        s.succeeded,
+        response.outcomes.len(),
+        s.min_successes,
+        seconds(t.total),
+        seconds(t.slowest_agent),
+        seconds(t.sum_of_agents),
+        config.concurrency_limit,
+    );
+    let _ = writeln!(
+        out,
+        "tokens: {} in, {} out",
+        response.usage.input_tokens, response.usage.output_tokens
+    );
+    let _ = writeln!(out, "\n{}\n", response.answer);
+    let _ = writeln!(out, "trace_id: {}", response.trace_id);
+    out
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{:.3}s", d.as_secs_f64())
+}
