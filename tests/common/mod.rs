@@ -1,0 +1,161 @@
+//! Providers with scripted behaviour, for tests that need an agent to fail, hang, panic
+//! or be counted. They implement the same `Provider` trait as the real ones.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use metaorch::executor::AgentTask;
+use metaorch::provider::{
+    Completion, CompletionRequest, ErrorKind, Provider, ProviderError, RequestMeta, Usage,
+};
+
+/// What a scripted agent does when called.
+#[derive(Debug, Clone)]
+pub enum Behaviour {
+    /// Replies after this long.
+    Reply(Duration),
+    /// Fails after this long with this error.
+    Fail(Duration, ProviderError),
+    /// Panics at once.
+    Panic(&'static str),
+    /// Never answers.
+    Hang,
+}
+
+/// Looks up each call's behaviour by agent id.
+#[derive(Debug, Default)]
+pub struct Scripted {
+    behaviours: HashMap<String, Behaviour>,
+    pub calls: AtomicUsize,
+}
+
+impl Scripted {
+    pub fn new(pairs: &[(&str, Behaviour)]) -> Self {
+        Scripted {
+            behaviours: pairs
+                .iter()
+                .map(|(id, b)| ((*id).to_owned(), b.clone()))
+                .collect(),
+            calls: AtomicUsize::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for Scripted {
+    fn kind(&self) -> &'static str {
+        "scripted"
+    }
+
+    async fn complete(&self, request: &CompletionRequest) -> Result<Completion, ProviderError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let behaviour = self
+            .behaviours
+            .get(&request.meta.agent_id)
+            .cloned()
+            .unwrap_or(Behaviour::Reply(Duration::ZERO));
+        match behaviour {
+            Behaviour::Reply(latency) => {
+                tokio::time::sleep(latency).await;
+                Ok(reply(request, latency))
+            }
+            Behaviour::Fail(latency, error) => {
+                tokio::time::sleep(latency).await;
+                Err(error)
+            }
+            Behaviour::Panic(message) => panic!("{message}"),
+            Behaviour::Hang => std::future::pending().await,
+        }
+    }
+}
+
+/// Replies after a fixed latency and records the most calls it ever saw in flight.
+#[derive(Debug)]
+pub struct InFlightCounter {
+    latency: Duration,
+    now: AtomicUsize,
+    pub max: AtomicUsize,
+    pub calls: AtomicUsize,
+}
+
+impl InFlightCounter {
+    pub fn new(latency: Duration) -> Self {
+        InFlightCounter {
+            latency,
+            now: AtomicUsize::new(0),
+            max: AtomicUsize::new(0),
+            calls: AtomicUsize::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for InFlightCounter {
+    fn kind(&self) -> &'static str {
+        "counter"
+    }
+
+    async fn complete(&self, request: &CompletionRequest) -> Result<Completion, ProviderError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let in_flight = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(in_flight, Ordering::SeqCst);
+        // Yield even at zero latency, so that calls really overlap.
+        tokio::time::sleep(self.latency).await;
+        tokio::task::yield_now().await;
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        Ok(reply(request, self.latency))
+    }
+}
+
+pub fn reply(request: &CompletionRequest, latency: Duration) -> Completion {
+    Completion {
+        text: format!("reply from {}", request.meta.agent_id),
+        stop_reason: Some("end_turn".into()),
+        usage: Usage {
+            input_tokens: 10,
+            output_tokens: 5,
+        },
+        latency,
+    }
+}
+
+pub fn server_error() -> ProviderError {
+    ProviderError::new(ErrorKind::Server, "upstream exploded").with_status(500)
+}
+
+/// One task per agent id, all on `provider`.
+pub fn tasks(ids: &[&str], provider: Arc<dyn Provider>) -> Vec<AgentTask> {
+    ids.iter()
+        .map(|id| AgentTask {
+            agent_id: (*id).to_owned(),
+            provider_name: "test".into(),
+            provider: Arc::clone(&provider),
+            request: CompletionRequest {
+                model: "m".into(),
+                system: None,
+                prompt: format!("prompt for {id}"),
+                max_tokens: 16,
+                temperature: None,
+                meta: RequestMeta {
+                    trace_id: "0".repeat(31) + "1",
+                    agent_id: (*id).to_owned(),
+                    attempt: 0,
+                },
+            },
+        })
+        .collect()
+}
+
+pub const SIX: [&str; 6] = [
+    "researcher",
+    "analyst",
+    "critic",
+    "planner",
+    "fact-checker",
+    "writer",
+];

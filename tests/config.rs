@@ -1,0 +1,256 @@
+//! Config errors: one test per kind of bad input. Each error names the place
+//! (file:line:col), the field, the value and what is expected.
+
+use std::time::Duration;
+
+use metaorch::config::{Config, ProviderConfig};
+
+/// The config's errors, one string each.
+fn errors(toml: &str) -> Vec<String> {
+    Config::from_toml_str(toml, "test.toml")
+        .expect_err("the config should be rejected")
+        .errors()
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+fn one_error(toml: &str) -> String {
+    let errors = errors(toml);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    errors.into_iter().next().unwrap()
+}
+
+const AGENT: &str = "[[agents]]\nid = \"a\"\nprovider = \"sim\"\n";
+
+#[test]
+fn toml_syntax_error_has_its_position() {
+    let e = one_error("concurrency_limit = \n");
+    assert!(e.starts_with("test.toml:1:21: "), "{e}");
+    assert!(e.contains("invalid string"), "{e}");
+    assert!(!e.contains('\n'), "one line per error: {e}");
+}
+
+#[test]
+fn unknown_top_level_key_is_an_error() {
+    let e = one_error("concurency_limit = 4\n");
+    assert!(
+        e.starts_with("test.toml:1:1: concurency_limit: unknown field `concurency_limit`"),
+        "{e}"
+    );
+    assert!(e.contains("expected one of `concurrency_limit`"), "{e}");
+}
+
+#[test]
+fn unknown_agent_key_names_the_agent() {
+    let e = one_error(&format!("{AGENT}modle = \"x\"\n"));
+    assert!(
+        e.starts_with("test.toml:4:1: agents[0].modle: unknown field `modle`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_provider_key_names_the_provider() {
+    let e = one_error("[providers.fast]\nkind = \"sim\"\nlatency = \"1s\"\n");
+    assert!(e.contains("providers.fast: unknown field `latency`"), "{e}");
+    assert!(e.contains("`latency_min`, `latency_max`, `seed`"), "{e}");
+}
+
+#[test]
+fn unknown_provider_kind_lists_the_known_kinds() {
+    let e = one_error("[providers.x]\nkind = \"sim2\"\n");
+    assert!(
+        e.starts_with("test.toml:2:8: providers.x.kind: unknown variant `sim2`, expected `sim`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_type_says_what_was_expected() {
+    let e = one_error("concurrency_limit = \"four\"\n");
+    assert!(
+        e.starts_with("test.toml:1:21: concurrency_limit: invalid type: string \"four\""),
+        "{e}"
+    );
+    let e = one_error("concurrency_limit = -1\n");
+    assert!(
+        e.contains("concurrency_limit: invalid value: integer `-1`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn duration_without_unit_suggests_one() {
+    let e = one_error("request_timeout = \"30\"\n");
+    assert!(
+        e.starts_with("test.toml:1:19: request_timeout: \"30\" is not a duration"),
+        "{e}"
+    );
+    assert!(e.contains("such as \"500ms\", \"30s\" or \"2m\""), "{e}");
+}
+
+#[test]
+fn undefined_provider_lists_the_defined_ones() {
+    let e = one_error(
+        "[providers.claude]\nkind = \"sim\"\n\n[[agents]]\nid = \"a\"\nprovider = \"sim\"\n\n[[agents]]\nid = \"b\"\nprovider = \"sim\"\n\n[[agents]]\nid = \"c\"\nprovider = \"claud\"\n",
+    );
+    assert_eq!(
+        e,
+        "test.toml:14:12: agents[2].provider: \"claud\" is not a defined provider; defined: claude, sim"
+    );
+}
+
+#[test]
+fn duplicate_agent_ids_are_an_error() {
+    let e = one_error(&format!("{AGENT}\n{AGENT}"));
+    assert_eq!(
+        e,
+        "test.toml:6:6: agents[1].id: \"a\" is already the id of an earlier agent; ids must be unique"
+    );
+}
+
+#[test]
+fn ids_with_odd_characters_are_an_error() {
+    let e = one_error("[[agents]]\nid = \"my agent\"\nprovider = \"sim\"\n");
+    assert!(e.contains("agents[0].id: \"my agent\" contains ' '"), "{e}");
+}
+
+#[test]
+fn prompt_without_placeholder_is_an_error() {
+    let e = one_error(&format!("{AGENT}prompt = \"Summarise the text\"\n"));
+    assert!(
+        e.starts_with("test.toml:4:10: agents[0].prompt: the template never uses the query"),
+        "{e}"
+    );
+    assert!(e.contains("{query}"), "{e}");
+}
+
+#[test]
+fn missing_required_agent_field_is_an_error() {
+    let e = one_error("[[agents]]\nid = \"a\"\n");
+    assert!(e.contains("agents[0]: missing field `provider`"), "{e}");
+}
+
+#[test]
+fn zero_concurrency_is_an_error() {
+    let e = one_error("concurrency_limit = 0\n");
+    assert_eq!(
+        e,
+        "test.toml:1:21: concurrency_limit: 0 would let no agent call run; expected 1 or more"
+    );
+}
+
+#[test]
+fn zero_timeout_is_an_error() {
+    let e = one_error("request_timeout = \"0s\"\n");
+    assert!(
+        e.contains("request_timeout: a zero deadline would time out every request"),
+        "{e}"
+    );
+}
+
+#[test]
+fn min_successes_beyond_the_agents_is_an_error() {
+    let e = one_error(&format!("min_successes = 2\n{AGENT}"));
+    assert_eq!(
+        e,
+        "test.toml:1:17: min_successes: 2 is more than the 1 configured agents; expected 0 to 1"
+    );
+}
+
+#[test]
+fn an_empty_agent_list_is_an_error() {
+    let e = one_error("agents = []\n");
+    assert!(e.contains("agents: the list is empty"), "{e}");
+}
+
+#[test]
+fn temperature_out_of_range_is_an_error() {
+    let e = one_error(&format!("{AGENT}temperature = 2.5\n"));
+    assert!(
+        e.contains("agents[0].temperature: 2.5 is out of range; expected 0.0 to 2.0"),
+        "{e}"
+    );
+}
+
+#[test]
+fn zero_max_tokens_is_an_error() {
+    let e = one_error(&format!("{AGENT}max_tokens = 0\n"));
+    assert!(
+        e.contains("agents[0].max_tokens: 0 leaves no room for a reply"),
+        "{e}"
+    );
+}
+
+#[test]
+fn inverted_sim_latency_is_an_error() {
+    let e =
+        one_error("[providers.sim]\nkind = \"sim\"\nlatency_min = \"2s\"\nlatency_max = \"1s\"\n");
+    assert!(
+        e.contains("providers.sim: latency_min (2s) is greater than latency_max (1s)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_log_filter_is_an_error() {
+    let e = one_error("[log]\nlevel = \"very loud[\"\n");
+    assert!(
+        e.starts_with("test.toml:2:9: log.level: \"very loud[\" is not a log filter"),
+        "{e}"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let errors = errors(
+        "concurrency_limit = 0\n[[agents]]\nid = \"a\"\nprovider = \"nope\"\ntemperature = 9.0\n",
+    );
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+}
+
+#[test]
+fn a_config_without_agents_uses_the_six_defaults() {
+    let config = Config::from_toml_str("concurrency_limit = 2\n", "test.toml").unwrap();
+    assert_eq!(config.agents.len(), 6);
+    assert_eq!(config.concurrency_limit, 2);
+    assert_eq!(config.request_timeout, Duration::from_secs(60));
+}
+
+#[test]
+fn the_example_config_is_valid_and_matches_the_defaults() {
+    let text = include_str!("../metaorch.example.toml");
+    let config = Config::from_toml_str(text, "metaorch.example.toml").unwrap();
+    let defaults = Config::embedded();
+    assert_eq!(config.concurrency_limit, defaults.concurrency_limit);
+    assert_eq!(config.request_timeout, defaults.request_timeout);
+    assert_eq!(config.min_successes, defaults.min_successes);
+    assert_eq!(config.log_level, defaults.log_level);
+    assert_eq!(config.providers, defaults.providers);
+    assert_eq!(config.agents[0], defaults.agents[0]);
+}
+
+#[test]
+fn an_unreadable_file_says_why() {
+    let e = Config::from_file(std::path::Path::new("/nonexistent/metaorch.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("/nonexistent/metaorch.toml: cannot read the config file"),
+        "{e}"
+    );
+}
+
+#[test]
+fn sim_options_are_read() {
+    let config = Config::from_toml_str(
+        "[providers.sim]\nkind = \"sim\"\nlatency_min = \"1ms\"\nlatency_max = \"1.5s\"\nseed = 3\n",
+        "test.toml",
+    )
+    .unwrap();
+    let ProviderConfig::Sim(sim) = &config.providers["sim"];
+    assert_eq!(sim.latency_min, Duration::from_millis(1));
+    assert_eq!(sim.latency_max, Duration::from_millis(1500));
+    assert_eq!(sim.seed, Some(3));
+}
