@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{Behaviour, InFlightCounter, SIX, Scripted, server_error, tasks};
 use metaorch::executor::{Executor, FailureKind, OutcomeStatus};
-use metaorch::limits::{ConcurrencyLimit, Limiter};
+use metaorch::limits::ConcurrencyLimit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 

@@ -19,8 +19,8 @@ pub fn response(response: &Response, config: &Config) -> String {
     // Writing to a String cannot fail.
     let _ = writeln!(
         out,
-        "{:<id_width$}  {:<10}  {:>9}  {:>8}  {:<8}  {}",
-        "AGENT", "STATUS", "LATENCY", "ATTEMPTS", "PROVIDER", "MODEL"
+        "{:<id_width$}  {:<10}  {:>9}  {:>8}  {:<8}  MODEL",
+        "AGENT", "STATUS", "LATENCY", "ATTEMPTS", "PROVIDER"
     );
     for o in &response.outcomes {
         let status = match o.status {

@@ -257,19 +257,24 @@ async fn run_agent(
         "dispatching agent {}",
         task.agent_id
     );
-    let permit = limiter.acquire().await;
+    let permit = match limiter.try_acquire() {
+        Some(permit) => permit,
+        None => {
+            let permit = limiter.acquire().await;
+            let waited = progress.dispatched.elapsed();
+            tracing::debug!(
+                event = "limiter.wait",
+                wait_ms = millis(waited),
+                limit = limiter.limit(),
+                "waited {waited:?} for a concurrency slot"
+            );
+            permit
+        }
+    };
     let queue_wait = progress.dispatched.elapsed();
     progress
         .queue_wait_nanos
         .store(queue_wait.as_nanos() as u64, Ordering::Release);
-    if !queue_wait.is_zero() {
-        tracing::debug!(
-            event = "limiter.wait",
-            wait_ms = millis(queue_wait),
-            limit = limiter.limit(),
-            "waited {queue_wait:?} for a concurrency slot"
-        );
-    }
 
     let mut outcome = AgentOutcome {
         agent_id: task.agent_id,

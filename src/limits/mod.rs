@@ -18,6 +18,9 @@ pub trait Limiter: Send + Sync + Debug {
     /// Waits until a call may start. Cancel-safe: dropping the future gives up the wait.
     async fn acquire(&self) -> Permit;
 
+    /// A permit if one is free right now, without waiting.
+    fn try_acquire(&self) -> Option<Permit>;
+
     /// The most calls this limiter lets run at once.
     fn limit(&self) -> usize;
 
@@ -82,6 +85,13 @@ impl Limiter for ConcurrencyLimit {
         Permit::new(permit)
     }
 
+    fn try_acquire(&self) -> Option<Permit> {
+        Arc::clone(&self.semaphore)
+            .try_acquire_owned()
+            .ok()
+            .map(Permit::new)
+    }
+
     fn limit(&self) -> usize {
         self.limit
     }
@@ -101,6 +111,7 @@ mod tests {
         let limiter = Arc::new(ConcurrencyLimit::new(2));
         let a = limiter.acquire().await;
         let _b = limiter.acquire().await;
+        assert!(limiter.try_acquire().is_none());
         let waiter = {
             let limiter = Arc::clone(&limiter);
             tokio::spawn(async move { limiter.acquire().await })

@@ -36,7 +36,11 @@ impl Default for SimOptions {
     }
 }
 
-/// A simulated LLM. See the [module docs](self).
+/// A simulated LLM: sleeps for a latency drawn from a range, then replies with a short
+/// text that says it is simulated, and token counts (about four characters a token).
+///
+/// Under a fixed seed every draw is a pure function of (seed, model, agent, system
+/// prompt, prompt, attempt): repeatable however calls interleave, and fresh on retry.
 ///
 /// ```
 /// use std::time::Duration;

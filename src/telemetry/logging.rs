@@ -30,7 +30,7 @@ pub fn init_logging(filter: &str, format: LogFormat) {
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .with_span_list(false)
+            .with_span_list(true)
             .with_file(true)
             .with_line_number(true)
             .try_init(),

@@ -1,0 +1,286 @@
+//! The `metaorch` binary end to end: what a user types, what they see, the exit code.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const FAST: &str = r#"
+[providers.sim]
+kind = "sim"
+latency_min = "5ms"
+latency_max = "20ms"
+"#;
+
+fn metaorch(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_metaorch"))
+        .args(args)
+        .current_dir(dir)
+        // The test's own environment must not leak into what is being tested.
+        .env_remove("METAORCH_CONFIG")
+        .env_remove("METAORCH_CONCURRENCY_LIMIT")
+        .env_remove("METAORCH_REQUEST_TIMEOUT")
+        .env_remove("METAORCH_MIN_SUCCESSES")
+        .env_remove("METAORCH_LOG_LEVEL")
+        .env_remove("METAORCH_SEED")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("the metaorch binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn dir_with(config: Option<&str>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    if let Some(text) = config {
+        std::fs::write(dir.path().join("metaorch.toml"), text).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn run_with_no_config_uses_six_default_agents_on_sim() {
+    let dir = dir_with(None);
+    let out = metaorch(
+        dir.path(),
+        &[
+            "run",
+            "What are the risks of rewriting a service in Rust?",
+            "--seed",
+            "1",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for id in [
+        "researcher",
+        "analyst",
+        "critic",
+        "planner",
+        "fact-checker",
+        "writer",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(id) && l.contains(" ok ")),
+            "no ok row for {id}:\n{text}"
+        );
+    }
+    assert!(text.contains("6/6 agents succeeded"), "{text}");
+    assert!(text.contains("Synthesized from 6 of 6 agents."), "{text}");
+    assert!(text.contains("[simulated reply from sim-1]"), "{text}");
+    let trace = text
+        .lines()
+        .find_map(|l| l.strip_prefix("trace_id: "))
+        .expect("a trace id line");
+    assert_eq!(trace.len(), 32);
+}
+
+#[test]
+fn run_format_json_prints_one_document() {
+    let dir = dir_with(Some(FAST));
+    let out = metaorch(dir.path(), &["run", "--format", "json", "Why", "Rust?"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert_eq!(doc["query"], "Why Rust?", "words are joined");
+    assert_eq!(doc["trace_id"].as_str().unwrap().len(), 32);
+    assert_eq!(doc["outcomes"].as_array().unwrap().len(), 6);
+    assert_eq!(doc["summary"]["succeeded"], 6);
+    assert!(
+        doc["answer"]
+            .as_str()
+            .unwrap()
+            .starts_with("Synthesized from 6")
+    );
+    for key in ["total_ms", "slowest_agent_ms", "sum_of_agents_ms"] {
+        assert!(doc["timings"][key].is_f64(), "timings.{key}");
+    }
+    let first = &doc["outcomes"][0];
+    for key in [
+        "agent_id",
+        "status",
+        "attempts",
+        "latency_ms",
+        "provider",
+        "model",
+        "usage",
+    ] {
+        assert!(!first[key].is_null(), "outcomes[0].{key}");
+    }
+}
+
+#[test]
+fn seed_makes_runs_repeatable() {
+    let dir = dir_with(Some(FAST));
+    let answer = |seed: &str| {
+        let out = metaorch(
+            dir.path(),
+            &["run", "--format", "json", "--seed", seed, "q"],
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        doc["answer"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(answer("5"), answer("5"));
+    assert_ne!(answer("5"), answer("6"));
+}
+
+#[test]
+fn too_few_successes_exit_non_zero_with_the_reason() {
+    // A 1 ms deadline against agents that take at least 50 ms: nobody succeeds.
+    let config = "request_timeout = \"1ms\"\n[providers.sim]\nkind = \"sim\"\nlatency_min = \"50ms\"\nlatency_max = \"60ms\"\n";
+    let dir = dir_with(Some(config));
+    let out = metaorch(dir.path(), &["run", "q"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(text.contains("timed out"), "{text}");
+    assert!(text.contains("deadline_exceeded"), "{text}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("0 of 6 agents succeeded; at least 1 required (min_successes)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn flags_beat_environment_beat_file() {
+    let dir = dir_with(Some(&format!("min_successes = 6\n{FAST}")));
+    // The file asks for 6, the environment for 7 (invalid: only 6 agents), the flag for 2.
+    let out = Command::new(env!("CARGO_BIN_EXE_metaorch"))
+        .args(["run", "--format", "json", "--min-successes", "2", "q"])
+        .current_dir(dir.path())
+        .env("METAORCH_MIN_SUCCESSES", "3")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["summary"]["min_successes"], 2);
+}
+
+#[test]
+fn config_check_names_each_problem_and_fails() {
+    let dir = dir_with(None);
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        "concurrency_limit = 0\n\n[[agents]]\nid = \"a\"\nprovider = \"claud\"\n",
+    )
+    .unwrap();
+    let out = metaorch(dir.path(), &["config", "check", "broken.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(
+        text.contains("broken.toml:1:21: concurrency_limit: 0 would let no agent call run"),
+        "{text}"
+    );
+    assert!(
+        text.contains("broken.toml:5:12: agents[0].provider: \"claud\" is not a defined provider; defined: sim"),
+        "{text}"
+    );
+    assert!(stderr(&out).contains("2 problems found"));
+}
+
+#[test]
+fn config_check_accepts_the_example_and_summarises_it() {
+    let dir = dir_with(None);
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("metaorch.example.toml");
+    let out = metaorch(dir.path(), &["config", "check", example.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(text.contains(": ok"), "{text}");
+    assert!(
+        text.contains("agents (3): researcher (sim/sim-1)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn config_check_without_a_file_checks_the_embedded_default() {
+    let out = metaorch(dir_with(None).path(), &["config", "check"]);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("no config file found; the embedded default: ok"));
+}
+
+#[test]
+fn run_with_a_broken_config_exits_2_without_a_backtrace() {
+    let dir = dir_with(Some("concurrency_limit = \"x\"\n"));
+    let out = metaorch(dir.path(), &["run", "q"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("metaorch.toml:1:21: concurrency_limit: invalid type"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_environment_values_are_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_metaorch"))
+        .args(["run", "q"])
+        .current_dir(dir_with(None).path())
+        .env("METAORCH_REQUEST_TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("METAORCH_REQUEST_TIMEOUT=\"soon\""),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn an_empty_query_is_refused() {
+    let out = metaorch(dir_with(Some(FAST)).path(), &["run", " "]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("the query is empty"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    let out = metaorch(
+        dir_with(None).path(),
+        &["run", "--config", "nope.toml", "q"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("nope.toml: cannot read the config file"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn logs_are_json_lines_on_stderr() {
+    let dir = dir_with(Some(FAST));
+    let out = metaorch(
+        dir.path(),
+        &["run", "--log-level", "info", "--format", "json", "q"],
+    );
+    assert!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let trace = doc["trace_id"].as_str().unwrap();
+    let lines: Vec<serde_json::Value> = stderr(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every log line is JSON"))
+        .collect();
+    let events: Vec<&str> = lines.iter().filter_map(|l| l["event"].as_str()).collect();
+    assert_eq!(events.first(), Some(&"request.start"));
+    assert_eq!(events.last(), Some(&"request.finish"));
+    assert_eq!(events.iter().filter(|e| **e == "agent.success").count(), 6);
+    assert!(
+        stderr(&out).contains(trace),
+        "the trace id reaches the logs"
+    );
+}
