@@ -143,6 +143,21 @@ fn too_few_successes_exit_non_zero_with_the_reason() {
         err.contains("0 of 6 agents succeeded; at least 1 required (min_successes)"),
         "{err}"
     );
+    // Each agent's timeout is logged as a warning tied to the request's trace id.
+    let timeouts: Vec<serde_json::Value> = err
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .filter(|doc: &serde_json::Value| doc["event"] == "agent.timeout")
+        .collect();
+    assert_eq!(timeouts.len(), 6, "{err}");
+    let trace_id = timeouts[0]["span"]["trace_id"].as_str().unwrap().to_owned();
+    assert_eq!(trace_id.len(), 32);
+    assert!(text.contains(&trace_id), "{text}");
+    assert!(
+        timeouts
+            .iter()
+            .all(|doc| doc["span"]["trace_id"] == trace_id.as_str())
+    );
 }
 
 #[test]

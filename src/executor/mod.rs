@@ -90,7 +90,8 @@ impl Executor {
                 attempts: AtomicU32::new(0),
                 queue_wait_nanos: AtomicU64::new(u64::MAX),
             });
-            let span = tracing::info_span!(
+            // ERROR level for the same reason as the request span: ids on every line.
+            let span = tracing::error_span!(
                 "agent",
                 agent_id = %task.agent_id,
                 provider = %task.provider_name,
@@ -311,7 +312,7 @@ async fn run_agent(
     let result = task
         .provider
         .complete(&request)
-        .instrument(tracing::debug_span!("attempt", attempt = 1))
+        .instrument(tracing::error_span!("attempt", attempt = 1))
         .await;
     drop(permit);
 

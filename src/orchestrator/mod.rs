@@ -112,7 +112,9 @@ impl Orchestrator {
     pub async fn process_request(&self, request: Request) -> Result<Response, RequestError> {
         request.validate()?;
         let trace_id = request.trace_id.unwrap_or_else(TraceId::random);
-        let span = tracing::info_span!("request", trace_id = %trace_id);
+        // ERROR level, so the span (and the trace id it carries) is enabled whenever any
+        // event is: a `warn` filter must still tie each warning to its request.
+        let span = tracing::error_span!("request", trace_id = %trace_id);
         Ok(self.run(request, trace_id).instrument(span).await)
     }
 
