@@ -7,8 +7,9 @@
 //! synthesized into one answer under one trace id.
 //!
 //! The request's path, top-down: [`orchestrator`] → [`executor`] → [`provider`], with
-//! [`limits`] bounding calls in flight, [`config`] describing it all and [`telemetry`]
-//! naming each request.
+//! [`limits`] bounding calls in flight, [`resilience`] guarding every call (retry,
+//! retry budget, circuit breakers, timeouts), [`config`] describing it all and
+//! [`telemetry`] naming each request.
 //!
 //! See [`Orchestrator`] for an example.
 
@@ -17,6 +18,7 @@ pub mod executor;
 pub mod limits;
 pub mod orchestrator;
 pub mod provider;
+pub mod resilience;
 pub mod telemetry;
 
 pub use config::Config;

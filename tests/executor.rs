@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::{Behaviour, InFlightCounter, SIX, Scripted, server_error, tasks};
 use metaorch::executor::{Executor, FailureKind, OutcomeStatus};
 use metaorch::limits::ConcurrencyLimit;
+use metaorch::resilience::CallPolicy;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -101,12 +102,14 @@ async fn a_failing_agent_keeps_its_classified_error() {
         "analyst",
         Behaviour::Fail(ms(20), server_error()),
     )]));
+    // Tried once: retries are the resilience tests' business.
+    let once = Arc::new(CallPolicy::once());
+    let tasks = tasks(&SIX, provider)
+        .into_iter()
+        .map(|t| t.with_policy(Arc::clone(&once)))
+        .collect();
     let outcomes = executor(6)
-        .run(
-            tasks(&SIX, provider),
-            Instant::now() + ms(1_000),
-            &CancellationToken::new(),
-        )
+        .run(tasks, Instant::now() + ms(1_000), &CancellationToken::new())
         .await;
     let analyst = &outcomes[1];
     assert_eq!(analyst.status, OutcomeStatus::Failed);

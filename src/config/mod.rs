@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::provider::SimOptions;
+use crate::resilience::{BreakerConfig, CallPolicy, RetryBudgetConfig};
 
 pub use duration::parse as parse_duration;
 pub use error::{ConfigError, ConfigErrors};
@@ -52,6 +53,13 @@ pub struct Config {
     pub min_successes: usize,
     /// The log filter (`warn`, `info`, or `RUST_LOG`-style directives).
     pub log_level: String,
+    /// Seed for every random draw (simulated latencies and faults, retry jitter);
+    /// `None` draws fresh each run.
+    pub seed: Option<u64>,
+    /// The circuit breaker settings, one breaker per provider and model.
+    pub breaker: BreakerConfig,
+    /// The process-wide retry budget.
+    pub retry_budget: RetryBudgetConfig,
     /// Providers by name. `sim` is always defined; a `[providers.sim]` table tunes it.
     pub providers: BTreeMap<String, ProviderConfig>,
     /// The sub-agents, in the order their outcomes are reported.
@@ -93,6 +101,21 @@ pub struct AgentConfig {
     pub max_tokens: u32,
     /// Sampling temperature, 0.0–2.0.
     pub temperature: Option<f32>,
+    /// Retries and timeouts: `[defaults]` with this agent's own settings on top.
+    pub policy: CallPolicy,
+    /// What stands in when the agent's call fails for good.
+    pub fallback: Option<FallbackConfig>,
+    /// A standby agent runs only as another agent's fallback, never on its own.
+    pub standby: bool,
+}
+
+/// An agent's fallback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FallbackConfig {
+    /// Call this other agent instead (a different model or provider).
+    Agent(String),
+    /// Reply with this text.
+    Text(String),
 }
 
 /// A prompt template in which `{query}` stands for the user's query.
@@ -154,9 +177,14 @@ impl Config {
         overrides.apply_to(self)
     }
 
-    /// The agent with this id.
+    /// The agent with this id (standby agents included).
     pub fn agent(&self, id: &str) -> Option<&AgentConfig> {
         self.agents.iter().find(|a| a.id == id)
+    }
+
+    /// The agents that run on every request: all but the standby ones.
+    pub fn active_agents(&self) -> impl Iterator<Item = &AgentConfig> {
+        self.agents.iter().filter(|a| !a.standby)
     }
 }
 

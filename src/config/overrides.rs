@@ -18,7 +18,7 @@ pub struct Overrides {
     pub min_successes: Option<usize>,
     /// Replaces `log.level`.
     pub log_level: Option<String>,
-    /// Replaces the seed of every `sim` provider.
+    /// Replaces `seed`, and the seed of every `sim` provider.
     pub seed: Option<u64>,
 }
 
@@ -131,13 +131,12 @@ impl Overrides {
             }
         }
         if let Some(n) = self.min_successes {
-            if n > config.agents.len() {
+            let active = config.active_agents().count();
+            if n > active {
                 bad(
                     "min_successes",
                     format!(
-                        "{n} is more than the {} configured agents; expected 0 to {}",
-                        config.agents.len(),
-                        config.agents.len()
+                        "{n} is more than the {active} configured agents; expected 0 to {active}"
                     ),
                 );
             } else {
@@ -151,6 +150,7 @@ impl Overrides {
             }
         }
         if let Some(seed) = self.seed {
+            config.seed = Some(seed);
             for provider in config.providers.values_mut() {
                 match provider {
                     ProviderConfig::Sim(sim) => sim.seed = Some(seed),

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::duration::HumanDuration;
+use crate::resilience::Jitter;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -15,8 +16,12 @@ pub(crate) struct RawConfig {
     pub concurrency_limit: Option<Spanned<usize>>,
     pub request_timeout: Option<Spanned<HumanDuration>>,
     pub min_successes: Option<Spanned<usize>>,
+    pub seed: Option<u64>,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub defaults: RawDefaults,
+    pub retry_budget: Option<Spanned<RawRetryBudget>>,
     #[serde(default)]
     pub providers: BTreeMap<String, Spanned<RawProvider>>,
     pub agents: Option<Spanned<Vec<RawAgent>>>,
@@ -26,6 +31,72 @@ pub(crate) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawLog {
     pub level: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDefaults {
+    pub attempt_timeout: Option<Spanned<RawTimeout>>,
+    pub retry: Option<Spanned<RawRetry>>,
+    pub breaker: Option<Spanned<RawBreaker>>,
+}
+
+/// A duration, or `"none"` for no limit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawTimeout(pub Option<std::time::Duration>);
+
+impl<'de> Deserialize<'de> for RawTimeout {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim() == "none" {
+            return Ok(RawTimeout(None));
+        }
+        super::duration::parse(&text)
+            .map(|d| RawTimeout(Some(d)))
+            .map_err(|e| serde::de::Error::custom(format!("{e}, or \"none\" for no limit")))
+    }
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetry {
+    pub max_attempts: Option<Spanned<u32>>,
+    pub initial_delay: Option<HumanDuration>,
+    pub multiplier: Option<Spanned<f64>>,
+    pub max_delay: Option<HumanDuration>,
+    pub jitter: Option<Jitter>,
+    pub retry_after_max: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBreaker {
+    pub enabled: Option<bool>,
+    pub window: Option<RawWindowKind>,
+    pub window_size: Option<Spanned<u32>>,
+    pub window_duration: Option<Spanned<HumanDuration>>,
+    pub failure_rate_threshold: Option<Spanned<f64>>,
+    pub slow_call_threshold: Option<Spanned<HumanDuration>>,
+    pub slow_call_rate: Option<Spanned<f64>>,
+    pub minimum_calls: Option<Spanned<u32>>,
+    pub open_for: Option<Spanned<HumanDuration>>,
+    pub half_open_probes: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawWindowKind {
+    Count,
+    Time,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetryBudget {
+    pub capacity: Option<u32>,
+    pub retry_cost: Option<u32>,
+    pub timeout_cost: Option<u32>,
+    pub success_deposit: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -40,6 +111,36 @@ pub(crate) struct RawSim {
     pub latency_min: Option<HumanDuration>,
     pub latency_max: Option<HumanDuration>,
     pub seed: Option<u64>,
+    #[serde(default)]
+    pub faults: RawFaults,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFaults {
+    pub rate_limited: Option<Spanned<f64>>,
+    pub overloaded: Option<Spanned<f64>>,
+    pub server: Option<Spanned<f64>>,
+    pub timeout: Option<Spanned<f64>>,
+    pub connection: Option<Spanned<f64>>,
+    pub retry_after: Option<HumanDuration>,
+    #[serde(default)]
+    pub script: Vec<RawScriptedFault>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawScriptedFault {
+    pub agent: String,
+    pub first_attempts: u32,
+    pub kind: crate::provider::SimFault,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFallback {
+    pub agent: Option<Spanned<String>>,
+    pub text: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,4 +154,9 @@ pub(crate) struct RawAgent {
     pub model: Option<Spanned<String>>,
     pub max_tokens: Option<Spanned<u32>>,
     pub temperature: Option<Spanned<f32>>,
+    pub attempt_timeout: Option<Spanned<RawTimeout>>,
+    pub retry: Option<Spanned<RawRetry>>,
+    pub fallback: Option<Spanned<RawFallback>>,
+    #[serde(default)]
+    pub standby: bool,
 }

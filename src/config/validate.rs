@@ -7,13 +7,20 @@ use std::ops::Range;
 use toml::Spanned;
 
 use super::error::line_col;
-use super::raw::{RawAgent, RawConfig, RawProvider};
+use super::raw::{
+    RawAgent, RawBreaker, RawConfig, RawFaults, RawProvider, RawRetry, RawRetryBudget, RawTimeout,
+    RawWindowKind,
+};
 use super::{
     AgentConfig, Config, ConfigError, ConfigErrors, DEFAULT_CONCURRENCY_LIMIT, DEFAULT_LOG_LEVEL,
     DEFAULT_MAX_TOKENS, DEFAULT_MIN_SUCCESSES, DEFAULT_REQUEST_TIMEOUT, EMBEDDED_DEFAULT,
-    PromptTemplate, ProviderConfig,
+    FallbackConfig, PromptTemplate, ProviderConfig,
 };
-use crate::provider::SimOptions;
+use crate::provider::{ScriptedFault, SimFaults, SimOptions};
+use crate::resilience::{BreakerConfig, CallPolicy, RetryBudgetConfig, RetryPolicy, Window};
+
+/// The most attempts a policy may make: more is a config mistake, not resilience.
+const MAX_ATTEMPTS: u32 = 100;
 
 /// The model a `sim` agent asks for when it names none.
 const SIM_DEFAULT_MODEL: &str = "sim-1";
@@ -99,7 +106,19 @@ impl Validator<'_> {
             None => DEFAULT_LOG_LEVEL.to_owned(),
         };
 
-        let providers = self.providers(raw.providers);
+        let defaults = self.defaults_policy(&raw.defaults);
+        let breaker = self.breaker(raw.defaults.breaker);
+        let retry_budget = retry_budget(raw.retry_budget);
+        let mut providers = self.providers(raw.providers);
+        if let Some(seed) = raw.seed {
+            for provider in providers.values_mut() {
+                match provider {
+                    ProviderConfig::Sim(sim) => {
+                        sim.seed.get_or_insert(seed);
+                    }
+                }
+            }
+        }
         let agents = match raw.agents {
             Some(agents) if agents.get_ref().is_empty() => {
                 self.error(
@@ -109,26 +128,40 @@ impl Validator<'_> {
                 );
                 Vec::new()
             }
-            Some(agents) => self.agents(agents.into_inner(), &providers),
-            None => default_agents(),
+            Some(agents) => {
+                let span = agents.span();
+                self.agents(agents.into_inner(), span, &providers, &defaults)
+            }
+            None => default_agents()
+                .into_iter()
+                .map(|a| AgentConfig {
+                    policy: defaults.clone(),
+                    ..a
+                })
+                .collect(),
         };
+        self.sim_scripts(&providers, &agents);
 
+        let active = agents.iter().filter(|a| !a.standby).count();
         let min_successes = match raw.min_successes {
-            Some(v) if *v.get_ref() > agents.len() && !agents.is_empty() => {
+            Some(v) if *v.get_ref() > active && active > 0 => {
                 self.error(
                     Some(v.span()),
                     "min_successes",
                     format!(
-                        "{} is more than the {} configured agents; expected 0 to {}",
+                        "{} is more than the {active} configured agents{}; expected 0 to {active}",
                         v.get_ref(),
-                        agents.len(),
-                        agents.len()
+                        if active < agents.len() {
+                            " (standby agents do not count)"
+                        } else {
+                            ""
+                        }
                     ),
                 );
                 DEFAULT_MIN_SUCCESSES
             }
             Some(v) => v.into_inner(),
-            None => DEFAULT_MIN_SUCCESSES.min(agents.len()),
+            None => DEFAULT_MIN_SUCCESSES.min(active),
         };
 
         Config {
@@ -137,9 +170,330 @@ impl Validator<'_> {
             request_timeout,
             min_successes,
             log_level,
+            seed: raw.seed,
+            breaker,
+            retry_budget,
             providers,
             agents,
         }
+    }
+
+    /// `[defaults]`: the policy every agent starts from.
+    fn defaults_policy(&mut self, raw: &super::raw::RawDefaults) -> CallPolicy {
+        let base = CallPolicy::default();
+        CallPolicy {
+            retry: self.retry(raw.retry.as_ref(), &base.retry, "defaults.retry"),
+            attempt_timeout: self.attempt_timeout(
+                raw.attempt_timeout.as_ref(),
+                base.attempt_timeout,
+                "defaults.attempt_timeout",
+            ),
+        }
+    }
+
+    fn attempt_timeout(
+        &mut self,
+        raw: Option<&Spanned<RawTimeout>>,
+        base: Option<std::time::Duration>,
+        field: &str,
+    ) -> Option<std::time::Duration> {
+        match raw {
+            None => base,
+            Some(t) => match t.get_ref().0 {
+                Some(d) if d.is_zero() => {
+                    self.error(
+                        Some(t.span()),
+                        field,
+                        "a zero timeout would fail every attempt; expected a positive duration such as \"30s\", or \"none\"".into(),
+                    );
+                    base
+                }
+                other => other,
+            },
+        }
+    }
+
+    /// A retry policy: `base` with the fields `raw` sets replaced.
+    fn retry(
+        &mut self,
+        raw: Option<&Spanned<RawRetry>>,
+        base: &RetryPolicy,
+        field: &str,
+    ) -> RetryPolicy {
+        let Some(spanned) = raw else {
+            return base.clone();
+        };
+        let r = spanned.get_ref();
+        let mut policy = base.clone();
+        if let Some(n) = &r.max_attempts {
+            if (1..=MAX_ATTEMPTS).contains(n.get_ref()) {
+                policy.max_attempts = *n.get_ref();
+            } else {
+                self.error(
+                    Some(n.span()),
+                    format!("{field}.max_attempts"),
+                    format!(
+                        "{} is out of range; expected 1 (no retries) to {MAX_ATTEMPTS}, the first try included",
+                        n.get_ref()
+                    ),
+                );
+            }
+        }
+        if let Some(m) = &r.multiplier {
+            if m.get_ref().is_finite() && *m.get_ref() >= 1.0 && *m.get_ref() <= 100.0 {
+                policy.multiplier = *m.get_ref();
+            } else {
+                self.error(
+                    Some(m.span()),
+                    format!("{field}.multiplier"),
+                    format!(
+                        "{} is out of range; expected 1.0 (constant delay) to 100.0, e.g. 2.0 to double each time",
+                        m.get_ref()
+                    ),
+                );
+            }
+        }
+        if let Some(d) = r.initial_delay {
+            policy.initial_delay = d.0;
+        }
+        if let Some(d) = r.max_delay {
+            policy.max_delay = d.0;
+        }
+        if let Some(j) = r.jitter {
+            policy.jitter = j;
+        }
+        if let Some(d) = r.retry_after_max {
+            policy.retry_after_max = d.0;
+        }
+        if policy.initial_delay > policy.max_delay {
+            self.error(
+                Some(spanned.span()),
+                field.to_owned(),
+                format!(
+                    "initial_delay ({:?}) is greater than max_delay ({:?}); expected initial_delay <= max_delay",
+                    policy.initial_delay, policy.max_delay
+                ),
+            );
+        }
+        policy
+    }
+
+    fn breaker(&mut self, raw: Option<Spanned<RawBreaker>>) -> BreakerConfig {
+        let mut config = BreakerConfig::default();
+        let Some(raw) = raw else { return config };
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let field = |name: &str| format!("defaults.breaker.{name}");
+        if let Some(enabled) = raw.enabled {
+            config.enabled = enabled;
+        }
+        let kind = raw
+            .window
+            .unwrap_or(match (&raw.window_size, &raw.window_duration) {
+                (None, Some(_)) => RawWindowKind::Time,
+                _ => RawWindowKind::Count,
+            });
+        match kind {
+            RawWindowKind::Count => {
+                if let Some(d) = &raw.window_duration {
+                    self.error(
+                        Some(d.span()),
+                        field("window_duration"),
+                        "applies to a time window, but window = \"count\"; use window_size (calls) instead, or set window = \"time\"".into(),
+                    );
+                }
+                match &raw.window_size {
+                    Some(n) if *n.get_ref() == 0 => self.error(
+                        Some(n.span()),
+                        field("window_size"),
+                        "0 calls is no window; expected 1 or more, e.g. 20".into(),
+                    ),
+                    Some(n) => config.window = Window::Count(*n.get_ref()),
+                    None => {}
+                }
+            }
+            RawWindowKind::Time => {
+                if let Some(n) = &raw.window_size {
+                    self.error(
+                        Some(n.span()),
+                        field("window_size"),
+                        "applies to a count window, but window = \"time\"; use window_duration instead, e.g. \"60s\"".into(),
+                    );
+                }
+                let duration = match &raw.window_duration {
+                    Some(d)
+                        if d.get_ref().0 < std::time::Duration::from_secs(1)
+                            || d.get_ref().0 > std::time::Duration::from_secs(3600) =>
+                    {
+                        self.error(
+                            Some(d.span()),
+                            field("window_duration"),
+                            format!(
+                                "{:?} is out of range; expected 1s to 1h (the window counts whole seconds)",
+                                d.get_ref().0
+                            ),
+                        );
+                        std::time::Duration::from_secs(60)
+                    }
+                    Some(d) => d.get_ref().0,
+                    None => std::time::Duration::from_secs(60),
+                };
+                config.window = Window::Time(duration);
+            }
+        }
+        for (value, name, target) in [
+            (
+                &raw.failure_rate_threshold,
+                "failure_rate_threshold",
+                &mut config.failure_rate_threshold,
+            ),
+            (
+                &raw.slow_call_rate,
+                "slow_call_rate",
+                &mut config.slow_call_rate,
+            ),
+        ] {
+            if let Some(v) = value {
+                if *v.get_ref() > 0.0 && *v.get_ref() <= 1.0 {
+                    *target = *v.get_ref();
+                } else {
+                    self.errors.push(ConfigError {
+                        origin: self.origin.to_owned(),
+                        position: Some(line_col(self.text, v.span().start)),
+                        field: field(name),
+                        message: format!(
+                            "{} is out of range; expected a fraction above 0 and at most 1, e.g. 0.5 for 50%",
+                            v.get_ref()
+                        ),
+                    });
+                }
+            }
+        }
+        for (value, name, target) in [
+            (
+                &raw.minimum_calls,
+                "minimum_calls",
+                &mut config.minimum_calls,
+            ),
+            (
+                &raw.half_open_probes,
+                "half_open_probes",
+                &mut config.half_open_probes,
+            ),
+        ] {
+            if let Some(v) = value {
+                if *v.get_ref() >= 1 {
+                    *target = *v.get_ref();
+                } else {
+                    self.errors.push(ConfigError {
+                        origin: self.origin.to_owned(),
+                        position: Some(line_col(self.text, v.span().start)),
+                        field: field(name),
+                        message: "0 is out of range; expected 1 or more".into(),
+                    });
+                }
+            }
+        }
+        for (value, name, target) in [
+            (
+                &raw.slow_call_threshold,
+                "slow_call_threshold",
+                &mut config.slow_call_threshold,
+            ),
+            (&raw.open_for, "open_for", &mut config.open_for),
+        ] {
+            if let Some(v) = value {
+                if v.get_ref().0.is_zero() {
+                    self.errors.push(ConfigError {
+                        origin: self.origin.to_owned(),
+                        position: Some(line_col(self.text, v.span().start)),
+                        field: field(name),
+                        message: "0s is out of range; expected a positive duration such as \"30s\""
+                            .into(),
+                    });
+                } else {
+                    *target = v.get_ref().0;
+                }
+            }
+        }
+        let _ = span;
+        config
+    }
+
+    /// Every scripted sim fault must name an agent that exists.
+    fn sim_scripts(
+        &mut self,
+        providers: &BTreeMap<String, ProviderConfig>,
+        agents: &[AgentConfig],
+    ) {
+        for (name, provider) in providers {
+            let ProviderConfig::Sim(sim) = provider;
+            for (i, script) in sim.faults.script.iter().enumerate() {
+                if !agents.iter().any(|a| a.id == script.agent) {
+                    let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
+                    self.error(
+                        None,
+                        format!("providers.{name}.faults.script[{i}].agent"),
+                        format!(
+                            "\"{}\" is not an agent's id; defined: {}",
+                            script.agent,
+                            ids.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    fn faults(&mut self, raw: RawFaults, name: &str) -> SimFaults {
+        let mut faults = SimFaults {
+            retry_after: Some(
+                raw.retry_after
+                    .map_or(std::time::Duration::from_secs(1), |d| d.0),
+            ),
+            script: raw
+                .script
+                .into_iter()
+                .map(|s| ScriptedFault {
+                    agent: s.agent,
+                    first_attempts: s.first_attempts,
+                    kind: s.kind,
+                })
+                .collect(),
+            ..SimFaults::default()
+        };
+        let mut total = 0.0;
+        for (value, kind, target) in [
+            (raw.rate_limited, "rate_limited", &mut faults.rate_limited),
+            (raw.overloaded, "overloaded", &mut faults.overloaded),
+            (raw.server, "server", &mut faults.server),
+            (raw.timeout, "timeout", &mut faults.timeout),
+            (raw.connection, "connection", &mut faults.connection),
+        ] {
+            let Some(v) = value else { continue };
+            if (0.0..=1.0).contains(v.get_ref()) {
+                *target = *v.get_ref();
+                total += *v.get_ref();
+            } else {
+                self.errors.push(ConfigError {
+                    origin: self.origin.to_owned(),
+                    position: Some(line_col(self.text, v.span().start)),
+                    field: format!("providers.{name}.faults.{kind}"),
+                    message: format!(
+                        "{} is out of range; expected a fraction of calls from 0 to 1, e.g. 0.1 for 10%",
+                        v.get_ref()
+                    ),
+                });
+            }
+        }
+        if total > 1.0 + 1e-9 {
+            self.error(
+                None,
+                format!("providers.{name}.faults"),
+                format!("the fault rates add up to {total}; expected at most 1"),
+            );
+        }
+        faults
     }
 
     fn providers(
@@ -159,6 +513,7 @@ impl Validator<'_> {
                         latency_min: sim.latency_min.map_or(defaults.latency_min, |d| d.0),
                         latency_max: sim.latency_max.map_or(defaults.latency_max, |d| d.0),
                         seed: sim.seed,
+                        faults: self.faults(sim.faults, &name),
                     };
                     if options.latency_min > options.latency_max {
                         self.error(
@@ -184,10 +539,14 @@ impl Validator<'_> {
     fn agents(
         &mut self,
         raw: Vec<RawAgent>,
+        span: Range<usize>,
         providers: &BTreeMap<String, ProviderConfig>,
+        defaults: &CallPolicy,
     ) -> Vec<AgentConfig> {
         let mut seen = HashSet::new();
         let mut agents = Vec::with_capacity(raw.len());
+        // (agent index, fallback target, its span), checked once every id is known.
+        let mut fallbacks = Vec::new();
         for (i, agent) in raw.into_iter().enumerate() {
             let field = |name: &str| format!("agents[{i}].{name}");
 
@@ -277,6 +636,43 @@ impl Validator<'_> {
                 t => t.map(Spanned::into_inner),
             };
 
+            let policy = CallPolicy {
+                retry: self.retry(agent.retry.as_ref(), &defaults.retry, &field("retry")),
+                attempt_timeout: self.attempt_timeout(
+                    agent.attempt_timeout.as_ref(),
+                    defaults.attempt_timeout,
+                    &field("attempt_timeout"),
+                ),
+            };
+
+            let fallback = match agent.fallback {
+                None => None,
+                Some(f) => {
+                    let span = f.span();
+                    match f.into_inner() {
+                        super::raw::RawFallback {
+                            agent: Some(target),
+                            text: None,
+                        } => {
+                            fallbacks.push((i, target.get_ref().clone(), target.span()));
+                            Some(FallbackConfig::Agent(target.into_inner()))
+                        }
+                        super::raw::RawFallback {
+                            agent: None,
+                            text: Some(text),
+                        } => Some(FallbackConfig::Text(text)),
+                        _ => {
+                            self.error(
+                                Some(span),
+                                field("fallback"),
+                                "expected exactly one of `agent` or `text`, e.g. fallback = { agent = \"backup\" } or fallback = { text = \"No answer available.\" }".into(),
+                            );
+                            None
+                        }
+                    }
+                }
+            };
+
             agents.push(AgentConfig {
                 role: agent.role.unwrap_or_else(|| id.clone()),
                 id,
@@ -287,9 +683,113 @@ impl Validator<'_> {
                 model,
                 max_tokens,
                 temperature,
+                policy,
+                fallback,
+                standby: agent.standby,
             });
         }
+        self.check_fallbacks(&agents, &fallbacks, span);
         agents
+    }
+
+    /// Fallback targets exist, chains end, and every standby agent is someone's fallback.
+    fn check_fallbacks(
+        &mut self,
+        agents: &[AgentConfig],
+        fallbacks: &[(usize, String, Range<usize>)],
+        span: Range<usize>,
+    ) {
+        let index: BTreeMap<&str, usize> = agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.id.as_str(), i))
+            .collect();
+        for (i, target, target_span) in fallbacks {
+            let field = format!("agents[{i}].fallback.agent");
+            let Some(&t) = index.get(target.as_str()) else {
+                let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
+                self.error(
+                    Some(target_span.clone()),
+                    field,
+                    format!(
+                        "\"{target}\" is not an agent's id; defined: {}",
+                        ids.join(", ")
+                    ),
+                );
+                continue;
+            };
+            if t == *i {
+                self.error(
+                    Some(target_span.clone()),
+                    field,
+                    "an agent cannot be its own fallback; name another agent (a different model or provider)".into(),
+                );
+                continue;
+            }
+            // Follow the chain: it must end before it comes back to this agent.
+            let mut seen = vec![*i];
+            let mut at = t;
+            while let Some(FallbackConfig::Agent(next)) = &agents[at].fallback {
+                seen.push(at);
+                match index.get(next.as_str()) {
+                    Some(&n) if seen.contains(&n) => {
+                        let chain: Vec<&str> = seen
+                            .iter()
+                            .chain(std::iter::once(&n))
+                            .map(|&k| agents[k].id.as_str())
+                            .collect();
+                        self.error(
+                            Some(target_span.clone()),
+                            field.clone(),
+                            format!(
+                                "the fallbacks form a loop ({}); a chain of fallbacks must end",
+                                chain.join(" -> ")
+                            ),
+                        );
+                        break;
+                    }
+                    Some(&n) => at = n,
+                    None => break, // reported on its own agent
+                }
+            }
+        }
+        for (i, agent) in agents.iter().enumerate() {
+            if agent.standby
+                && !agents
+                    .iter()
+                    .any(|a| a.fallback == Some(FallbackConfig::Agent(agent.id.clone())))
+            {
+                self.error(
+                    Some(span.clone()),
+                    format!("agents[{i}].standby"),
+                    format!(
+                        "\"{}\" is standby but no agent falls back to it, so it would never run; name it in another agent's fallback = {{ agent = \"{}\" }}, or remove standby",
+                        agent.id, agent.id
+                    ),
+                );
+            }
+        }
+        if !agents.is_empty() && agents.iter().all(|a| a.standby) {
+            self.error(
+                Some(span),
+                "agents",
+                "every agent is standby, so none would run; remove standby from at least one"
+                    .into(),
+            );
+        }
+    }
+}
+
+fn retry_budget(raw: Option<Spanned<RawRetryBudget>>) -> RetryBudgetConfig {
+    let base = RetryBudgetConfig::default();
+    let Some(raw) = raw.map(Spanned::into_inner) else {
+        return base;
+    };
+    RetryBudgetConfig {
+        capacity: raw.capacity.unwrap_or(base.capacity),
+        retry_cost: raw.retry_cost.unwrap_or(base.retry_cost),
+        timeout_cost: raw.timeout_cost.unwrap_or(base.timeout_cost),
+        success_deposit: raw.success_deposit.unwrap_or(base.success_deposit),
     }
 }
 

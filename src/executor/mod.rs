@@ -6,6 +6,10 @@
 //! request is cancelled, the unfinished tasks are aborted and each is given a
 //! `timed_out` outcome built from what it had got to (attempts, queue wait). Outcomes
 //! come back in the order the tasks were given.
+//!
+//! Each task makes its call through the [`Resilience`] policy (slots, breaker,
+//! timeouts, retries); if that fails and the agent has a fallback, the fallback's text
+//! or the fallback agent's call (through the same policy) takes its place.
 
 mod outcome;
 
@@ -20,10 +24,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::limits::Limiter;
-use crate::provider::{CompletionRequest, Provider, Usage};
+use crate::provider::{Completion, CompletionRequest, Provider, Usage};
+use crate::resilience::{Call, CallPolicy, CallReport, CircuitBreaker, Resilience};
 
-pub use outcome::{AgentOutcome, FailureKind, OutcomeError, OutcomeStatus};
-pub(crate) use outcome::{as_millis, millis};
+pub use outcome::{
+    AgentOutcome, FailureKind, FallbackRecord, FallbackSource, OutcomeError, OutcomeStatus,
+};
+pub(crate) use outcome::{as_millis, as_opt_millis, millis};
 
 /// One agent's work for one request: which provider to call with what.
 #[derive(Debug, Clone)]
@@ -36,12 +43,68 @@ pub struct AgentTask {
     pub provider: Arc<dyn Provider>,
     /// The rendered request.
     pub request: CompletionRequest,
+    /// How to retry and time out its calls.
+    pub policy: Arc<CallPolicy>,
+    /// The provider and model's circuit breaker, shared with every other caller.
+    pub breaker: Option<Arc<CircuitBreaker>>,
+    /// What to do when the call fails for good.
+    pub fallback: Option<Fallback>,
 }
 
-/// Runs agent tasks concurrently. Cheap to clone; clones share the limiter.
+impl AgentTask {
+    /// A task with the default policy, no breaker and no fallback.
+    pub fn new(
+        agent_id: impl Into<String>,
+        provider_name: impl Into<String>,
+        provider: Arc<dyn Provider>,
+        request: CompletionRequest,
+    ) -> Self {
+        AgentTask {
+            agent_id: agent_id.into(),
+            provider_name: provider_name.into(),
+            provider,
+            request,
+            policy: Arc::new(CallPolicy::default()),
+            breaker: None,
+            fallback: None,
+        }
+    }
+
+    /// Uses this retry and timeout policy.
+    pub fn with_policy(mut self, policy: Arc<CallPolicy>) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Guards the calls with this breaker.
+    pub fn with_breaker(mut self, breaker: Arc<CircuitBreaker>) -> Self {
+        self.breaker = Some(breaker);
+        self
+    }
+
+    /// Falls back to this when the call fails for good.
+    pub fn with_fallback(mut self, fallback: Fallback) -> Self {
+        self.fallback = Some(fallback);
+        self
+    }
+}
+
+/// What stands in for an agent whose call failed for good.
+#[derive(Debug, Clone)]
+pub enum Fallback {
+    /// A static reply.
+    Text(String),
+    /// Another agent's call (a different model or provider), with its own policy,
+    /// breaker and, possibly, fallback.
+    Agent(Box<AgentTask>),
+}
+
+/// Runs agent tasks concurrently. Cheap to clone; clones share the limiter and the
+/// resilience state (retry budget, breakers).
 #[derive(Debug, Clone)]
 pub struct Executor {
     limiter: Arc<dyn Limiter>,
+    resilience: Arc<Resilience>,
 }
 
 /// Why the executor stopped waiting for unfinished tasks.
@@ -53,23 +116,58 @@ enum Stop {
 
 /// What an agent's task has got to, readable after the task is aborted.
 #[derive(Debug)]
-struct Progress {
+pub(crate) struct Progress {
     dispatched: Instant,
     attempts: AtomicU32,
-    /// Nanoseconds spent waiting for a permit; `u64::MAX` while still waiting.
+    /// Nanoseconds spent waiting for slots so far.
     queue_wait_nanos: AtomicU64,
 }
 
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            dispatched: Instant::now(),
+            attempts: AtomicU32::new(0),
+            queue_wait_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// An attempt is about to call the provider.
+    pub(crate) fn attempt_started(&self) {
+        self.attempts.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A wait for a concurrency slot ended.
+    pub(crate) fn waited(&self, wait: Duration) {
+        let nanos = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+        self.queue_wait_nanos.fetch_add(nanos, Ordering::AcqRel);
+    }
+}
+
 impl Executor {
-    /// An executor whose calls all go through `limiter`. Share one limiter across every
-    /// executor in the process: provider limits are per key, not per request.
+    /// An executor whose calls all go through `limiter`, with default resilience
+    /// state. Share one limiter across every executor in the process: provider limits
+    /// are per key, not per request.
     pub fn new(limiter: Arc<dyn Limiter>) -> Self {
-        Executor { limiter }
+        Executor::with_resilience(limiter, Arc::new(Resilience::default()))
+    }
+
+    /// An executor sharing `limiter` and `resilience` (retry budget and breakers).
+    pub fn with_resilience(limiter: Arc<dyn Limiter>, resilience: Arc<Resilience>) -> Self {
+        Executor {
+            limiter,
+            resilience,
+        }
     }
 
     /// The limiter this executor's calls go through.
     pub fn limiter(&self) -> &Arc<dyn Limiter> {
         &self.limiter
+    }
+
+    /// The retry budget and breakers this executor's calls share.
+    pub fn resilience(&self) -> &Arc<Resilience> {
+        &self.resilience
     }
 
     /// Runs `tasks` to completion, until `deadline`, or until `cancel` fires, whichever
@@ -85,11 +183,7 @@ impl Executor {
         let mut pending: Vec<Pending> = Vec::with_capacity(tasks.len());
 
         for (index, task) in tasks.into_iter().enumerate() {
-            let progress = Arc::new(Progress {
-                dispatched: Instant::now(),
-                attempts: AtomicU32::new(0),
-                queue_wait_nanos: AtomicU64::new(u64::MAX),
-            });
+            let progress = Arc::new(Progress::new());
             // ERROR level for the same reason as the request span: ids on every line.
             let span = tracing::error_span!(
                 "agent",
@@ -103,8 +197,8 @@ impl Executor {
                 model: task.request.model.clone(),
                 progress: Arc::clone(&progress),
             });
-            let limiter = Arc::clone(&self.limiter);
-            let handle = set.spawn(run_agent(task, limiter, deadline, progress).instrument(span));
+            let handle =
+                set.spawn(run_agent(self.clone(), task, deadline, progress).instrument(span));
             slot_of.insert(handle.id(), index);
         }
 
@@ -153,9 +247,12 @@ struct Pending {
 
 impl Pending {
     fn base(&self, status: OutcomeStatus, error: OutcomeError) -> AgentOutcome {
-        let queue_wait = match self.progress.queue_wait_nanos.load(Ordering::Acquire) {
-            u64::MAX => self.progress.dispatched.elapsed(),
-            nanos => Duration::from_nanos(nanos),
+        let attempts = self.progress.attempts.load(Ordering::Acquire);
+        let queue_wait = if attempts == 0 {
+            // Still waiting for its first slot.
+            self.progress.dispatched.elapsed()
+        } else {
+            Duration::from_nanos(self.progress.queue_wait_nanos.load(Ordering::Acquire))
         };
         AgentOutcome {
             agent_id: self.agent_id.clone(),
@@ -165,7 +262,9 @@ impl Pending {
             output: None,
             stop_reason: None,
             error: Some(error),
-            attempts: self.progress.attempts.load(Ordering::Acquire),
+            attempts,
+            retries: Vec::new(),
+            fallback: None,
             latency: self.progress.dispatched.elapsed(),
             queue_wait,
             provider_latency: Duration::ZERO,
@@ -246,10 +345,11 @@ fn place(
     });
 }
 
-/// One agent's task: wait for a slot, check the deadline, call the provider.
+/// One agent's task: its call through the resilience policy, then its fallbacks if
+/// that failed.
 async fn run_agent(
+    executor: Executor,
     task: AgentTask,
-    limiter: Arc<dyn Limiter>,
     deadline: Instant,
     progress: Arc<Progress>,
 ) -> AgentOutcome {
@@ -258,75 +358,105 @@ async fn run_agent(
         "dispatching agent {}",
         task.agent_id
     );
-    let permit = match limiter.try_acquire() {
-        Some(permit) => permit,
-        None => {
-            let permit = limiter.acquire().await;
-            let waited = progress.dispatched.elapsed();
-            tracing::debug!(
-                event = "limiter.wait",
-                wait_ms = millis(waited),
-                limit = limiter.limit(),
-                "waited {waited:?} for a concurrency slot"
-            );
-            permit
-        }
-    };
-    let queue_wait = progress.dispatched.elapsed();
-    progress
-        .queue_wait_nanos
-        .store(queue_wait.as_nanos() as u64, Ordering::Release);
-
     let mut outcome = AgentOutcome {
-        agent_id: task.agent_id,
-        provider: task.provider_name,
+        agent_id: task.agent_id.clone(),
+        provider: task.provider_name.clone(),
         model: task.request.model.clone(),
         status: OutcomeStatus::Failed,
         output: None,
         stop_reason: None,
         error: None,
         attempts: 0,
+        retries: Vec::new(),
+        fallback: None,
         latency: Duration::ZERO,
-        queue_wait,
+        queue_wait: Duration::ZERO,
         provider_latency: Duration::ZERO,
         usage: Usage::default(),
     };
 
-    // Invariant 3: no attempt starts after the deadline.
-    if Instant::now() >= deadline {
-        outcome.status = OutcomeStatus::TimedOut;
-        outcome.error = Some(OutcomeError {
-            kind: FailureKind::DeadlineExceeded,
-            status: None,
-            message: "the request deadline passed while waiting for a concurrency slot".into(),
-        });
-        outcome.latency = progress.dispatched.elapsed();
-        return outcome;
+    let report = executor.call(&task, deadline, &progress).await;
+    let mut result = absorb(&mut outcome, report);
+    let mut next = task.fallback;
+    let mut primary_error = None;
+    while let Err(error) = &result {
+        if error.kind == FailureKind::Cancelled {
+            break;
+        }
+        let Some(fallback) = next.take() else { break };
+        let primary_error = primary_error.get_or_insert_with(|| error.clone()).clone();
+        match fallback {
+            Fallback::Text(text) => {
+                tracing::warn!(
+                    event = "agent.fallback",
+                    source = "text",
+                    error.kind = primary_error.kind.as_str(),
+                    error.message = %primary_error.message,
+                    "agent {} failed ({}); using its fallback text",
+                    outcome.agent_id,
+                    primary_error.kind
+                );
+                outcome.fallback = Some(FallbackRecord {
+                    source: FallbackSource::Text,
+                    agent: None,
+                    provider: None,
+                    model: None,
+                    primary_error,
+                });
+                result = Ok(Completion {
+                    text,
+                    stop_reason: Some("fallback".to_owned()),
+                    usage: Usage::default(),
+                    latency: Duration::ZERO,
+                });
+            }
+            Fallback::Agent(target) => {
+                tracing::warn!(
+                    event = "agent.fallback",
+                    source = "agent",
+                    fallback_agent = %target.agent_id,
+                    fallback_provider = %target.provider_name,
+                    fallback_model = %target.request.model,
+                    error.kind = primary_error.kind.as_str(),
+                    error.message = %primary_error.message,
+                    "agent {} failed ({}); falling back to agent {}",
+                    outcome.agent_id,
+                    primary_error.kind,
+                    target.agent_id
+                );
+                outcome.fallback = Some(FallbackRecord {
+                    source: FallbackSource::Agent,
+                    agent: Some(target.agent_id.clone()),
+                    provider: Some(target.provider_name.clone()),
+                    model: Some(target.request.model.clone()),
+                    primary_error,
+                });
+                let span = tracing::error_span!(
+                    "fallback",
+                    fallback_agent = %target.agent_id,
+                    provider = %target.provider_name,
+                    model = %target.request.model,
+                );
+                let report = executor
+                    .call(&target, deadline, &progress)
+                    .instrument(span)
+                    .await;
+                result = absorb(&mut outcome, report);
+                next = target.fallback;
+            }
+        }
     }
-
-    let mut request = task.request;
-    request.meta.attempt = 1;
-    progress.attempts.store(1, Ordering::Release);
-    outcome.attempts = 1;
-    let attempt_started = Instant::now();
-    let result = task
-        .provider
-        .complete(&request)
-        .instrument(tracing::error_span!("attempt", attempt = 1))
-        .await;
-    drop(permit);
 
     match result {
         Ok(completion) => {
             outcome.status = OutcomeStatus::Succeeded;
             outcome.output = Some(completion.text);
             outcome.stop_reason = completion.stop_reason;
-            outcome.usage = completion.usage;
-            outcome.provider_latency = completion.latency;
+            outcome.usage += completion.usage;
         }
         Err(error) => {
-            outcome.provider_latency = attempt_started.elapsed();
-            outcome.error = Some(error.into());
+            outcome.status = error.kind.status();
+            outcome.error = Some(error);
         }
     }
     outcome.latency = progress.dispatched.elapsed();
@@ -337,8 +467,17 @@ async fn run_agent(
             attempts = outcome.attempts,
             input_tokens = outcome.usage.input_tokens,
             output_tokens = outcome.usage.output_tokens,
+            fallback = outcome.fallback.as_ref().map(|f| f.source.as_str()),
             "agent {} succeeded",
             outcome.agent_id
+        ),
+        Some(error) if outcome.status == OutcomeStatus::TimedOut => tracing::warn!(
+            event = "agent.timeout",
+            agent_id = %outcome.agent_id,
+            reason = error.kind.as_str(),
+            latency_ms = millis(outcome.latency),
+            attempts = outcome.attempts,
+            "agent {} did not finish: {}", outcome.agent_id, error.message
         ),
         Some(error) => tracing::warn!(
             event = "agent.failure",
@@ -351,4 +490,33 @@ async fn run_agent(
         ),
     }
     outcome
+}
+
+impl Executor {
+    /// One task's call (without its fallback) through the resilience policy.
+    async fn call(&self, task: &AgentTask, deadline: Instant, progress: &Progress) -> CallReport {
+        self.resilience
+            .call(Call {
+                provider: &*task.provider,
+                breaker: task.breaker.as_ref(),
+                policy: &task.policy,
+                request: task.request.clone(),
+                limiter: &*self.limiter,
+                deadline,
+                progress,
+            })
+            .await
+    }
+}
+
+/// Adds a call's attempts and timings to the outcome; returns its result.
+fn absorb(
+    outcome: &mut AgentOutcome,
+    report: CallReport,
+) -> Result<Completion, crate::executor::OutcomeError> {
+    outcome.attempts += report.attempts;
+    outcome.retries.extend(report.retries);
+    outcome.queue_wait += report.queue_wait;
+    outcome.provider_latency += report.provider_time;
+    report.result
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Serialize, Serializer};
 
 use crate::provider::{ErrorKind, ProviderError, Usage};
+use crate::resilience::RetryRecord;
 
 /// How an agent's task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -47,6 +48,10 @@ pub enum FailureKind {
     Cancelled,
     /// The agent's task panicked; the panic was contained.
     Panicked,
+    /// The provider's circuit breaker was open: no call was made.
+    CircuitOpen,
+    /// A retry was due but the process-wide retry budget was spent.
+    RetryBudgetExhausted,
 }
 
 impl FailureKind {
@@ -57,6 +62,17 @@ impl FailureKind {
             FailureKind::DeadlineExceeded => "deadline_exceeded",
             FailureKind::Cancelled => "cancelled",
             FailureKind::Panicked => "panicked",
+            FailureKind::CircuitOpen => "circuit_open",
+            FailureKind::RetryBudgetExhausted => "retry_budget_exhausted",
+        }
+    }
+
+    /// The status an outcome that ended this way has: `timed_out` for the deadline
+    /// and cancellation, `failed` for the rest.
+    pub fn status(self) -> OutcomeStatus {
+        match self {
+            FailureKind::DeadlineExceeded | FailureKind::Cancelled => OutcomeStatus::TimedOut,
+            _ => OutcomeStatus::Failed,
         }
     }
 }
@@ -125,8 +141,15 @@ pub struct AgentOutcome {
     /// Why it did not succeed, when it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<OutcomeError>,
-    /// Provider calls started (0 if it never got past the limiter).
+    /// Provider calls started, fallback agent's included (0 if it never got past the
+    /// limiter).
     pub attempts: u32,
+    /// Each retry: the failed attempt, its error, and the wait before the next.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub retries: Vec<RetryRecord>,
+    /// Set when a fallback produced (or tried to produce) the result.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackRecord>,
     /// From dispatch to finish, limiter wait included.
     #[serde(rename = "latency_ms", serialize_with = "as_millis")]
     pub latency: Duration,
@@ -140,6 +163,44 @@ pub struct AgentOutcome {
     pub usage: Usage,
 }
 
+/// What a fallback did for an agent whose own call failed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FallbackRecord {
+    /// `text` (a static reply) or `agent` (another agent's call).
+    pub source: FallbackSource,
+    /// The fallback agent, when the source is an agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The fallback agent's provider and model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// The fallback agent's model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Why the agent's own call failed.
+    pub primary_error: OutcomeError,
+}
+
+/// Where a fallback's reply comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FallbackSource {
+    /// A static reply from the config.
+    Text,
+    /// Another agent (a different model or provider).
+    Agent,
+}
+
+impl FallbackSource {
+    /// The stable snake_case name used in output and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackSource::Text => "text",
+            FallbackSource::Agent => "agent",
+        }
+    }
+}
+
 impl AgentOutcome {
     /// True when the agent produced output.
     pub fn succeeded(&self) -> bool {
@@ -150,6 +211,14 @@ impl AgentOutcome {
 /// Serializes a duration as fractional milliseconds (microsecond precision).
 pub(crate) fn as_millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(millis(*d))
+}
+
+/// Serializes an optional duration as fractional milliseconds.
+pub(crate) fn as_opt_millis<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&millis(*d)),
+        None => s.serialize_none(),
+    }
 }
 
 /// A duration as milliseconds, rounded to the microsecond.

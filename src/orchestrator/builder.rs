@@ -9,6 +9,7 @@ use crate::config::{Config, ProviderConfig};
 use crate::executor::Executor;
 use crate::limits::{ConcurrencyLimit, Limiter};
 use crate::provider::{Provider, SimProvider};
+use crate::resilience::Resilience;
 
 /// Builds an [`Orchestrator`]. See [`Orchestrator::builder`].
 #[derive(Debug, Default)]
@@ -16,6 +17,7 @@ pub struct OrchestratorBuilder {
     config: Option<Config>,
     providers: HashMap<String, Arc<dyn Provider>>,
     limiter: Option<Arc<dyn Limiter>>,
+    resilience: Option<Arc<Resilience>>,
     synthesizer: Option<Arc<dyn Synthesizer>>,
 }
 
@@ -61,6 +63,14 @@ impl OrchestratorBuilder {
         self
     }
 
+    /// Shares `resilience` (retry budget, circuit breakers, jitter source) instead of
+    /// new state built from the config: pass the same one to several orchestrators
+    /// that call the same providers.
+    pub fn resilience(mut self, resilience: Arc<Resilience>) -> Self {
+        self.resilience = Some(resilience);
+        self
+    }
+
     /// Uses this synthesis strategy instead of [`Concat`].
     pub fn synthesizer(mut self, synthesizer: Arc<dyn Synthesizer>) -> Self {
         self.synthesizer = Some(synthesizer);
@@ -70,7 +80,7 @@ impl OrchestratorBuilder {
     /// Builds the orchestrator.
     pub fn build(self) -> Result<Orchestrator, BuildError> {
         let config = self.config.unwrap_or_else(Config::embedded);
-        if config.agents.is_empty() {
+        if config.active_agents().next().is_none() {
             return Err(BuildError::NoAgents);
         }
 
@@ -81,6 +91,13 @@ impl OrchestratorBuilder {
                 .or_insert_with(|| build_provider(provider));
         }
 
+        let resilience = self.resilience.unwrap_or_else(|| {
+            Arc::new(Resilience::new(
+                config.retry_budget.clone(),
+                config.breaker.clone(),
+                config.seed,
+            ))
+        });
         let mut agents = Vec::with_capacity(config.agents.len());
         for agent in config.agents {
             let Some(provider) = providers.get(&agent.provider) else {
@@ -94,6 +111,8 @@ impl OrchestratorBuilder {
             };
             agents.push(PlannedAgent {
                 provider: Arc::clone(provider),
+                policy: Arc::new(agent.policy.clone()),
+                breaker: resilience.breaker(&agent.provider, &agent.model),
                 config: agent,
             });
         }
@@ -103,8 +122,14 @@ impl OrchestratorBuilder {
             .unwrap_or_else(|| Arc::new(ConcurrencyLimit::new(config.concurrency_limit)));
         Ok(Orchestrator {
             inner: Arc::new(Inner {
+                active: agents
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, a)| !a.config.standby)
+                    .map(|(i, _)| i)
+                    .collect(),
                 agents,
-                executor: Executor::new(limiter),
+                executor: Executor::with_resilience(limiter, resilience),
                 request_timeout: config.request_timeout,
                 min_successes: config.min_successes,
                 synthesizer: self.synthesizer.unwrap_or_else(|| Arc::new(Concat)),

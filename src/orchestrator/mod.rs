@@ -16,9 +16,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::config::AgentConfig;
-use crate::executor::{AgentTask, Executor, millis};
+use crate::config::{AgentConfig, FallbackConfig};
+use crate::executor::{AgentTask, Executor, Fallback, millis};
 use crate::provider::{CompletionRequest, Provider, RequestMeta, Usage};
+use crate::resilience::{BreakerSnapshot, CallPolicy, CircuitBreaker};
 use crate::telemetry::TraceId;
 
 pub use builder::{BuildError, OrchestratorBuilder};
@@ -71,7 +72,10 @@ pub struct Orchestrator {
 
 #[derive(Debug)]
 struct Inner {
+    /// Every agent, standby ones included, in config order.
     agents: Vec<PlannedAgent>,
+    /// The indexes of the agents that run on every request.
+    active: Vec<usize>,
     executor: Executor,
     request_timeout: Duration,
     min_successes: usize,
@@ -83,6 +87,8 @@ struct Inner {
 struct PlannedAgent {
     config: AgentConfig,
     provider: Arc<dyn Provider>,
+    policy: Arc<CallPolicy>,
+    breaker: Arc<CircuitBreaker>,
 }
 
 impl Orchestrator {
@@ -92,9 +98,18 @@ impl Orchestrator {
         OrchestratorBuilder::default()
     }
 
-    /// The configured agents, in the order their outcomes are reported.
+    /// The agents that run on every request, in the order their outcomes are
+    /// reported (standby agents, which run only as fallbacks, are left out).
     pub fn agents(&self) -> impl Iterator<Item = &AgentConfig> {
-        self.inner.agents.iter().map(|a| &a.config)
+        self.inner
+            .active
+            .iter()
+            .map(|&i| &self.inner.agents[i].config)
+    }
+
+    /// The state of every circuit breaker (one per provider and model).
+    pub fn breakers(&self) -> Vec<BreakerSnapshot> {
+        self.inner.executor.resilience().breakers()
     }
 
     /// The executor, whose limiter every request shares.
@@ -125,7 +140,7 @@ impl Orchestrator {
         let deadline = started + timeout;
         tracing::info!(
             event = "request.start",
-            agents = inner.agents.len(),
+            agents = inner.active.len(),
             query_chars = request.query.chars().count(),
             timeout_ms = millis(timeout),
             concurrency_limit = inner.executor.limiter().limit(),
@@ -133,13 +148,13 @@ impl Orchestrator {
         );
 
         let tasks = inner
-            .agents
+            .active
             .iter()
-            .map(|agent| plan(agent, &request.query, trace_id))
+            .map(|&i| plan(&inner.agents, i, &request.query, trace_id, 0))
             .collect();
         let outcomes = inner.executor.run(tasks, deadline, &request.cancel).await;
 
-        let configs: Vec<&AgentConfig> = inner.agents.iter().map(|a| &a.config).collect();
+        let configs: Vec<&AgentConfig> = self.agents().collect();
         let answer = inner
             .synthesizer
             .synthesize(&request.query, &configs, &outcomes)
@@ -182,14 +197,22 @@ impl Orchestrator {
     }
 }
 
-/// One agent's task for this query.
-fn plan(agent: &PlannedAgent, query: &str, trace_id: TraceId) -> AgentTask {
+/// Agent `index`'s task for this query, with its chain of fallbacks. Config
+/// validation rules out loops; `depth` stops one anyway.
+fn plan(
+    agents: &[PlannedAgent],
+    index: usize,
+    query: &str,
+    trace_id: TraceId,
+    depth: usize,
+) -> AgentTask {
+    let agent = &agents[index];
     let config = &agent.config;
-    AgentTask {
-        agent_id: config.id.clone(),
-        provider_name: config.provider.clone(),
-        provider: Arc::clone(&agent.provider),
-        request: CompletionRequest {
+    let mut task = AgentTask::new(
+        config.id.clone(),
+        config.provider.clone(),
+        Arc::clone(&agent.provider),
+        CompletionRequest {
             model: config.model.clone(),
             system: config.system.clone(),
             prompt: config.prompt.render(query),
@@ -201,5 +224,19 @@ fn plan(agent: &PlannedAgent, query: &str, trace_id: TraceId) -> AgentTask {
                 attempt: 0,
             },
         },
+    )
+    .with_policy(Arc::clone(&agent.policy))
+    .with_breaker(Arc::clone(&agent.breaker));
+    let fallback = match &config.fallback {
+        Some(FallbackConfig::Text(text)) => Some(Fallback::Text(text.clone())),
+        Some(FallbackConfig::Agent(id)) if depth < agents.len() => agents
+            .iter()
+            .position(|a| &a.config.id == id)
+            .map(|i| Fallback::Agent(Box::new(plan(agents, i, query, trace_id, depth + 1)))),
+        _ => None,
+    };
+    if let Some(fallback) = fallback {
+        task = task.with_fallback(fallback);
     }
+    task
 }

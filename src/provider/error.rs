@@ -75,6 +75,9 @@ pub struct ProviderError {
     pub status: Option<u16>,
     /// How long the provider asked us to wait before trying again.
     pub retry_after: Option<Duration>,
+    /// The provider's own verdict on retrying (`x-should-retry`), which overrides the
+    /// classification by status and kind.
+    pub should_retry: Option<bool>,
     /// A human-readable explanation.
     pub message: String,
 }
@@ -86,6 +89,7 @@ impl ProviderError {
             kind,
             status: None,
             retry_after: None,
+            should_retry: None,
             message: message.into(),
         }
     }
@@ -99,6 +103,12 @@ impl ProviderError {
     /// Sets the server's `Retry-After` hint.
     pub fn with_retry_after(mut self, retry_after: Duration) -> Self {
         self.retry_after = Some(retry_after);
+        self
+    }
+
+    /// Sets the provider's verdict on retrying (`x-should-retry: true|false`).
+    pub fn with_should_retry(mut self, should_retry: bool) -> Self {
+        self.should_retry = Some(should_retry);
         self
     }
 }

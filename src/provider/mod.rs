@@ -6,6 +6,7 @@
 //! own and never sleeps except to do its job (the `sim` provider's simulated latency).
 
 mod error;
+pub mod retry_after;
 mod sim;
 
 use std::time::Duration;
@@ -14,7 +15,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 pub use error::{ErrorKind, ProviderError};
-pub use sim::{SimOptions, SimProvider};
+pub use sim::{ScriptedFault, SimFault, SimFaults, SimOptions, SimProvider};
 
 /// One call to a language model, fully rendered.
 #[derive(Debug, Clone)]

@@ -5,6 +5,12 @@
 //! counts. Under a fixed seed every draw is a pure function of (seed, model, agent,
 //! prompt, attempt), so a run is repeatable however the calls interleave; a retry
 //! (a higher attempt number) draws afresh.
+//!
+//! It can also inject faults, so retries, breakers and fallbacks can be watched without
+//! a network: per-kind rates drawn under the same seed, and scripts that fail the first
+//! N attempts of an agent with a given kind. A `timeout` fault never answers (the
+//! attempt timeout or the deadline ends it); the others answer after a tenth of the
+//! drawn latency (a quick rejection), except `server`, which takes all of it.
 
 use std::time::Duration;
 
@@ -12,7 +18,9 @@ use async_trait::async_trait;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Completion, CompletionRequest, Provider, ProviderError, Usage};
+use serde::Deserialize;
+
+use super::{Completion, CompletionRequest, ErrorKind, Provider, ProviderError, Usage};
 
 /// How a [`SimProvider`] behaves.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +31,128 @@ pub struct SimOptions {
     pub latency_max: Duration,
     /// Seed for every draw. `None` draws a random seed when the provider is built.
     pub seed: Option<u64>,
+    /// Faults to inject.
+    pub faults: SimFaults,
+}
+
+/// A failure the simulator can inject, as an HTTP provider would see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SimFault {
+    /// 429 with a `Retry-After` of [`SimFaults::retry_after`].
+    RateLimited,
+    /// 529 `overloaded_error`.
+    Overloaded,
+    /// 500 `api_error`.
+    Server,
+    /// The call never answers.
+    Timeout,
+    /// The connection is reset.
+    Connection,
+    /// 400 `invalid_request_error` (never retried).
+    BadRequest,
+    /// 401 `authentication_error` (never retried).
+    Auth,
+}
+
+/// Which faults a [`SimProvider`] injects.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SimFaults {
+    /// Fraction of calls (0–1) answered with a 429.
+    pub rate_limited: f64,
+    /// Fraction of calls answered with a 529.
+    pub overloaded: f64,
+    /// Fraction of calls answered with a 500.
+    pub server: f64,
+    /// Fraction of calls that never answer.
+    pub timeout: f64,
+    /// Fraction of calls whose connection is reset.
+    pub connection: f64,
+    /// The `Retry-After` of injected 429s; `None` sends none.
+    pub retry_after: Option<Duration>,
+    /// Scripted faults, checked before the rates.
+    pub script: Vec<ScriptedFault>,
+}
+
+/// Fail the first `first_attempts` attempts of `agent`'s calls with `kind`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScriptedFault {
+    /// The agent whose calls fail.
+    pub agent: String,
+    /// How many attempts of each call fail (attempts 1 to N).
+    pub first_attempts: u32,
+    /// How they fail.
+    pub kind: SimFault,
+}
+
+impl SimFaults {
+    /// The fault for this call, if any: a script that matches, else a draw against the
+    /// rates (`roll` is uniform in [0, 1)).
+    fn pick(&self, request: &CompletionRequest, roll: f64) -> Option<SimFault> {
+        if let Some(s) = self
+            .script
+            .iter()
+            .find(|s| s.agent == request.meta.agent_id && request.meta.attempt <= s.first_attempts)
+        {
+            return Some(s.kind);
+        }
+        let mut edge = 0.0;
+        for (rate, fault) in [
+            (self.rate_limited, SimFault::RateLimited),
+            (self.overloaded, SimFault::Overloaded),
+            (self.server, SimFault::Server),
+            (self.timeout, SimFault::Timeout),
+            (self.connection, SimFault::Connection),
+        ] {
+            edge += rate;
+            if roll < edge {
+                return Some(fault);
+            }
+        }
+        None
+    }
+}
+
+impl SimFault {
+    /// The error a real provider would return for this fault.
+    fn error(self, retry_after: Option<Duration>) -> ProviderError {
+        match self {
+            SimFault::RateLimited => {
+                let e = ProviderError::new(
+                    ErrorKind::RateLimited,
+                    "rate_limit_error: simulated rate limit",
+                )
+                .with_status(429);
+                match retry_after {
+                    Some(wait) => e.with_retry_after(wait),
+                    None => e,
+                }
+            }
+            SimFault::Overloaded => ProviderError::new(
+                ErrorKind::Overloaded,
+                "overloaded_error: simulated overload",
+            )
+            .with_status(529),
+            SimFault::Server => {
+                ProviderError::new(ErrorKind::Server, "api_error: simulated internal error")
+                    .with_status(500)
+            }
+            SimFault::Timeout => ProviderError::new(ErrorKind::Timeout, "simulated timeout"),
+            SimFault::Connection => {
+                ProviderError::new(ErrorKind::Connection, "simulated connection reset by peer")
+            }
+            SimFault::BadRequest => ProviderError::new(
+                ErrorKind::BadRequest,
+                "invalid_request_error: simulated bad request",
+            )
+            .with_status(400),
+            SimFault::Auth => ProviderError::new(
+                ErrorKind::Auth,
+                "authentication_error: simulated invalid x-api-key",
+            )
+            .with_status(401),
+        }
+    }
 }
 
 impl Default for SimOptions {
@@ -32,6 +162,7 @@ impl Default for SimOptions {
             latency_min: Duration::from_millis(500),
             latency_max: Duration::from_millis(2000),
             seed: None,
+            faults: SimFaults::default(),
         }
     }
 }
@@ -51,6 +182,7 @@ impl Default for SimOptions {
 ///     latency_min: Duration::ZERO,
 ///     latency_max: Duration::from_millis(1),
 ///     seed: Some(7),
+///     ..SimOptions::default()
 /// });
 /// let request = CompletionRequest {
 ///     model: "sim-1".into(),
@@ -113,7 +245,17 @@ impl Provider for SimProvider {
     async fn complete(&self, request: &CompletionRequest) -> Result<Completion, ProviderError> {
         let mut rng = self.rng_for(request);
         let started = tokio::time::Instant::now();
-        tokio::time::sleep(self.draw_latency(&mut rng)).await;
+        let latency = self.draw_latency(&mut rng);
+        let roll: f64 = rng.random();
+        if let Some(fault) = self.options.faults.pick(request, roll) {
+            match fault {
+                SimFault::Timeout => std::future::pending::<()>().await,
+                SimFault::Server => tokio::time::sleep(latency).await,
+                _ => tokio::time::sleep(latency / 10).await,
+            }
+            return Err(fault.error(self.options.faults.retry_after));
+        }
+        tokio::time::sleep(latency).await;
         let latency = started.elapsed();
 
         let text = reply_text(request, &mut rng);
@@ -257,8 +399,75 @@ mod tests {
             latency_min: Duration::from_millis(30),
             latency_max: Duration::from_millis(10),
             seed: Some(3),
+            ..SimOptions::default()
         });
         let c = p.complete(&request("x", 1)).await.unwrap();
         assert_eq!(c.latency, Duration::from_millis(30));
+    }
+
+    fn faulty(faults: SimFaults) -> SimProvider {
+        SimProvider::new(SimOptions {
+            seed: Some(5),
+            faults,
+            ..SimOptions::default()
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn scripts_fail_the_first_attempts_of_one_agent() {
+        let p = faulty(SimFaults {
+            script: vec![ScriptedFault {
+                agent: "critic".into(),
+                first_attempts: 2,
+                kind: SimFault::Overloaded,
+            }],
+            ..SimFaults::default()
+        });
+        for attempt in 1..=2 {
+            let e = p.complete(&request("critic", attempt)).await.unwrap_err();
+            assert_eq!((e.kind, e.status), (ErrorKind::Overloaded, Some(529)));
+        }
+        assert!(p.complete(&request("critic", 3)).await.is_ok());
+        assert!(p.complete(&request("writer", 1)).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rates_are_drawn_under_the_seed() {
+        let faults = SimFaults {
+            rate_limited: 0.3,
+            retry_after: Some(Duration::from_secs(2)),
+            ..SimFaults::default()
+        };
+        let (a, b) = (faulty(faults.clone()), faulty(faults));
+        let mut limited = 0;
+        for i in 0..200 {
+            let agent = format!("agent-{i}");
+            let (x, y) = (
+                a.complete(&request(&agent, 1)).await,
+                b.complete(&request(&agent, 1)).await,
+            );
+            assert_eq!(x, y, "same seed, same fate");
+            if let Err(e) = x {
+                assert_eq!(e.status, Some(429));
+                assert_eq!(e.retry_after, Some(Duration::from_secs(2)));
+                limited += 1;
+            }
+        }
+        assert!(
+            (35..=85).contains(&limited),
+            "{limited} of 200 at a 30% rate"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_fault_never_answers() {
+        let p = faulty(SimFaults {
+            timeout: 1.0,
+            ..SimFaults::default()
+        });
+        let r = request("x", 1);
+        let call = p.complete(&r);
+        let waited = tokio::time::timeout(Duration::from_secs(3600), call).await;
+        assert!(waited.is_err());
     }
 }

@@ -131,24 +131,29 @@ pub fn server_error() -> ProviderError {
 /// One task per agent id, all on `provider`.
 pub fn tasks(ids: &[&str], provider: Arc<dyn Provider>) -> Vec<AgentTask> {
     ids.iter()
-        .map(|id| AgentTask {
-            agent_id: (*id).to_owned(),
-            provider_name: "test".into(),
-            provider: Arc::clone(&provider),
-            request: CompletionRequest {
-                model: "m".into(),
-                system: None,
-                prompt: format!("prompt for {id}"),
-                max_tokens: 16,
-                temperature: None,
-                meta: RequestMeta {
-                    trace_id: "0".repeat(31) + "1",
-                    agent_id: (*id).to_owned(),
-                    attempt: 0,
-                },
-            },
-        })
+        .map(|id| task(id, Arc::clone(&provider)))
         .collect()
+}
+
+/// One agent's task on `provider`, with the default policy.
+pub fn task(id: &str, provider: Arc<dyn Provider>) -> AgentTask {
+    AgentTask::new(
+        id,
+        "test",
+        provider,
+        CompletionRequest {
+            model: "m".into(),
+            system: None,
+            prompt: format!("prompt for {id}"),
+            max_tokens: 16,
+            temperature: None,
+            meta: RequestMeta {
+                trace_id: "0".repeat(31) + "1",
+                agent_id: id.to_owned(),
+                attempt: 0,
+            },
+        },
+    )
 }
 
 pub const SIX: [&str; 6] = [
