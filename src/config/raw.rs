@@ -115,14 +115,16 @@ pub(crate) struct RawSim {
     pub faults: RawFaults,
 }
 
+/// Inside the internally tagged provider table, so no `Spanned` fields: serde buffers
+/// the table and the spans are lost. Errors point at the provider's table.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawFaults {
-    pub rate_limited: Option<Spanned<f64>>,
-    pub overloaded: Option<Spanned<f64>>,
-    pub server: Option<Spanned<f64>>,
-    pub timeout: Option<Spanned<f64>>,
-    pub connection: Option<Spanned<f64>>,
+    pub rate_limited: Option<f64>,
+    pub overloaded: Option<f64>,
+    pub server: Option<f64>,
+    pub timeout: Option<f64>,
+    pub connection: Option<f64>,
     pub retry_after: Option<HumanDuration>,
     #[serde(default)]
     pub script: Vec<RawScriptedFault>,

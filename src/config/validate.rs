@@ -445,7 +445,7 @@ impl Validator<'_> {
         }
     }
 
-    fn faults(&mut self, raw: RawFaults, name: &str) -> SimFaults {
+    fn faults(&mut self, raw: RawFaults, name: &str, span: Range<usize>) -> SimFaults {
         let mut faults = SimFaults {
             retry_after: Some(
                 raw.retry_after
@@ -471,24 +471,22 @@ impl Validator<'_> {
             (raw.connection, "connection", &mut faults.connection),
         ] {
             let Some(v) = value else { continue };
-            if (0.0..=1.0).contains(v.get_ref()) {
-                *target = *v.get_ref();
-                total += *v.get_ref();
+            if (0.0..=1.0).contains(&v) {
+                *target = v;
+                total += v;
             } else {
-                self.errors.push(ConfigError {
-                    origin: self.origin.to_owned(),
-                    position: Some(line_col(self.text, v.span().start)),
-                    field: format!("providers.{name}.faults.{kind}"),
-                    message: format!(
-                        "{} is out of range; expected a fraction of calls from 0 to 1, e.g. 0.1 for 10%",
-                        v.get_ref()
+                self.error(
+                    Some(span.clone()),
+                    format!("providers.{name}.faults.{kind}"),
+                    format!(
+                        "{v} is out of range; expected a fraction of calls from 0 to 1, e.g. 0.1 for 10%"
                     ),
-                });
+                );
             }
         }
         if total > 1.0 + 1e-9 {
             self.error(
-                None,
+                Some(span),
                 format!("providers.{name}.faults"),
                 format!("the fault rates add up to {total}; expected at most 1"),
             );
@@ -513,7 +511,7 @@ impl Validator<'_> {
                         latency_min: sim.latency_min.map_or(defaults.latency_min, |d| d.0),
                         latency_max: sim.latency_max.map_or(defaults.latency_max, |d| d.0),
                         seed: sim.seed,
-                        faults: self.faults(sim.faults, &name),
+                        faults: self.faults(sim.faults, &name, span.clone()),
                     };
                     if options.latency_min > options.latency_max {
                         self.error(

@@ -55,17 +55,18 @@ pub struct BreakerConfig {
 }
 
 impl Default for BreakerConfig {
-    /// A window of the last 20 calls; open at a 50 % failure rate over at least 10
+    /// A window of the last 100 calls; open at a 50 % failure rate over at least 20
     /// calls, or when every call takes 60 s or more; stay open 30 s; close after 3
-    /// successful probes.
+    /// successful probes. (A smaller window trips by chance: at a steady 20 %
+    /// transient failure rate, 10 failures in 20 calls happen one time in 400.)
     fn default() -> Self {
         BreakerConfig {
             enabled: true,
-            window: Window::Count(20),
+            window: Window::Count(100),
             failure_rate_threshold: 0.5,
             slow_call_threshold: Duration::from_secs(60),
             slow_call_rate: 1.0,
-            minimum_calls: 10,
+            minimum_calls: 20,
             open_for: Duration::from_secs(30),
             half_open_probes: 3,
         }

@@ -25,6 +25,8 @@ pub enum Behaviour {
     Panic(&'static str),
     /// Never answers.
     Hang,
+    /// Fails attempts 1 to N with this error at once, then replies at once.
+    FailFirst(u32, ProviderError),
 }
 
 /// Looks up each call's behaviour by agent id.
@@ -70,7 +72,80 @@ impl Provider for Scripted {
             }
             Behaviour::Panic(message) => panic!("{message}"),
             Behaviour::Hang => std::future::pending().await,
+            Behaviour::FailFirst(n, error) if request.meta.attempt <= n => Err(error),
+            Behaviour::FailFirst(..) => Ok(reply(request, Duration::ZERO)),
         }
+    }
+}
+
+/// Fails (with a 503) while `failing` is set, replies otherwise; counts calls.
+#[derive(Debug, Default)]
+pub struct Toggle {
+    pub failing: std::sync::atomic::AtomicBool,
+    pub calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Provider for Toggle {
+    fn kind(&self) -> &'static str {
+        "toggle"
+    }
+
+    async fn complete(&self, request: &CompletionRequest) -> Result<Completion, ProviderError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            Err(ProviderError::new(ErrorKind::Server, "unavailable").with_status(503))
+        } else {
+            Ok(reply(request, Duration::ZERO))
+        }
+    }
+}
+
+/// Log lines written by `tracing` while a [`Capture`] is the default subscriber.
+#[derive(Debug, Clone, Default)]
+pub struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Capture {
+    /// Makes a JSON-lines subscriber writing here the default for this thread.
+    pub fn install(&self, filter: &str) -> tracing::subscriber::DefaultGuard {
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(self.clone())
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    /// The lines captured so far, parsed.
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        let bytes = self.0.lock().unwrap().clone();
+        String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("every log line is JSON"))
+            .collect()
+    }
+}
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+    type Writer = Capture;
+
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
     }
 }
 

@@ -1,0 +1,64 @@
+//! Log lines as the product's promises: one JSON object per event, tied to the trace.
+//!
+//! Every test in this binary installs a [`Capture`] subscriber. `tracing` caches per
+//! call site whether anyone listens; a test running without a subscriber on another
+//! thread can race that cache and hide spans from a capturing test, so tests that do
+//! not capture logs belong in another binary.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Behaviour, Capture, Scripted, server_error};
+use metaorch::config::Config;
+use metaorch::orchestrator::Orchestrator;
+
+/// FI-LOG-002: each retry writes one WARNING JSON line with the attempt number and the
+/// delay, tied to the request's trace id and the agent.
+#[tokio::test(start_paused = true)]
+async fn fi_log_002_each_retry_is_one_warning_line() {
+    let capture = Capture::default();
+    let _guard = capture.install("warn");
+    let provider = Arc::new(Scripted::new(&[(
+        "critic",
+        Behaviour::FailFirst(2, server_error()),
+    )]));
+    // The scripted provider stands in for `sim`.
+    let config = Config::from_toml_str(
+        r#"
+        [defaults.retry]
+        jitter = "none"
+        [[agents]]
+        id = "critic"
+        provider = "sim"
+        "#,
+        "test.toml",
+    )
+    .unwrap();
+    let orchestrator = Orchestrator::builder()
+        .config(config)
+        .provider("sim", provider)
+        .build()
+        .unwrap();
+    let response = orchestrator.process("q").await.unwrap();
+    assert!(response.ok);
+
+    let retries: Vec<_> = capture
+        .lines()
+        .into_iter()
+        .filter(|l| l["event"] == "agent.retry")
+        .collect();
+    assert_eq!(retries.len(), 2, "one line per retry");
+    for (line, (attempt, delay_ms)) in retries.iter().zip([(1, 1000.0), (2, 2000.0)]) {
+        assert_eq!(line["level"], "WARN");
+        assert_eq!(line["attempt"], attempt);
+        assert_eq!(line["next_attempt"], attempt + 1);
+        assert_eq!(line["delay_ms"], delay_ms);
+        assert_eq!(line["delay_source"], "backoff");
+        assert_eq!(line["error.kind"], "server");
+        assert_eq!(line["status"], 500);
+        let spans = line["spans"].as_array().unwrap();
+        assert_eq!(spans[0]["trace_id"], response.trace_id.to_string());
+        assert_eq!(spans[1]["agent_id"], "critic");
+    }
+}
