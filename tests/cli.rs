@@ -302,3 +302,87 @@ fn logs_are_json_lines_on_stderr() {
         "the trace id reaches the logs"
     );
 }
+
+/// The resilience drill as a user sees it: retries, a breaker opening and fallbacks in
+/// the output and in the JSON log.
+#[test]
+fn faults_show_retries_an_open_breaker_and_fallbacks() {
+    let config = r#"
+seed = 1
+[defaults.retry]
+initial_delay = "5ms"
+max_delay = "20ms"
+[defaults.breaker]
+window_size = 10
+minimum_calls = 4
+open_for = "1m"
+[providers.sim]
+kind = "sim"
+latency_min = "5ms"
+latency_max = "10ms"
+[[providers.sim.faults.script]]
+agent = "a"
+first_attempts = 100
+kind = "overloaded"
+[[providers.sim.faults.script]]
+agent = "b"
+first_attempts = 100
+kind = "server"
+[[providers.sim.faults.script]]
+agent = "c"
+first_attempts = 100
+kind = "auth"
+[providers.backup]
+kind = "sim"
+latency_min = "5ms"
+latency_max = "10ms"
+[[agents]]
+id = "a"
+provider = "sim"
+fallback = { agent = "a-backup" }
+[[agents]]
+id = "a-backup"
+provider = "backup"
+model = "backup-1"
+standby = true
+[[agents]]
+id = "b"
+provider = "sim"
+[[agents]]
+id = "c"
+provider = "sim"
+fallback = { text = "fixed reply" }
+"#;
+    let dir = dir_with(Some(config));
+    let out = metaorch(dir.path(), &["run", "q"]);
+    let text = stdout(&out);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{text}\n{err}");
+    assert!(text.contains("retried after"), "{text}");
+    assert!(
+        text.contains("fell back to agent a-backup (backup/backup-1)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fell back to its fallback text after: auth (HTTP 401)"),
+        "{text}"
+    );
+    assert!(text.contains("circuit sim/sim-1 is open"), "{text}");
+    assert!(text.contains("circuit_open"), "{text}");
+
+    let events: Vec<serde_json::Value> = err
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    let count = |name: &str| events.iter().filter(|e| e["event"] == name).count();
+    assert!(count("agent.retry") >= 2, "{err}");
+    assert_eq!(count("breaker.open"), 1, "{err}");
+    assert_eq!(count("agent.fallback"), 2, "{err}");
+    let open = events
+        .iter()
+        .find(|e| e["event"] == "breaker.open")
+        .unwrap();
+    assert_eq!(open["level"], "WARN");
+    assert_eq!(open["provider"], "sim");
+    assert_eq!(open["reason"], "failure_rate");
+}

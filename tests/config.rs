@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use metaorch::config::{Config, ProviderConfig};
+use metaorch::resilience::{Jitter, Window};
 
 /// The config's errors, one string each.
 fn errors(toml: &str) -> Vec<String> {
@@ -253,4 +254,224 @@ fn sim_options_are_read() {
     assert_eq!(sim.latency_min, Duration::from_millis(1));
     assert_eq!(sim.latency_max, Duration::from_millis(1500));
     assert_eq!(sim.seed, Some(3));
+}
+
+#[test]
+fn resilience_settings_are_read_and_agents_override_defaults() {
+    let config = Config::from_toml_str(
+        r#"
+seed = 11
+[defaults]
+attempt_timeout = "10s"
+[defaults.retry]
+max_attempts = 3
+initial_delay = "250ms"
+multiplier = 3.0
+max_delay = "5s"
+jitter = "decorrelated"
+retry_after_max = "20s"
+[defaults.breaker]
+window = "time"
+window_duration = "30s"
+failure_rate_threshold = 0.25
+slow_call_threshold = "20s"
+slow_call_rate = 0.8
+minimum_calls = 5
+open_for = "15s"
+half_open_probes = 1
+[retry_budget]
+capacity = 50
+retry_cost = 2
+[[agents]]
+id = "a"
+provider = "sim"
+attempt_timeout = "none"
+retry = { max_attempts = 1 }
+[[agents]]
+id = "b"
+provider = "sim"
+"#,
+        "test.toml",
+    )
+    .unwrap();
+    let a = &config.agents[0].policy;
+    assert_eq!(a.retry.max_attempts, 1);
+    assert_eq!(
+        a.retry.initial_delay,
+        Duration::from_millis(250),
+        "the rest from [defaults]"
+    );
+    assert_eq!(a.attempt_timeout, None);
+    let b = &config.agents[1].policy;
+    assert_eq!(b.retry.max_attempts, 3);
+    assert_eq!(b.retry.multiplier, 3.0);
+    assert_eq!(b.retry.jitter, Jitter::Decorrelated);
+    assert_eq!(b.retry.retry_after_max, Duration::from_secs(20));
+    assert_eq!(b.attempt_timeout, Some(Duration::from_secs(10)));
+    assert_eq!(config.breaker.window, Window::Time(Duration::from_secs(30)));
+    assert_eq!(config.breaker.failure_rate_threshold, 0.25);
+    assert_eq!(config.breaker.half_open_probes, 1);
+    assert_eq!(config.retry_budget.capacity, 50);
+    assert_eq!(config.retry_budget.retry_cost, 2);
+    assert_eq!(
+        config.retry_budget.timeout_cost, 10,
+        "unset keys keep their default"
+    );
+    assert_eq!(config.seed, Some(11));
+    let ProviderConfig::Sim(sim) = &config.providers["sim"];
+    assert_eq!(sim.seed, Some(11), "the top-level seed reaches sim");
+}
+
+#[test]
+fn unknown_jitter_is_an_error() {
+    let e = one_error("[defaults.retry]\njitter = \"fuzzy\"\n");
+    assert!(
+        e.starts_with("test.toml:2:10: defaults.retry.jitter: unknown variant `fuzzy`"),
+        "{e}"
+    );
+    assert!(e.contains("`none`, `full`, `equal`, `decorrelated`"), "{e}");
+}
+
+#[test]
+fn zero_attempts_is_an_error() {
+    let e = one_error("[defaults.retry]\nmax_attempts = 0\n");
+    assert_eq!(
+        e,
+        "test.toml:2:16: defaults.retry.max_attempts: 0 is out of range; expected 1 (no retries) to 100, the first try included"
+    );
+}
+
+#[test]
+fn shrinking_multiplier_is_an_error() {
+    let e = one_error(&format!("{AGENT}retry = {{ multiplier = 0.5 }}\n"));
+    assert!(
+        e.contains("agents[0].retry.multiplier: 0.5 is out of range; expected 1.0"),
+        "{e}"
+    );
+}
+
+#[test]
+fn initial_delay_beyond_max_delay_is_an_error() {
+    let e = one_error("[defaults.retry]\ninitial_delay = \"10s\"\nmax_delay = \"1s\"\n");
+    assert!(
+        e.contains("defaults.retry: initial_delay (10s) is greater than max_delay (1s)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn zero_attempt_timeout_is_an_error() {
+    let e = one_error("[defaults]\nattempt_timeout = \"0s\"\n");
+    assert!(
+        e.starts_with("test.toml:2:19: defaults.attempt_timeout: a zero timeout"),
+        "{e}"
+    );
+}
+
+#[test]
+fn breaker_rate_out_of_range_is_an_error() {
+    let e = one_error("[defaults.breaker]\nfailure_rate_threshold = 50\n");
+    assert!(
+        e.starts_with("test.toml:2:26: defaults.breaker.failure_rate_threshold: 50 is out of range; expected a fraction"),
+        "{e}"
+    );
+}
+
+#[test]
+fn window_size_on_a_time_window_is_an_error() {
+    let e = one_error("[defaults.breaker]\nwindow = \"time\"\nwindow_size = 20\n");
+    assert!(
+        e.contains("defaults.breaker.window_size: applies to a count window"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fallback_to_an_unknown_agent_is_an_error() {
+    let e = one_error(&format!("{AGENT}fallback = {{ agent = \"ghost\" }}\n"));
+    assert!(
+        e.contains("agents[0].fallback.agent: \"ghost\" is not an agent's id; defined: a"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fallback_to_itself_is_an_error() {
+    let e = one_error(&format!("{AGENT}fallback = {{ agent = \"a\" }}\n"));
+    assert!(e.contains("an agent cannot be its own fallback"), "{e}");
+}
+
+#[test]
+fn fallback_loop_is_an_error() {
+    let errors = errors(
+        "[[agents]]\nid = \"a\"\nprovider = \"sim\"\nfallback = { agent = \"b\" }\n\
+         [[agents]]\nid = \"b\"\nprovider = \"sim\"\nfallback = { agent = \"a\" }\n",
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("the fallbacks form a loop (a -> b -> a)")),
+        "{errors:#?}"
+    );
+}
+
+#[test]
+fn fallback_with_both_agent_and_text_is_an_error() {
+    let e = one_error(&format!(
+        "{AGENT}fallback = {{ agent = \"a\", text = \"x\" }}\n"
+    ));
+    assert!(
+        e.contains("agents[0].fallback: expected exactly one of `agent` or `text`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unused_standby_agent_is_an_error() {
+    let e = one_error(&format!(
+        "{AGENT}[[agents]]\nid = \"b\"\nprovider = \"sim\"\nstandby = true\n"
+    ));
+    assert!(
+        e.contains("agents[1].standby: \"b\" is standby but no agent falls back to it"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fault_rate_out_of_range_is_an_error() {
+    let e = one_error("[providers.sim]\nkind = \"sim\"\n[providers.sim.faults]\nserver = 1.5\n");
+    assert!(
+        e.contains("providers.sim.faults.server: 1.5 is out of range"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fault_rates_adding_past_one_are_an_error() {
+    let e = one_error(
+        "[providers.sim]\nkind = \"sim\"\n[providers.sim.faults]\nserver = 0.6\noverloaded = 0.6\n",
+    );
+    assert!(
+        e.contains("providers.sim.faults: the fault rates add up to 1.2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fault_script_for_an_unknown_agent_is_an_error() {
+    let e = one_error(
+        "[providers.sim]\nkind = \"sim\"\n[[providers.sim.faults.script]]\nagent = \"ghost\"\nfirst_attempts = 1\nkind = \"server\"\n",
+    );
+    assert!(
+        e.contains("providers.sim.faults.script[0].agent: \"ghost\" is not an agent's id"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_fault_kind_is_an_error() {
+    let e = one_error(
+        "[providers.sim]\nkind = \"sim\"\n[[providers.sim.faults.script]]\nagent = \"researcher\"\nfirst_attempts = 1\nkind = \"gremlins\"\n",
+    );
+    assert!(e.contains("unknown variant `gremlins`"), "{e}");
 }

@@ -38,9 +38,44 @@ pub fn response(response: &Response, config: &Config) -> String {
             o.provider,
             o.model
         );
-        if let Some(error) = &o.error {
-            let _ = writeln!(out, "{:<id_width$}  └ {error}", "");
+        let mut notes = Vec::new();
+        for r in &o.retries {
+            let status = r.status.map(|s| format!(" (HTTP {s})")).unwrap_or_default();
+            notes.push(format!(
+                "attempt {} failed: {}{status}; retried after {} ({})",
+                r.attempt,
+                r.error,
+                seconds(r.delay),
+                r.source.as_str()
+            ));
         }
+        if let Some(f) = &o.fallback {
+            let to = match (&f.agent, &f.provider, &f.model) {
+                (Some(agent), Some(provider), Some(model)) => {
+                    format!("agent {agent} ({provider}/{model})")
+                }
+                _ => "its fallback text".to_owned(),
+            };
+            notes.push(format!("fell back to {to} after: {}", f.primary_error));
+        }
+        if let Some(error) = &o.error {
+            notes.push(error.to_string());
+        }
+        for (i, note) in notes.iter().enumerate() {
+            let branch = if i + 1 == notes.len() { '└' } else { '├' };
+            let _ = writeln!(out, "{:<id_width$}  {branch} {note}", "");
+        }
+    }
+    for b in &response.breakers {
+        let until = b
+            .retry_in
+            .map(|d| format!("; probes in {}", seconds(d)))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "circuit {}/{} is {}{until}",
+            b.provider, b.model, b.state
+        );
     }
 
     let s = &response.summary;

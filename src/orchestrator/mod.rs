@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::config::{AgentConfig, FallbackConfig};
 use crate::executor::{AgentTask, Executor, Fallback, millis};
 use crate::provider::{CompletionRequest, Provider, RequestMeta, Usage};
-use crate::resilience::{BreakerSnapshot, CallPolicy, CircuitBreaker};
+use crate::resilience::{BreakerSnapshot, BreakerState, CallPolicy, CircuitBreaker};
 use crate::telemetry::TraceId;
 
 pub use builder::{BuildError, OrchestratorBuilder};
@@ -184,6 +184,20 @@ impl Orchestrator {
             summary.succeeded,
             outcomes.len()
         );
+        let breakers = inner
+            .agents
+            .iter()
+            .filter(|a| a.breaker.state() != BreakerState::Closed)
+            .map(|a| a.breaker.snapshot())
+            .fold(Vec::<BreakerSnapshot>::new(), |mut seen, b| {
+                if !seen
+                    .iter()
+                    .any(|s| s.provider == b.provider && s.model == b.model)
+                {
+                    seen.push(b);
+                }
+                seen
+            });
         Response {
             trace_id,
             query: request.query,
@@ -193,6 +207,7 @@ impl Orchestrator {
             outcomes,
             usage,
             timings,
+            breakers,
         }
     }
 }

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::executor::{AgentOutcome, OutcomeStatus, as_millis};
 use crate::provider::Usage;
+use crate::resilience::BreakerSnapshot;
 use crate::telemetry::TraceId;
 
 /// The result of one request.
@@ -28,6 +29,10 @@ pub struct Response {
     pub usage: Usage,
     /// Where the time went.
     pub timings: Timings,
+    /// The circuit breakers of this request's providers that were open or half-open
+    /// when it finished (breakers are shared by every request of the process).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub breakers: Vec<BreakerSnapshot>,
 }
 
 /// Outcome counts.

@@ -128,7 +128,7 @@ pub struct BreakerSnapshot {
     pub slow_call_rate: f64,
     /// While open: how long until probes are let through.
     #[serde(
-        rename = "opens_in_ms",
+        rename = "half_open_in_ms",
         serialize_with = "crate::executor::as_opt_millis",
         skip_serializing_if = "Option::is_none"
     )]
