@@ -57,7 +57,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
 
-    /// Seed for the `sim` provider's draws, for repeatable runs.
+    /// Seed for every random draw (sim latencies and faults, retry jitter), for repeatable runs.
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
 
