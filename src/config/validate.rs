@@ -281,7 +281,6 @@ impl Validator<'_> {
     fn breaker(&mut self, raw: Option<Spanned<RawBreaker>>) -> BreakerConfig {
         let mut config = BreakerConfig::default();
         let Some(raw) = raw else { return config };
-        let span = raw.span();
         let raw = raw.into_inner();
         let field = |name: &str| format!("defaults.breaker.{name}");
         if let Some(enabled) = raw.enabled {
@@ -416,7 +415,6 @@ impl Validator<'_> {
                 }
             }
         }
-        let _ = span;
         config
     }
 
