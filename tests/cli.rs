@@ -150,9 +150,7 @@ fn too_few_successes_exit_non_zero_with_the_reason() {
         .filter(|doc: &serde_json::Value| doc["event"] == "agent.timeout")
         .collect();
     assert_eq!(timeouts.len(), 6, "{err}");
-    // The request span, outermost in the span list, carries the trace id.
-    let trace_of =
-        |doc: &serde_json::Value| doc["spans"][0]["trace_id"].as_str().map(str::to_owned);
+    let trace_of = |doc: &serde_json::Value| doc["trace_id"].as_str().map(str::to_owned);
     let trace_id = trace_of(&timeouts[0]).expect("a trace id");
     assert_eq!(trace_id.len(), 32);
     assert!(text.contains(&trace_id), "{text}");

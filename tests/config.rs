@@ -227,7 +227,8 @@ fn the_example_config_is_valid_and_matches_the_defaults() {
     assert_eq!(config.concurrency_limit, defaults.concurrency_limit);
     assert_eq!(config.request_timeout, defaults.request_timeout);
     assert_eq!(config.min_successes, defaults.min_successes);
-    assert_eq!(config.log_level, defaults.log_level);
+    assert_eq!(config.log_filter(), defaults.log_filter());
+    assert_eq!(config.log_file, defaults.log_file);
     assert_eq!(config.providers, defaults.providers);
     assert_eq!(config.agents[0], defaults.agents[0]);
 }

@@ -15,11 +15,18 @@ pub struct Cli {
     pub config: Option<PathBuf>,
 
     /// Log filter: error, warn, info, debug, trace, or RUST_LOG directives.
-    /// Default: $METAORCH_LOG_LEVEL, then $RUST_LOG, then the config's log.level (warn).
+    /// Default: $METAORCH_LOG_LEVEL, then $RUST_LOG, then the config's log.level, then
+    /// warn on stderr and info in a log file.
     #[arg(long, global = true, value_name = "FILTER")]
     pub log_level: Option<String>,
 
-    /// How log lines on stderr are written.
+    /// Append log lines to this file instead of writing them to stderr (never
+    /// truncated). Default: $METAORCH_LOG_FILE, then the config's log.file. The default
+    /// filter for a file is info.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// How log lines are written.
     #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Json)]
     pub log_format: LogFormatArg,
 

@@ -53,7 +53,7 @@ fn print_summary(config: &Config) {
         config.concurrency_limit,
         humantime::format_duration(config.request_timeout),
         config.min_successes,
-        config.log_level
+        config.log_filter()
     );
 }
 

@@ -51,6 +51,7 @@ fn load_config(cli: &Cli, flags: Overrides) -> Result<Config, ConfigErrors> {
     let flags = Overrides {
         origin: "command line".into(),
         log_level,
+        log_file: cli.log_file.clone(),
         ..flags
     };
     config.apply(&env.then(flags))?;

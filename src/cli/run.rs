@@ -32,12 +32,13 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     init_logging(
-        &config.log_level,
+        config.log_filter(),
         match cli.log_format {
             LogFormatArg::Json => LogFormat::Json,
             LogFormatArg::Pretty => LogFormat::Pretty,
         },
-    );
+        config.log_file.as_deref(),
+    )?;
 
     let orchestrator = Orchestrator::builder().config(config.clone()).build()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

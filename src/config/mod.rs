@@ -35,8 +35,11 @@ pub const DEFAULT_CONCURRENCY_LIMIT: usize = 6;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Successful agents a request needs, unless configured.
 pub const DEFAULT_MIN_SUCCESSES: usize = 1;
-/// The log filter, unless configured.
+/// The log filter for stderr, unless configured.
 pub const DEFAULT_LOG_LEVEL: &str = "warn";
+/// The log filter for a log file, unless configured: a file is read later, to find out
+/// what happened, so it keeps each request's story (`request.*`, `agent.success`).
+pub const DEFAULT_FILE_LOG_LEVEL: &str = "info";
 /// Generated-token bound per call, unless an agent sets one.
 pub const DEFAULT_MAX_TOKENS: u32 = 1024;
 
@@ -51,8 +54,11 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Agents that must succeed for a request to count as answered.
     pub min_successes: usize,
-    /// The log filter (`warn`, `info`, or `RUST_LOG`-style directives).
-    pub log_level: String,
+    /// The log filter (`warn`, `info`, or `RUST_LOG`-style directives); `None` for the
+    /// default (see [`Config::log_filter`]).
+    pub log_level: Option<String>,
+    /// Where log lines are appended; `None` for stderr.
+    pub log_file: Option<PathBuf>,
     /// Seed for every random draw (simulated latencies and faults, retry jitter);
     /// `None` draws fresh each run.
     pub seed: Option<u64>,
@@ -180,6 +186,16 @@ impl Config {
     /// The agent with this id (standby agents included).
     pub fn agent(&self, id: &str) -> Option<&AgentConfig> {
         self.agents.iter().find(|a| a.id == id)
+    }
+
+    /// The log filter in force: the configured one, else `info` when logging to a file
+    /// and `warn` on stderr.
+    pub fn log_filter(&self) -> &str {
+        match (&self.log_level, &self.log_file) {
+            (Some(level), _) => level,
+            (None, Some(_)) => DEFAULT_FILE_LOG_LEVEL,
+            (None, None) => DEFAULT_LOG_LEVEL,
+        }
     }
 
     /// The agents that run on every request: all but the standby ones.

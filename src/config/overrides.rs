@@ -18,13 +18,16 @@ pub struct Overrides {
     pub min_successes: Option<usize>,
     /// Replaces `log.level`.
     pub log_level: Option<String>,
+    /// Replaces `log.file`.
+    pub log_file: Option<std::path::PathBuf>,
     /// Replaces `seed`, and the seed of every `sim` provider.
     pub seed: Option<u64>,
 }
 
 impl Overrides {
     /// Reads `METAORCH_CONCURRENCY_LIMIT`, `METAORCH_REQUEST_TIMEOUT`,
-    /// `METAORCH_MIN_SUCCESSES`, `METAORCH_LOG_LEVEL` and `METAORCH_SEED` through `get`
+    /// `METAORCH_MIN_SUCCESSES`, `METAORCH_LOG_LEVEL`, `METAORCH_LOG_FILE` and
+    /// `METAORCH_SEED` through `get`
     /// (pass `|k| std::env::var(k).ok()`). Empty values count as unset.
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Overrides, ConfigErrors> {
         let mut errors = Vec::new();
@@ -71,6 +74,9 @@ impl Overrides {
         if let Some(v) = read("METAORCH_LOG_LEVEL") {
             o.log_level = Some(v);
         }
+        if let Some(v) = read("METAORCH_LOG_FILE") {
+            o.log_file = Some(v.into());
+        }
         if let Some(v) = read("METAORCH_SEED") {
             match v.trim().parse::<u64>() {
                 Ok(n) => o.seed = Some(n),
@@ -96,6 +102,7 @@ impl Overrides {
             request_timeout: higher.request_timeout.or(self.request_timeout),
             min_successes: higher.min_successes.or(self.min_successes),
             log_level: higher.log_level.or(self.log_level),
+            log_file: higher.log_file.or(self.log_file),
             seed: higher.seed.or(self.seed),
         }
     }
@@ -145,9 +152,12 @@ impl Overrides {
         }
         if let Some(level) = &self.log_level {
             match validate::check_log_filter(level) {
-                Ok(()) => config.log_level = level.clone(),
+                Ok(()) => config.log_level = Some(level.clone()),
                 Err(message) => bad("log_level", message),
             }
+        }
+        if let Some(file) = &self.log_file {
+            config.log_file = Some(file.clone());
         }
         if let Some(seed) = self.seed {
             config.seed = Some(seed);
@@ -197,7 +207,7 @@ mod tests {
         config.apply(&from_env.then(flags)).unwrap();
         assert_eq!(config.concurrency_limit, 5);
         assert_eq!(config.request_timeout, Duration::from_secs(7));
-        assert_eq!(config.log_level, "debug");
+        assert_eq!(config.log_level.as_deref(), Some("debug"));
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub(crate) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawLog {
     pub level: Option<Spanned<String>>,
+    pub file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

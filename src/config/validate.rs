@@ -12,9 +12,9 @@ use super::raw::{
     RawWindowKind,
 };
 use super::{
-    AgentConfig, Config, ConfigError, ConfigErrors, DEFAULT_CONCURRENCY_LIMIT, DEFAULT_LOG_LEVEL,
-    DEFAULT_MAX_TOKENS, DEFAULT_MIN_SUCCESSES, DEFAULT_REQUEST_TIMEOUT, EMBEDDED_DEFAULT,
-    FallbackConfig, PromptTemplate, ProviderConfig,
+    AgentConfig, Config, ConfigError, ConfigErrors, DEFAULT_CONCURRENCY_LIMIT, DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_SUCCESSES, DEFAULT_REQUEST_TIMEOUT, EMBEDDED_DEFAULT, FallbackConfig,
+    PromptTemplate, ProviderConfig,
 };
 use crate::provider::{ScriptedFault, SimFaults, SimOptions};
 use crate::resilience::{BreakerConfig, CallPolicy, RetryBudgetConfig, RetryPolicy, Window};
@@ -96,14 +96,23 @@ impl Validator<'_> {
             Some(v) => v.into_inner().0,
             None => DEFAULT_REQUEST_TIMEOUT,
         };
-        let log_level = match raw.log.level {
-            Some(level) => {
-                if let Err(message) = check_log_filter(level.get_ref()) {
-                    self.error(Some(level.span()), "log.level", message);
-                }
-                level.into_inner()
+        let log_level = raw.log.level.map(|level| {
+            if let Err(message) = check_log_filter(level.get_ref()) {
+                self.error(Some(level.span()), "log.level", message);
             }
-            None => DEFAULT_LOG_LEVEL.to_owned(),
+            level.into_inner()
+        });
+        let log_file = match raw.log.file {
+            Some(file) if file.get_ref().trim().is_empty() => {
+                self.error(
+                    Some(file.span()),
+                    "log.file",
+                    "is empty; name a file to append log lines to, or remove the key to log to stderr".into(),
+                );
+                None
+            }
+            Some(file) => Some(std::path::PathBuf::from(file.into_inner())),
+            None => None,
         };
 
         let defaults = self.defaults_policy(&raw.defaults);
@@ -170,6 +179,7 @@ impl Validator<'_> {
             request_timeout,
             min_successes,
             log_level,
+            log_file,
             seed: raw.seed,
             breaker,
             retry_budget,

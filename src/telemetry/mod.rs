@@ -1,10 +1,13 @@
-//! Telemetry: trace ids and the process's log output.
+//! Telemetry: trace ids, the process's log output (one flat JSON object per event),
+//! and reading a request's timeline back out of a log.
 //!
 //! Every request gets a [`TraceId`]; it is recorded on the request's `request` span, so
 //! every event of that request — in whichever tokio task it happens — carries it.
 
+mod json_layer;
 mod logging;
 mod trace_id;
 
+pub use json_layer::JsonLayer;
 pub use logging::{LogFormat, init_logging};
 pub use trace_id::{ParseTraceIdError, TraceId};

@@ -101,31 +101,46 @@ impl Provider for Toggle {
     }
 }
 
-/// Log lines written by `tracing` while a [`Capture`] is the default subscriber.
+/// Log lines written by `tracing`, in the product's JSON format.
 #[derive(Debug, Clone, Default)]
 pub struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl Capture {
-    /// Makes a JSON-lines subscriber writing here the default for this thread.
-    pub fn install(&self, filter: &str) -> tracing::subscriber::DefaultGuard {
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_writer(self.clone())
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(true)
-            .finish();
-        tracing::subscriber::set_default(subscriber)
+    /// The process-wide capture: installed once as the global subscriber, at TRACE
+    /// level, for every thread of the test binary. Tests pick out their own lines by
+    /// trace id.
+    pub fn global() -> &'static Capture {
+        use tracing_subscriber::layer::SubscriberExt;
+        static CAPTURE: std::sync::OnceLock<Capture> = std::sync::OnceLock::new();
+        CAPTURE.get_or_init(|| {
+            let capture = Capture::default();
+            let subscriber = tracing_subscriber::registry()
+                .with(tracing_subscriber::EnvFilter::new("trace"))
+                .with(metaorch::telemetry::JsonLayer::new(capture.clone()));
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other global subscriber in this test binary");
+            capture
+        })
+    }
+
+    /// The raw text captured so far.
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
     }
 
     /// The lines captured so far, parsed.
     pub fn lines(&self) -> Vec<serde_json::Value> {
-        let bytes = self.0.lock().unwrap().clone();
-        String::from_utf8(bytes)
-            .unwrap()
+        self.text()
             .lines()
-            .map(|line| serde_json::from_str(line).expect("every log line is JSON"))
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect()
+    }
+
+    /// The lines of one request.
+    pub fn trace(&self, trace_id: &str) -> Vec<serde_json::Value> {
+        self.lines()
+            .into_iter()
+            .filter(|l| l["trace_id"] == trace_id)
             .collect()
     }
 }
