@@ -20,6 +20,7 @@ fn metaorch(dir: &Path, args: &[&str]) -> Output {
         .env_remove("METAORCH_REQUEST_TIMEOUT")
         .env_remove("METAORCH_MIN_SUCCESSES")
         .env_remove("METAORCH_LOG_LEVEL")
+        .env_remove("METAORCH_LOG_FILE")
         .env_remove("METAORCH_SEED")
         .env_remove("RUST_LOG")
         .output()
@@ -383,4 +384,181 @@ fallback = { text = "fixed reply" }
     assert_eq!(open["level"], "WARN");
     assert_eq!(open["provider"], "sim");
     assert_eq!(open["reason"], "failure_rate");
+}
+
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/two_requests.log"
+);
+/// The fixture's first request (started first), and its second.
+const FIRST: &str = "fd999d32df3044a401874b424b2b8a03";
+const SECOND: &str = "f536d78c5875e597258d1ad1f4e1e884";
+
+fn trace_json(args: &[&str]) -> serde_json::Value {
+    let dir = dir_with(None);
+    let mut all = vec!["trace", "--format", "json"];
+    all.extend_from_slice(args);
+    let out = metaorch(dir.path(), &all);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `trace` on two interleaved requests with a retry and a fallback, among garbage.
+#[test]
+fn trace_tells_one_requests_story_from_an_interleaved_log() {
+    let t = trace_json(&[FIRST, "--log", FIXTURE]);
+    assert_eq!(t["trace_id"], FIRST);
+    assert_eq!(t["ok"], true);
+    assert_eq!(t["summary"]["succeeded"], 3);
+    assert_eq!(t["lines"]["lines"], 18);
+    assert_eq!(t["lines"]["matched"], 7);
+    assert_eq!(
+        t["lines"]["skipped"], 3,
+        "a text line, another shape, a cut line"
+    );
+
+    let agents = t["agents"].as_array().unwrap();
+    let ids: Vec<_> = agents
+        .iter()
+        .map(|a| a["agent_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["researcher", "critic", "writer"]);
+    let researcher = &agents[0];
+    assert_eq!(researcher["attempts"], 2);
+    assert_eq!(researcher["retries"][0]["error"], "rate_limited");
+    assert_eq!(researcher["retries"][0]["status"], 429);
+    assert_eq!(researcher["retries"][0]["delay_ms"], 1000.0);
+    assert_eq!(researcher["retries"][0]["source"], "retry_after");
+    let critic = &agents[1];
+    assert_eq!(critic["status"], "succeeded");
+    assert_eq!(critic["fallback"]["source"], "text");
+    assert_eq!(critic["fallback"]["primary_error"], "auth");
+    assert_eq!(t["critical_path"]["agent_id"], "researcher");
+    assert_eq!(t["critical_path"]["retry_wait_ms"], 1000.0);
+
+    // The other request's lines never leak in, and it has its own story.
+    let other = trace_json(&[SECOND, "--log", FIXTURE]);
+    assert_eq!(other["lines"]["matched"], 7);
+    assert_ne!(other["started_at"], t["started_at"]);
+}
+
+#[test]
+fn trace_text_fits_one_screen_and_names_the_slow_agent() {
+    let dir = dir_with(None);
+    let out = metaorch(dir.path(), &["trace", FIRST, "--log", FIXTURE]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.lines().count() <= 24, "{text}");
+    assert!(text.contains("attempt 1 failed at"), "{text}");
+    assert!(
+        text.contains("rate_limited (HTTP 429); waited 1.000s (retry_after)"),
+        "{text}"
+    );
+    assert!(text.contains("fell back to its fallback text"), "{text}");
+    assert!(text.contains("critical path: researcher"), "{text}");
+    assert!(text.contains("3 skipped"), "{text}");
+}
+
+#[test]
+fn trace_last_reads_stdin_and_gzip() {
+    use std::io::Write as _;
+    // --last on stdin: the request that started last.
+    let dir = dir_with(None);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_metaorch"))
+        .args(["trace", "--last", "--format", "json"])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&std::fs::read(FIXTURE).unwrap())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(t["trace_id"], SECOND);
+
+    // A gzipped log reads the same.
+    let gz = dir.path().join("app.log.gz");
+    let mut encoder =
+        flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), Default::default());
+    encoder.write_all(&std::fs::read(FIXTURE).unwrap()).unwrap();
+    encoder.finish().unwrap();
+    let t = trace_json(&[FIRST, "--log", gz.to_str().unwrap()]);
+    assert_eq!(t["lines"]["matched"], 7);
+}
+
+#[test]
+fn trace_errors_are_clear() {
+    let dir = dir_with(None);
+    let out = metaorch(dir.path(), &["trace", "not-an-id", "--log", FIXTURE]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("\"not-an-id\" is not a trace id; expected 32 hex digits"));
+
+    let missing = "00000000000000000000000000000001";
+    let out = metaorch(dir.path(), &["trace", missing, "--log", FIXTURE]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains(&format!("no lines of trace {missing} in 18 lines read")));
+
+    let out = metaorch(dir.path(), &["trace", FIRST, "--log", "nope.log"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("cannot open the log nope.log"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// The "done when" of the logging work: two faulty requests into one log file, then
+/// `trace` on one of them.
+#[test]
+fn run_logs_to_a_file_that_trace_reads() {
+    let config = r#"
+seed = 4
+[defaults.retry]
+initial_delay = "5ms"
+[providers.sim]
+kind = "sim"
+latency_min = "5ms"
+latency_max = "10ms"
+[providers.sim.faults]
+overloaded = 0.3
+"#;
+    let dir = dir_with(Some(config));
+    let mut ids = Vec::new();
+    for query in ["one", "two"] {
+        let out = metaorch(
+            dir.path(),
+            &["--log-file", "app.log", "run", "--format", "json", query],
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        ids.push(doc["trace_id"].as_str().unwrap().to_owned());
+    }
+    let log = std::fs::read_to_string(dir.path().join("app.log")).unwrap();
+    assert!(
+        log.lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+    );
+    assert!(
+        log.contains("\"event\":\"request.finish\""),
+        "info by default in a file"
+    );
+    for id in &ids {
+        let out = metaorch(
+            dir.path(),
+            &["trace", id, "--log", "app.log", "--format", "json"],
+        );
+        let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(t["agents"].as_array().unwrap().len(), 6);
+        assert!(t["finished"].as_bool().unwrap());
+    }
+    // Appended, never truncated.
+    let out = metaorch(dir.path(), &["--log-file", "app.log", "run", "three"]);
+    assert!(out.status.success());
+    let longer = std::fs::read_to_string(dir.path().join("app.log")).unwrap();
+    assert!(longer.starts_with(&log));
 }

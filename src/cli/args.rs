@@ -38,6 +38,9 @@ pub struct Cli {
 pub enum Command {
     /// Answer one query: fan it out to every configured agent and synthesize the replies.
     Run(RunArgs),
+    /// Show one request's timeline from a JSON log: each agent's span, attempts,
+    /// retries, fallback and end, breaker events, and the critical path.
+    Trace(TraceArgs),
     /// Work with config files.
     Config {
         #[command(subcommand)]
@@ -79,6 +82,30 @@ pub struct RunArgs {
     /// Successful agents needed for exit status 0 (overrides min_successes).
     #[arg(long, value_name = "N")]
     pub min_successes: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// The request's trace id (32 hex digits, as `run` prints it).
+    #[arg(
+        value_name = "TRACE_ID",
+        required_unless_present = "last",
+        conflicts_with = "last"
+    )]
+    pub trace_id: Option<String>,
+
+    /// Show the request that started last in the log.
+    #[arg(long)]
+    pub last: bool,
+
+    /// Log files to read, in order (`-` for stdin; gzip is detected). Default: the
+    /// config's log.file, else stdin.
+    #[arg(long = "log", value_name = "FILE")]
+    pub logs: Vec<PathBuf>,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

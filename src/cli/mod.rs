@@ -9,6 +9,7 @@ mod args;
 mod config_check;
 mod render;
 mod run;
+mod trace;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -23,6 +24,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Run(args) => run::run(&cli, args),
+        Command::Trace(args) => trace::trace(&cli, args),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check::check(&cli, file.as_deref()),

@@ -283,20 +283,16 @@ impl Pending {
                 "the request was cancelled before this agent finished",
             ),
         };
-        tracing::warn!(
-            event = "agent.timeout",
-            agent_id = %self.agent_id,
-            reason = kind.as_str(),
-            "agent {} did not finish: {message}", self.agent_id
-        );
-        self.base(
+        let outcome = self.base(
             OutcomeStatus::TimedOut,
             OutcomeError {
                 kind,
                 status: None,
                 message: message.to_owned(),
             },
-        )
+        );
+        log_finish(&outcome);
+        outcome
     }
 
     fn panicked(&self, err: JoinError) -> AgentOutcome {
@@ -460,36 +456,64 @@ async fn run_agent(
         }
     }
     outcome.latency = progress.dispatched.elapsed();
-    match &outcome.error {
+    log_finish(&outcome);
+    outcome
+}
+
+/// The one line that says how an agent ended: `agent.success`, `agent.failure` or
+/// `agent.timeout`, with its timings, so a timeline can be rebuilt from these lines
+/// alone (dispatch = finish − `latency_ms`).
+fn log_finish(o: &AgentOutcome) {
+    let fallback = o.fallback.as_ref().map(|f| f.source.as_str());
+    match &o.error {
         None => tracing::info!(
             event = "agent.success",
-            latency_ms = millis(outcome.latency),
-            attempts = outcome.attempts,
-            input_tokens = outcome.usage.input_tokens,
-            output_tokens = outcome.usage.output_tokens,
-            fallback = outcome.fallback.as_ref().map(|f| f.source.as_str()),
-            "agent {} succeeded",
-            outcome.agent_id
+            agent_id = %o.agent_id,
+            provider = %o.provider,
+            model = %o.model,
+            latency_ms = millis(o.latency),
+            queue_ms = millis(o.queue_wait),
+            provider_ms = millis(o.provider_latency),
+            attempts = o.attempts,
+            retries = o.retries.len(),
+            input_tokens = o.usage.input_tokens,
+            output_tokens = o.usage.output_tokens,
+            fallback,
+            "agent {} succeeded", o.agent_id
         ),
-        Some(error) if outcome.status == OutcomeStatus::TimedOut => tracing::warn!(
+        Some(error) if o.status == OutcomeStatus::TimedOut => tracing::warn!(
             event = "agent.timeout",
-            agent_id = %outcome.agent_id,
+            agent_id = %o.agent_id,
+            provider = %o.provider,
+            model = %o.model,
             reason = error.kind.as_str(),
-            latency_ms = millis(outcome.latency),
-            attempts = outcome.attempts,
-            "agent {} did not finish: {}", outcome.agent_id, error.message
+            error.kind = error.kind.as_str(),
+            error.message = %error.message,
+            latency_ms = millis(o.latency),
+            queue_ms = millis(o.queue_wait),
+            provider_ms = millis(o.provider_latency),
+            attempts = o.attempts,
+            retries = o.retries.len(),
+            fallback,
+            "agent {} did not finish: {}", o.agent_id, error.message
         ),
         Some(error) => tracing::warn!(
             event = "agent.failure",
-            latency_ms = millis(outcome.latency),
-            attempts = outcome.attempts,
+            agent_id = %o.agent_id,
+            provider = %o.provider,
+            model = %o.model,
             error.kind = error.kind.as_str(),
             error.message = %error.message,
             status = error.status,
-            "agent {} failed: {error}", outcome.agent_id
+            latency_ms = millis(o.latency),
+            queue_ms = millis(o.queue_wait),
+            provider_ms = millis(o.provider_latency),
+            attempts = o.attempts,
+            retries = o.retries.len(),
+            fallback,
+            "agent {} failed: {error}", o.agent_id
         ),
     }
-    outcome
 }
 
 impl Executor {

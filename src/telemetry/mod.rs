@@ -6,6 +6,7 @@
 
 mod json_layer;
 mod logging;
+pub mod timeline;
 mod trace_id;
 
 pub use json_layer::JsonLayer;

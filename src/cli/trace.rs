@@ -1,0 +1,298 @@
+//! `metaorch trace TRACE_ID | --last [--log FILE ...]`: one request's timeline, read
+//! from JSON log lines as a stream (files, gzip, or stdin).
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use metaorch::config::Overrides;
+use metaorch::telemetry::TraceId;
+use metaorch::telemetry::timeline::{AgentRow, Scanner, Select, Timeline};
+
+use super::args::{Cli, OutputFormat, TraceArgs};
+
+/// Read buffer per file: large enough that the scan is bound by the search, not by
+/// system calls.
+const BUFFER: usize = 1 << 18;
+
+pub fn trace(cli: &Cli, args: &TraceArgs) -> anyhow::Result<ExitCode> {
+    let select = match &args.trace_id {
+        Some(id) => {
+            let id: TraceId = id.trim().to_ascii_lowercase().parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "\"{id}\" is not a trace id; expected 32 hex digits, as printed by `metaorch run` (trace_id: ...)"
+                )
+            })?;
+            Select::Trace(id.to_string())
+        }
+        None => Select::Last,
+    };
+    let logs = log_paths(cli, args)?;
+
+    let mut scanner = Scanner::new(select);
+    let mut line = Vec::with_capacity(1024);
+    for path in &logs {
+        let mut reader = open(path)?;
+        loop {
+            line.clear();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            scanner.feed(&line);
+        }
+    }
+
+    let stats = scanner.stats();
+    let wanted = scanner.trace_id().map(str::to_owned);
+    let Some(timeline) = scanner.finish() else {
+        let what = match wanted {
+            Some(id) if args.trace_id.is_some() => format!("no lines of trace {id}"),
+            Some(id) => format!("the last request ({id}) left no readable lines"),
+            None => "no request.start line, so no last request".to_owned(),
+        };
+        eprintln!(
+            "error: {what} in {} lines read from {}{}",
+            stats.lines,
+            names(&logs),
+            if stats.skipped > 0 {
+                format!(" ({} skipped: not JSON or another shape)", stats.skipped)
+            } else {
+                String::new()
+            }
+        );
+        eprintln!(
+            "hint: the log needs info level to hold each request's story (log.level = \"info\", the default for log files)"
+        );
+        return Ok(ExitCode::from(1));
+    };
+
+    match args.format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&timeline)?),
+        OutputFormat::Text => print!("{}", render(&timeline)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The logs to read: `--log`, else the config's `log.file`, else stdin when it is not a
+/// terminal.
+fn log_paths(cli: &Cli, args: &TraceArgs) -> anyhow::Result<Vec<PathBuf>> {
+    if !args.logs.is_empty() {
+        return Ok(args.logs.clone());
+    }
+    // Only the log file matters here; a config that fails to load is not an error
+    // unless it is the only way to find the log.
+    if let Ok(config) = super::load_config(cli, Overrides::default())
+        && let Some(file) = config.log_file
+    {
+        return Ok(vec![file]);
+    }
+    if !io::stdin().is_terminal() {
+        return Ok(vec![PathBuf::from("-")]);
+    }
+    bail!("no log to read: pass --log FILE, set log.file in the config, or pipe a log on stdin")
+}
+
+/// A buffered reader over a file (`-` for stdin), un-gzipping when it starts with the
+/// gzip magic bytes.
+fn open(path: &Path) -> anyhow::Result<Box<dyn BufRead>> {
+    let raw: Box<dyn Read> = if path == Path::new("-") {
+        Box::new(io::stdin().lock())
+    } else {
+        Box::new(
+            File::open(path).with_context(|| format!("cannot open the log {}", path.display()))?,
+        )
+    };
+    let mut reader = BufReader::with_capacity(BUFFER, raw);
+    let head = reader
+        .fill_buf()
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        let decoder = flate2::bufread::MultiGzDecoder::new(reader);
+        return Ok(Box::new(BufReader::with_capacity(BUFFER, decoder)));
+    }
+    Ok(Box::new(reader))
+}
+
+fn names(paths: &[PathBuf]) -> String {
+    let names: Vec<String> = paths
+        .iter()
+        .map(|p| match p.to_str() {
+            Some("-") => "stdin".to_owned(),
+            _ => p.display().to_string(),
+        })
+        .collect();
+    names.join(", ")
+}
+
+/// Width of the timeline bars.
+const BAR: usize = 24;
+
+/// The timeline for a terminal: one screen for a request of a few agents.
+pub fn render(t: &Timeline) -> String {
+    let mut out = String::new();
+    let outcome = match (t.ok, t.summary) {
+        (Some(ok), Some(s)) => format!(
+            "{}: {} succeeded, {} failed, {} timed out",
+            if ok { "ok" } else { "NOT ok" },
+            s.succeeded,
+            s.failed,
+            s.timed_out
+        ),
+        _ => "unfinished: no request.finish line".to_owned(),
+    };
+    let _ = writeln!(out, "trace {}", t.trace_id);
+    let _ = writeln!(
+        out,
+        "started {}, took {}, {outcome}\n",
+        t.started_at,
+        secs(t.total_ms)
+    );
+
+    let width = t
+        .agents
+        .iter()
+        .map(|a| a.agent_id.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:<10}  {:>8}  {:>8}  {:>4}  TIMELINE",
+        "AGENT", "STATUS", "START", "END", "TRY"
+    );
+    for a in &t.agents {
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<10}  {:>8}  {:>8}  {:>4}  {}",
+            a.agent_id,
+            a.status,
+            secs(a.start_ms),
+            secs(a.end_ms),
+            a.attempts,
+            bar(a, t.total_ms)
+        );
+        for note in notes(a) {
+            let _ = writeln!(out, "{:<width$}  {note}", "");
+        }
+    }
+    for b in &t.breakers {
+        let _ = writeln!(
+            out,
+            "breaker {}/{} {} at {} ({})",
+            b.provider,
+            b.model,
+            b.state,
+            secs(b.at_ms),
+            b.reason
+        );
+    }
+    if let Some(c) = &t.critical_path {
+        let mut why = Vec::new();
+        if c.retry_wait_ms > 0.0 {
+            why.push(format!("{} waiting to retry", secs(c.retry_wait_ms)));
+        }
+        if let Some(q) = c.queue_ms.filter(|q| *q >= 1.0) {
+            why.push(format!("{} waiting for a slot", secs(q)));
+        }
+        let why = if why.is_empty() {
+            String::new()
+        } else {
+            format!("; of which {}", why.join(", "))
+        };
+        let _ = writeln!(
+            out,
+            "\ncritical path: {} ({} of {}, {:.0}%{why})",
+            c.agent_id,
+            secs(c.duration_ms),
+            secs(t.total_ms),
+            c.share * 100.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "read {} lines ({:.1} MB): {} of this request, {} skipped (not JSON or another shape)",
+        t.lines.lines,
+        t.lines.bytes as f64 / 1e6,
+        t.lines.matched,
+        t.lines.skipped
+    );
+    out
+}
+
+fn notes(a: &AgentRow) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let (Some(p), Some(m)) = (&a.provider, &a.model) {
+        let mut s = format!("{p}/{m}");
+        if let Some(q) = a.queue_ms.filter(|q| *q >= 1.0) {
+            let _ = write!(s, ", queued {}", secs(q));
+        }
+        notes.push(s);
+    }
+    for r in &a.retries {
+        let status = r.status.map(|s| format!(" (HTTP {s})")).unwrap_or_default();
+        notes.push(format!(
+            "attempt {} failed at {}: {}{status}; waited {} ({})",
+            r.attempt,
+            secs(r.at_ms),
+            r.error,
+            secs(r.delay_ms),
+            r.source
+        ));
+    }
+    for reason in &a.refused {
+        notes.push(format!("no retry: {reason}"));
+    }
+    if let Some(f) = &a.fallback {
+        let to = f.agent.as_deref().map_or_else(
+            || "its fallback text".to_owned(),
+            |agent| format!("agent {agent}"),
+        );
+        notes.push(format!(
+            "fell back to {to} at {} after {}",
+            secs(f.at_ms),
+            f.primary_error
+        ));
+    }
+    if let Some(e) = &a.error {
+        let status = e.status.map(|s| format!(" (HTTP {s})")).unwrap_or_default();
+        notes.push(format!("{}{status}: {}", e.kind, e.message));
+    }
+    let n = notes.len();
+    notes
+        .into_iter()
+        .enumerate()
+        .map(|(i, note)| format!("{} {note}", if i + 1 == n { '└' } else { '├' }))
+        .collect()
+}
+
+/// `|   ████████      |`: the agent's span within the request.
+fn bar(a: &AgentRow, total_ms: f64) -> String {
+    let scale = |ms: f64| {
+        if total_ms <= 0.0 {
+            0
+        } else {
+            ((ms / total_ms) * BAR as f64)
+                .round()
+                .clamp(0.0, BAR as f64) as usize
+        }
+    };
+    let from = scale(a.start_ms);
+    let to = scale(a.end_ms).max(from + 1).min(BAR);
+    let from = from.min(to.saturating_sub(1));
+    format!(
+        "|{}{}{}|",
+        " ".repeat(from),
+        "█".repeat(to - from),
+        " ".repeat(BAR - to)
+    )
+}
+
+fn secs(ms: f64) -> String {
+    format!("{:.3}s", ms / 1000.0)
+}

@@ -1,0 +1,562 @@
+//! Reading one request's story back out of a JSON log: the engine of `metaorch trace`.
+//!
+//! A [`Scanner`] is fed a log line by line and keeps only the lines of the request it
+//! is after, so memory stays flat however big the log is. Lines of other requests are
+//! never parsed: a substring search for the trace id (or, for `--last`, for the
+//! `request.start` event) decides first, which is what makes it faster than piping the
+//! log through `grep` into `jq`. [`Scanner::finish`] turns the kept lines into a
+//! [`Timeline`]: one row per agent with its span, attempts, retries, fallback and end,
+//! the breaker events, and the critical path.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use memchr::memmem;
+use serde::Serialize;
+use serde_json::Value;
+
+/// Which request to pick out of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Select {
+    /// The request with this trace id (32 lowercase hex digits).
+    Trace(String),
+    /// The request that started last.
+    Last,
+}
+
+/// What the scan read and what it kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ScanStats {
+    /// Lines read.
+    pub lines: u64,
+    /// Bytes read.
+    pub bytes: u64,
+    /// Lines of the chosen request.
+    pub matched: u64,
+    /// Lines that were not JSON, or JSON of another shape, and so were skipped.
+    pub skipped: u64,
+}
+
+/// Streams log lines and keeps those of one request.
+#[derive(Debug)]
+pub struct Scanner {
+    select: Select,
+    /// The trace id being collected (for `Last`, the latest `request.start` seen).
+    current: Option<String>,
+    finder: Option<memmem::Finder<'static>>,
+    start_finder: memmem::Finder<'static>,
+    kept: Vec<Value>,
+    stats: ScanStats,
+}
+
+impl Scanner {
+    /// A scanner for `select`.
+    pub fn new(select: Select) -> Self {
+        let current = match &select {
+            Select::Trace(id) => Some(id.clone()),
+            Select::Last => None,
+        };
+        Scanner {
+            finder: current
+                .as_ref()
+                .map(|id| memmem::Finder::new(id.as_bytes()).into_owned()),
+            current,
+            select,
+            start_finder: memmem::Finder::new(br#""event":"request.start""#).into_owned(),
+            kept: Vec::new(),
+            stats: ScanStats::default(),
+        }
+    }
+
+    /// Feeds one line (with or without its newline).
+    pub fn feed(&mut self, line: &[u8]) {
+        self.stats.lines += 1;
+        self.stats.bytes += line.len() as u64;
+        let line = line.trim_ascii();
+        if line.is_empty() {
+            return;
+        }
+        // Not an object, or one cut short (a crash mid-write): skipped without parsing.
+        if line[0] != b'{' || line[line.len() - 1] != b'}' {
+            self.stats.skipped += 1;
+            return;
+        }
+        if self.select == Select::Last
+            && self.start_finder.find(line).is_some()
+            && let Some(id) = parse(line)
+                .as_ref()
+                .and_then(|v| v["trace_id"].as_str())
+                .filter(|id| !id.is_empty())
+        {
+            self.current = Some(id.to_owned());
+            self.finder = Some(memmem::Finder::new(id.as_bytes()).into_owned());
+            self.kept.clear();
+            self.stats.matched = 0;
+        }
+        let (Some(finder), Some(current)) = (&self.finder, &self.current) else {
+            return;
+        };
+        if finder.find(line).is_none() {
+            return;
+        }
+        match parse(line) {
+            Some(v) if v["trace_id"].as_str() == Some(current.as_str()) => {
+                if v["timestamp"].is_string() && v["event"].is_string() {
+                    self.stats.matched += 1;
+                    self.kept.push(v);
+                } else {
+                    self.stats.skipped += 1;
+                }
+            }
+            // Another request's line that mentions this id in passing.
+            Some(_) => {}
+            None => self.stats.skipped += 1,
+        }
+    }
+
+    /// The trace id chosen so far.
+    pub fn trace_id(&self) -> Option<&str> {
+        self.current.as_deref()
+    }
+
+    /// What has been read so far.
+    pub fn stats(&self) -> ScanStats {
+        self.stats
+    }
+
+    /// The timeline of the chosen request, or `None` when none of its lines were seen.
+    pub fn finish(self) -> Option<Timeline> {
+        let trace_id = self.current?;
+        if self.kept.is_empty() {
+            return None;
+        }
+        Some(Timeline::build(trace_id, self.kept, self.stats))
+    }
+}
+
+fn parse(line: &[u8]) -> Option<Value> {
+    serde_json::from_slice::<Value>(line)
+        .ok()
+        .filter(Value::is_object)
+}
+
+/// One request's story.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Timeline {
+    /// The request's trace id.
+    pub trace_id: String,
+    /// When the first line was written (the `request.start` when present).
+    pub started_at: String,
+    /// From the first to the last line, or the `request.finish` duration.
+    pub total_ms: f64,
+    /// Whether the request met `min_successes` (from `request.finish`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ok: Option<bool>,
+    /// Outcome counts (from `request.finish`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<Counts>,
+    /// One row per agent, in order of dispatch.
+    pub agents: Vec<AgentRow>,
+    /// Circuit breaker transitions during the request.
+    pub breakers: Vec<BreakerRow>,
+    /// The agent the request waited for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub critical_path: Option<CriticalPath>,
+    /// Whether the request's last line (`request.finish`) was seen.
+    pub finished: bool,
+    /// What the scan read.
+    pub lines: ScanStats,
+}
+
+/// Outcome counts of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Agents that succeeded.
+    pub succeeded: u64,
+    /// Agents that failed.
+    pub failed: u64,
+    /// Agents cut off by the deadline or a cancellation.
+    pub timed_out: u64,
+}
+
+/// One agent's part of the request. Times are milliseconds from the request's start.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentRow {
+    /// The agent's id.
+    pub agent_id: String,
+    /// Its provider and model, when a line said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// The model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// `succeeded`, `failed`, `timed_out`, `panicked`, or `unfinished` when no end was
+    /// logged.
+    pub status: String,
+    /// When it was dispatched.
+    pub start_ms: f64,
+    /// When it ended (or its last line, if unfinished).
+    pub end_ms: f64,
+    /// Provider calls made.
+    pub attempts: u64,
+    /// Time waiting for concurrency slots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_ms: Option<f64>,
+    /// Time inside provider calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_ms: Option<f64>,
+    /// Each retry.
+    pub retries: Vec<RetryRow>,
+    /// Retries that could have been made but were refused, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
+    /// The fallback that took over, if one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackRow>,
+    /// Why it did not succeed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorRow>,
+}
+
+/// One retry of an agent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RetryRow {
+    /// When the failed attempt ended.
+    pub at_ms: f64,
+    /// The attempt that failed.
+    pub attempt: u64,
+    /// Its error kind.
+    pub error: String,
+    /// Its HTTP status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u64>,
+    /// The wait before the next attempt.
+    pub delay_ms: f64,
+    /// `backoff` or `retry_after`.
+    pub source: String,
+}
+
+/// A fallback that took over for an agent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FallbackRow {
+    /// When it took over.
+    pub at_ms: f64,
+    /// `agent` or `text`.
+    pub source: String,
+    /// The fallback agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The primary's error kind.
+    pub primary_error: String,
+}
+
+/// An agent's final error.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ErrorRow {
+    /// Its kind.
+    pub kind: String,
+    /// Its HTTP status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u64>,
+    /// Its message.
+    pub message: String,
+}
+
+/// A breaker transition.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BreakerRow {
+    /// When it happened.
+    pub at_ms: f64,
+    /// `open`, `half_open` or `closed`.
+    pub state: String,
+    /// The provider.
+    pub provider: String,
+    /// The model.
+    pub model: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The agent the request waited for, and where its time went.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CriticalPath {
+    /// The agent that finished last.
+    pub agent_id: String,
+    /// Its time from dispatch to end.
+    pub duration_ms: f64,
+    /// Its share of the request's total.
+    pub share: f64,
+    /// Time it spent waiting between retries.
+    pub retry_wait_ms: f64,
+    /// Time it spent waiting for slots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_ms: Option<f64>,
+}
+
+impl Timeline {
+    fn build(trace_id: String, mut lines: Vec<Value>, stats: ScanStats) -> Timeline {
+        // Lines from several tasks can reach the log slightly out of order.
+        lines.sort_by(|a, b| a["timestamp"].as_str().cmp(&b["timestamp"].as_str()));
+        let time = |v: &Value| {
+            v["timestamp"]
+                .as_str()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+        };
+        let start_line = lines
+            .iter()
+            .find(|l| l["event"] == "request.start")
+            .unwrap_or(&lines[0]);
+        let origin = time(start_line).unwrap_or(SystemTime::UNIX_EPOCH);
+        let started_at = start_line["timestamp"].as_str().unwrap_or("").to_owned();
+        let at = |v: &Value| {
+            time(v)
+                .and_then(|t| t.duration_since(origin).ok())
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        };
+
+        let mut agents: BTreeMap<String, AgentRow> = BTreeMap::new();
+        let mut order: Vec<String> = Vec::new();
+        let mut breakers = Vec::new();
+        let mut finish = None;
+        for line in &lines {
+            let event = line["event"].as_str().unwrap_or("");
+            let t = at(line);
+            if let Some(state) = event.strip_prefix("breaker.")
+                && state != "reject"
+            {
+                breakers.push(BreakerRow {
+                    at_ms: t,
+                    state: state.to_owned(),
+                    provider: text(&line["provider"]),
+                    model: text(&line["model"]),
+                    reason: text(&line["reason"]),
+                });
+                continue;
+            }
+            if event == "request.finish" {
+                finish = Some(line);
+                continue;
+            }
+            let Some(id) = line["agent_id"].as_str() else {
+                continue;
+            };
+            let row = agents.entry(id.to_owned()).or_insert_with(|| {
+                order.push(id.to_owned());
+                AgentRow {
+                    agent_id: id.to_owned(),
+                    provider: None,
+                    model: None,
+                    status: "unfinished".to_owned(),
+                    start_ms: t,
+                    end_ms: t,
+                    attempts: 0,
+                    queue_ms: None,
+                    provider_ms: None,
+                    retries: Vec::new(),
+                    refused: Vec::new(),
+                    fallback: None,
+                    error: None,
+                }
+            });
+            row.end_ms = row.end_ms.max(t);
+            if row.provider.is_none() {
+                row.provider = line["provider"].as_str().map(str::to_owned);
+                row.model = line["model"].as_str().map(str::to_owned);
+            }
+            if let Some(n) = line["attempt"].as_u64() {
+                row.attempts = row.attempts.max(n);
+            }
+            match event {
+                "agent.retry" => row.retries.push(RetryRow {
+                    at_ms: t,
+                    attempt: line["attempt"].as_u64().unwrap_or(0),
+                    error: text(&line["error.kind"]),
+                    status: line["status"].as_u64(),
+                    delay_ms: line["delay_ms"].as_f64().unwrap_or(0.0),
+                    source: text(&line["delay_source"]),
+                }),
+                "agent.retry_refused" => row.refused.push(text(&line["reason"])),
+                "agent.fallback" => {
+                    row.fallback = Some(FallbackRow {
+                        at_ms: t,
+                        source: text(&line["source"]),
+                        agent: line["fallback_agent"].as_str().map(str::to_owned),
+                        primary_error: text(&line["error.kind"]),
+                    });
+                }
+                "agent.success" | "agent.failure" | "agent.timeout" | "agent.panic" => {
+                    row.status = match event {
+                        "agent.success" => "succeeded",
+                        "agent.failure" => "failed",
+                        "agent.timeout" => "timed_out",
+                        _ => "panicked",
+                    }
+                    .to_owned();
+                    row.end_ms = t;
+                    // The end line knows how long the agent ran: that places its start.
+                    if let Some(latency) = line["latency_ms"].as_f64() {
+                        row.start_ms = (t - latency).max(0.0);
+                    }
+                    row.queue_ms = line["queue_ms"].as_f64();
+                    row.provider_ms = line["provider_ms"].as_f64();
+                    if let Some(n) = line["attempts"].as_u64() {
+                        row.attempts = n;
+                    }
+                    // The end line is the agent's own: its provider and model win over a
+                    // fallback's.
+                    if let Some(p) = line["provider"].as_str() {
+                        row.provider = Some(p.to_owned());
+                    }
+                    if let Some(m) = line["model"].as_str() {
+                        row.model = Some(m.to_owned());
+                    }
+                    if event != "agent.success" {
+                        row.error = Some(ErrorRow {
+                            kind: text(&line["error.kind"]),
+                            status: line["status"].as_u64(),
+                            message: text(&line["error.message"]),
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        let last = lines.last().map_or(0.0, at);
+        let total_ms = finish
+            .and_then(|f| f["duration_ms"].as_f64())
+            .unwrap_or(last);
+        let mut agents: Vec<AgentRow> = order
+            .into_iter()
+            .filter_map(|id| agents.remove(&id))
+            .collect();
+        agents.sort_by(|a, b| a.start_ms.total_cmp(&b.start_ms));
+        let critical_path = agents
+            .iter()
+            .max_by(|a, b| a.end_ms.total_cmp(&b.end_ms))
+            .map(|a| CriticalPath {
+                agent_id: a.agent_id.clone(),
+                duration_ms: a.end_ms - a.start_ms,
+                share: if total_ms > 0.0 {
+                    ((a.end_ms - a.start_ms) / total_ms).min(1.0)
+                } else {
+                    1.0
+                },
+                retry_wait_ms: a.retries.iter().map(|r| r.delay_ms).sum(),
+                queue_ms: a.queue_ms,
+            });
+        Timeline {
+            trace_id,
+            started_at,
+            total_ms,
+            ok: finish.and_then(|f| f["ok"].as_bool()),
+            summary: finish.and_then(|f| {
+                Some(Counts {
+                    succeeded: f["succeeded"].as_u64()?,
+                    failed: f["failed"].as_u64()?,
+                    timed_out: f["timed_out"].as_u64()?,
+                })
+            }),
+            agents,
+            breakers,
+            critical_path,
+            finished: finish.is_some(),
+            lines: stats,
+        }
+    }
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().unwrap_or("").to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "0123456789abcdef0123456789abcdef";
+    const B: &str = "fedcba9876543210fedcba9876543210";
+
+    fn feed(scanner: &mut Scanner, lines: &[String]) {
+        for l in lines {
+            scanner.feed(l.as_bytes());
+        }
+    }
+
+    fn line(trace: &str, ts: &str, event: &str, extra: &str) -> String {
+        format!(
+            r#"{{"timestamp":"2026-11-25T10:00:{ts}Z","level":"INFO","message":"m","event":"{event}","trace_id":"{trace}"{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn keeps_one_trace_and_counts_garbage() {
+        let lines = vec![
+            line(A, "00.000", "request.start", ""),
+            line(B, "00.001", "request.start", ""),
+            "not json at all".to_owned(),
+            format!(r#"{{"trace_id":"{A}","shape":"other"}}"#),
+            format!(r#"{{"trace_id":"{A}", broken"#),
+            line(
+                A,
+                "01.000",
+                "agent.success",
+                r#","agent_id":"x","latency_ms":900.0,"attempts":1"#,
+            ),
+            line(
+                B,
+                "02.000",
+                "agent.success",
+                r#","agent_id":"y","latency_ms":100.0"#,
+            ),
+            line(
+                A,
+                "01.100",
+                "request.finish",
+                r#","duration_ms":1100.0,"ok":true,"succeeded":1,"failed":0,"timed_out":0"#,
+            ),
+        ];
+        let mut s = Scanner::new(Select::Trace(A.into()));
+        feed(&mut s, &lines);
+        let t = s.finish().unwrap();
+        assert_eq!(t.lines.lines, 8);
+        assert_eq!(t.lines.matched, 3);
+        assert_eq!(
+            t.lines.skipped, 3,
+            "the text, the other shape, the broken line"
+        );
+        assert_eq!(t.agents.len(), 1);
+        let x = &t.agents[0];
+        assert_eq!(
+            (x.start_ms, x.end_ms, x.status.as_str()),
+            (100.0, 1000.0, "succeeded")
+        );
+        assert_eq!(t.total_ms, 1100.0);
+        assert_eq!(t.ok, Some(true));
+        assert_eq!(t.critical_path.unwrap().agent_id, "x");
+    }
+
+    #[test]
+    fn last_picks_the_request_that_started_last() {
+        let lines = vec![
+            line(A, "00.000", "request.start", ""),
+            line(B, "00.500", "request.start", ""),
+            line(A, "01.000", "agent.success", r#","agent_id":"x""#),
+            line(B, "01.500", "agent.success", r#","agent_id":"y""#),
+        ];
+        let mut s = Scanner::new(Select::Last);
+        feed(&mut s, &lines);
+        let t = s.finish().unwrap();
+        assert_eq!(t.trace_id, B);
+        assert_eq!(t.agents[0].agent_id, "y");
+        assert!(!t.finished);
+    }
+
+    #[test]
+    fn nothing_found_is_none() {
+        let mut s = Scanner::new(Select::Trace(A.into()));
+        s.feed(line(B, "00.000", "request.start", "").as_bytes());
+        assert!(s.finish().is_none());
+        assert!(Scanner::new(Select::Last).finish().is_none());
+    }
+}
