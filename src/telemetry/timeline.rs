@@ -45,7 +45,9 @@ pub struct Scanner {
     current: Option<String>,
     finder: Option<memmem::Finder<'static>>,
     start_finder: memmem::Finder<'static>,
-    kept: Vec<Value>,
+    /// The chosen request's lines, as read: parsed only at the end, so that `--last`
+    /// does not parse every request's lines on the way to the last one.
+    kept: Vec<Vec<u8>>,
     stats: ScanStats,
 }
 
@@ -91,26 +93,12 @@ impl Scanner {
             self.current = Some(id.to_owned());
             self.finder = Some(memmem::Finder::new(id.as_bytes()).into_owned());
             self.kept.clear();
-            self.stats.matched = 0;
         }
-        let (Some(finder), Some(current)) = (&self.finder, &self.current) else {
+        let Some(finder) = &self.finder else {
             return;
         };
-        if finder.find(line).is_none() {
-            return;
-        }
-        match parse(line) {
-            Some(v) if v["trace_id"].as_str() == Some(current.as_str()) => {
-                if v["timestamp"].is_string() && v["event"].is_string() {
-                    self.stats.matched += 1;
-                    self.kept.push(v);
-                } else {
-                    self.stats.skipped += 1;
-                }
-            }
-            // Another request's line that mentions this id in passing.
-            Some(_) => {}
-            None => self.stats.skipped += 1,
+        if finder.find(line).is_some() {
+            self.kept.push(line.to_vec());
         }
     }
 
@@ -119,18 +107,34 @@ impl Scanner {
         self.current.as_deref()
     }
 
-    /// What has been read so far.
+    /// What has been read so far (`matched` is counted by [`Scanner::finish`]).
     pub fn stats(&self) -> ScanStats {
         self.stats
     }
 
     /// The timeline of the chosen request, or `None` when none of its lines were seen.
-    pub fn finish(self) -> Option<Timeline> {
+    pub fn finish(mut self) -> Option<Timeline> {
         let trace_id = self.current?;
-        if self.kept.is_empty() {
+        let mut lines = Vec::with_capacity(self.kept.len());
+        for raw in &self.kept {
+            match parse(raw) {
+                Some(v) if v["trace_id"].as_str() == Some(trace_id.as_str()) => {
+                    if v["timestamp"].is_string() && v["event"].is_string() {
+                        lines.push(v);
+                    } else {
+                        self.stats.skipped += 1;
+                    }
+                }
+                // Another request's line that mentions this id in passing.
+                Some(_) => {}
+                None => self.stats.skipped += 1,
+            }
+        }
+        self.stats.matched = lines.len() as u64;
+        if lines.is_empty() {
             return None;
         }
-        Some(Timeline::build(trace_id, self.kept, self.stats))
+        Some(Timeline::build(trace_id, lines, self.stats))
     }
 }
 
