@@ -62,7 +62,9 @@ fn unknown_provider_key_names_the_provider() {
 fn unknown_provider_kind_lists_the_known_kinds() {
     let e = one_error("[providers.x]\nkind = \"sim2\"\n");
     assert!(
-        e.starts_with("test.toml:2:8: providers.x.kind: unknown variant `sim2`, expected `sim`"),
+        e.starts_with(
+            "test.toml:2:8: providers.x.kind: unknown variant `sim2`, expected one of `sim`, `anthropic`, `openai`"
+        ),
         "{e}"
     );
 }
@@ -251,7 +253,9 @@ fn sim_options_are_read() {
         "test.toml",
     )
     .unwrap();
-    let ProviderConfig::Sim(sim) = &config.providers["sim"];
+    let ProviderConfig::Sim(sim) = &config.providers["sim"] else {
+        panic!("sim is a sim")
+    };
     assert_eq!(sim.latency_min, Duration::from_millis(1));
     assert_eq!(sim.latency_max, Duration::from_millis(1500));
     assert_eq!(sim.seed, Some(3));
@@ -319,7 +323,9 @@ provider = "sim"
         "unset keys keep their default"
     );
     assert_eq!(config.seed, Some(11));
-    let ProviderConfig::Sim(sim) = &config.providers["sim"];
+    let ProviderConfig::Sim(sim) = &config.providers["sim"] else {
+        panic!("sim is a sim")
+    };
     assert_eq!(sim.seed, Some(11), "the top-level seed reaches sim");
 }
 
@@ -475,4 +481,74 @@ fn unknown_fault_kind_is_an_error() {
         "[providers.sim]\nkind = \"sim\"\n[[providers.sim.faults.script]]\nagent = \"researcher\"\nfirst_attempts = 1\nkind = \"gremlins\"\n",
     );
     assert!(e.contains("unknown variant `gremlins`"), "{e}");
+}
+
+#[test]
+fn http_providers_are_read() {
+    let config = Config::from_toml_str(
+        r#"
+[providers.claude]
+kind = "anthropic"
+[providers.local]
+kind = "openai"
+base_url = "http://127.0.0.1:11434"
+max_tokens_field = "max_completion_tokens"
+api_key_env = "LOCAL_KEY"
+[[agents]]
+id = "a"
+provider = "claude"
+model = "claude-sonnet-4-5"
+stream = true
+stop_sequences = ["END"]
+[[agents]]
+id = "b"
+provider = "local"
+model = "llama3.2"
+"#,
+        "test.toml",
+    )
+    .unwrap();
+    let ProviderConfig::Anthropic(claude) = &config.providers["claude"] else {
+        panic!("anthropic")
+    };
+    assert_eq!(claude.api_key_env, "ANTHROPIC_API_KEY");
+    assert_eq!(claude.version, "2023-06-01");
+    assert!(claude.key_required && claude.base_url.is_none());
+    let ProviderConfig::OpenAi(local) = &config.providers["local"] else {
+        panic!("openai")
+    };
+    assert_eq!(local.base_url.as_deref(), Some("http://127.0.0.1:11434"));
+    assert_eq!(local.api_key_env, "LOCAL_KEY");
+    assert!(!local.key_required);
+    assert!(config.agents[0].stream);
+    assert_eq!(config.agents[0].stop_sequences, ["END"]);
+}
+
+#[test]
+fn a_bad_base_url_is_an_error() {
+    let e = one_error("[providers.c]\nkind = \"anthropic\"\nbase_url = \"api.anthropic.com\"\n");
+    assert!(
+        e.contains("providers.c.base_url: \"api.anthropic.com\" is not an http(s) URL"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_api_key_in_place_of_its_variable_is_an_error() {
+    let e = one_error("[providers.c]\nkind = \"anthropic\"\napi_key_env = \"sk-ant-123\"\n");
+    assert!(
+        e.contains("providers.c.api_key_env: is not an environment variable name"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("sk-ant-123"),
+        "a key put in the wrong place is not echoed: {e}"
+    );
+}
+
+#[test]
+fn a_non_sim_agent_without_a_model_is_an_error() {
+    let e =
+        one_error("[providers.c]\nkind = \"openai\"\n[[agents]]\nid = \"a\"\nprovider = \"c\"\n");
+    assert!(e.contains("agents[0].model: is missing"), "{e}");
 }

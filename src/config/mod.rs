@@ -19,6 +19,7 @@ use std::time::Duration;
 use crate::provider::SimOptions;
 use crate::resilience::{BreakerConfig, CallPolicy, RetryBudgetConfig};
 
+pub use crate::provider::MaxTokensField;
 pub use duration::parse as parse_duration;
 pub use error::{ConfigError, ConfigErrors};
 pub use overrides::Overrides;
@@ -77,6 +78,10 @@ pub struct Config {
 pub enum ProviderConfig {
     /// The built-in simulator.
     Sim(SimOptions),
+    /// Anthropic's Messages API.
+    Anthropic(HttpProviderConfig),
+    /// An OpenAI-compatible Chat Completions server.
+    OpenAi(HttpProviderConfig),
 }
 
 impl ProviderConfig {
@@ -84,8 +89,28 @@ impl ProviderConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             ProviderConfig::Sim(_) => "sim",
+            ProviderConfig::Anthropic(_) => "anthropic",
+            ProviderConfig::OpenAi(_) => "openai",
         }
     }
+}
+
+/// An HTTP provider's settings. The key itself is never in the config: only the name
+/// of the environment variable that holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpProviderConfig {
+    /// The server; `None` for `ANTHROPIC_BASE_URL` / `OPENAI_BASE_URL`, else the
+    /// public API.
+    pub base_url: Option<String>,
+    /// The environment variable holding the API key.
+    pub api_key_env: String,
+    /// Whether a missing key is an error (Anthropic) or means no `Authorization`
+    /// header (OpenAI-compatible servers, which often need none).
+    pub key_required: bool,
+    /// `anthropic-version` (Anthropic only).
+    pub version: String,
+    /// `max_tokens` or `max_completion_tokens` (OpenAI-compatible only).
+    pub max_tokens_field: crate::provider::MaxTokensField,
 }
 
 /// One sub-agent.
@@ -107,6 +132,10 @@ pub struct AgentConfig {
     pub max_tokens: u32,
     /// Sampling temperature, 0.0–2.0.
     pub temperature: Option<f32>,
+    /// Strings that end generation.
+    pub stop_sequences: Vec<String>,
+    /// Ask the provider to stream the reply.
+    pub stream: bool,
     /// Retries and timeouts: `[defaults]` with this agent's own settings on top.
     pub policy: CallPolicy,
     /// What stands in when the agent's call fails for good.
@@ -230,12 +259,11 @@ mod tests {
         assert_eq!(ids.len(), 6);
         assert!(config.agents.iter().all(|a| a.provider == "sim"));
         assert_eq!(config.concurrency_limit, DEFAULT_CONCURRENCY_LIMIT);
-        match &config.providers["sim"] {
-            ProviderConfig::Sim(sim) => {
-                assert_eq!(sim.latency_min, Duration::from_millis(500));
-                assert_eq!(sim.latency_max, Duration::from_secs(2));
-            }
-        }
+        let ProviderConfig::Sim(sim) = &config.providers["sim"] else {
+            panic!("sim is a sim");
+        };
+        assert_eq!(sim.latency_min, Duration::from_millis(500));
+        assert_eq!(sim.latency_max, Duration::from_secs(2));
     }
 
     #[test]

@@ -162,8 +162,8 @@ impl Overrides {
         if let Some(seed) = self.seed {
             config.seed = Some(seed);
             for provider in config.providers.values_mut() {
-                match provider {
-                    ProviderConfig::Sim(sim) => sim.seed = Some(seed),
+                if let ProviderConfig::Sim(sim) = provider {
+                    sim.seed = Some(seed);
                 }
             }
         }
@@ -253,7 +253,9 @@ mod tests {
                 ..Overrides::default()
             })
             .unwrap();
-        let ProviderConfig::Sim(sim) = &config.providers["sim"];
+        let ProviderConfig::Sim(sim) = &config.providers["sim"] else {
+            panic!("sim is a sim")
+        };
         assert_eq!(sim.seed, Some(9));
     }
 }

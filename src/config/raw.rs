@@ -104,6 +104,25 @@ pub(crate) struct RawRetryBudget {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub(crate) enum RawProvider {
     Sim(RawSim),
+    Anthropic(RawAnthropic),
+    #[serde(rename = "openai")]
+    OpenAi(RawOpenAi),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAnthropic {
+    pub base_url: Option<String>,
+    pub api_key_env: Option<String>,
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOpenAi {
+    pub base_url: Option<String>,
+    pub api_key_env: Option<String>,
+    pub max_tokens_field: Option<crate::provider::MaxTokensField>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,6 +176,10 @@ pub(crate) struct RawAgent {
     pub model: Option<Spanned<String>>,
     pub max_tokens: Option<Spanned<u32>>,
     pub temperature: Option<Spanned<f32>>,
+    #[serde(default)]
+    pub stop_sequences: Vec<String>,
+    #[serde(default)]
+    pub stream: bool,
     pub attempt_timeout: Option<Spanned<RawTimeout>>,
     pub retry: Option<Spanned<RawRetry>>,
     pub fallback: Option<Spanned<RawFallback>>,

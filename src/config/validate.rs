@@ -6,6 +6,7 @@ use std::ops::Range;
 
 use toml::Spanned;
 
+use super::HttpProviderConfig;
 use super::error::line_col;
 use super::raw::{
     RawAgent, RawBreaker, RawConfig, RawFaults, RawProvider, RawRetry, RawRetryBudget, RawTimeout,
@@ -16,7 +17,7 @@ use super::{
     DEFAULT_MIN_SUCCESSES, DEFAULT_REQUEST_TIMEOUT, EMBEDDED_DEFAULT, FallbackConfig,
     PromptTemplate, ProviderConfig,
 };
-use crate::provider::{ScriptedFault, SimFaults, SimOptions};
+use crate::provider::{ANTHROPIC_VERSION, MaxTokensField, ScriptedFault, SimFaults, SimOptions};
 use crate::resilience::{BreakerConfig, CallPolicy, RetryBudgetConfig, RetryPolicy, Window};
 
 /// The most attempts a policy may make: more is a config mistake, not resilience.
@@ -121,10 +122,8 @@ impl Validator<'_> {
         let mut providers = self.providers(raw.providers);
         if let Some(seed) = raw.seed {
             for provider in providers.values_mut() {
-                match provider {
-                    ProviderConfig::Sim(sim) => {
-                        sim.seed.get_or_insert(seed);
-                    }
+                if let ProviderConfig::Sim(sim) = provider {
+                    sim.seed.get_or_insert(seed);
                 }
             }
         }
@@ -428,6 +427,30 @@ impl Validator<'_> {
         config
     }
 
+    fn http_provider(&mut self, config: &HttpProviderConfig, name: &str, span: Range<usize>) {
+        if let Some(url) = &config.base_url {
+            let ok = reqwest::Url::parse(url)
+                .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                .unwrap_or(false);
+            if !ok {
+                self.error(
+                    Some(span.clone()),
+                    format!("providers.{name}.base_url"),
+                    format!("\"{url}\" is not an http(s) URL; expected e.g. \"https://api.anthropic.com\" or \"http://127.0.0.1:11434\""),
+                );
+            }
+        }
+        let env = &config.api_key_env;
+        if env.is_empty() || !env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            self.error(
+                Some(span),
+                format!("providers.{name}.api_key_env"),
+                // The value is not echoed: it may be a key put in the wrong place.
+                "is not an environment variable name (letters, digits and '_'); expected e.g. \"ANTHROPIC_API_KEY\". The key itself never goes in the config: export it in that variable".into(),
+            );
+        }
+    }
+
     /// Every scripted sim fault must name an agent that exists.
     fn sim_scripts(
         &mut self,
@@ -435,7 +458,9 @@ impl Validator<'_> {
         agents: &[AgentConfig],
     ) {
         for (name, provider) in providers {
-            let ProviderConfig::Sim(sim) = provider;
+            let ProviderConfig::Sim(sim) = provider else {
+                continue;
+            };
             for (i, script) in sim.faults.script.iter().enumerate() {
                 if !agents.iter().any(|a| a.id == script.agent) {
                     let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
@@ -532,6 +557,28 @@ impl Validator<'_> {
                         );
                     }
                     ProviderConfig::Sim(options)
+                }
+                RawProvider::Anthropic(a) => {
+                    let config = HttpProviderConfig {
+                        base_url: a.base_url,
+                        api_key_env: a.api_key_env.unwrap_or_else(|| "ANTHROPIC_API_KEY".into()),
+                        key_required: true,
+                        version: a.version.unwrap_or_else(|| ANTHROPIC_VERSION.into()),
+                        max_tokens_field: MaxTokensField::default(),
+                    };
+                    self.http_provider(&config, &name, span);
+                    ProviderConfig::Anthropic(config)
+                }
+                RawProvider::OpenAi(o) => {
+                    let config = HttpProviderConfig {
+                        base_url: o.base_url,
+                        api_key_env: o.api_key_env.unwrap_or_else(|| "OPENAI_API_KEY".into()),
+                        key_required: false,
+                        version: String::new(),
+                        max_tokens_field: o.max_tokens_field.unwrap_or_default(),
+                    };
+                    self.http_provider(&config, &name, span);
+                    ProviderConfig::OpenAi(config)
                 }
             };
             providers.insert(name, config);
@@ -689,6 +736,8 @@ impl Validator<'_> {
                 model,
                 max_tokens,
                 temperature,
+                stop_sequences: agent.stop_sequences,
+                stream: agent.stream,
                 policy,
                 fallback,
                 standby: agent.standby,

@@ -402,8 +402,7 @@ async fn run_agent(
                 result = Ok(Completion {
                     text,
                     stop_reason: Some("fallback".to_owned()),
-                    usage: Usage::default(),
-                    latency: Duration::ZERO,
+                    ..Completion::default()
                 });
             }
             Fallback::Agent(target) => {

@@ -5,15 +5,23 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{Concat, Inner, Orchestrator, PlannedAgent, Synthesizer};
-use crate::config::{Config, ProviderConfig};
+use crate::config::{Config, HttpProviderConfig, ProviderConfig};
 use crate::executor::Executor;
 use crate::limits::{ConcurrencyLimit, Limiter};
-use crate::provider::{Provider, SimProvider};
+use crate::provider::{
+    ANTHROPIC_BASE_URL, AnthropicOptions, AnthropicProvider, OPENAI_BASE_URL, OpenAiOptions,
+    OpenAiProvider, Provider, Secret, SimProvider,
+};
 use crate::resilience::Resilience;
 
+/// Where API keys and base-URL defaults are read from: the process environment,
+/// unless the builder is given another source.
+type EnvSource = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// Builds an [`Orchestrator`]. See [`Orchestrator::builder`].
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct OrchestratorBuilder {
+    env: Option<EnvSource>,
     config: Option<Config>,
     providers: HashMap<String, Arc<dyn Provider>>,
     limiter: Option<Arc<dyn Limiter>>,
@@ -40,6 +48,27 @@ pub enum BuildError {
         /// The providers that are defined, comma-separated.
         defined: String,
     },
+    /// A provider needs an API key and its environment variable is not set.
+    #[error(
+        "provider \"{provider}\" needs an API key: set the environment variable {env} (the config's api_key_env)"
+    )]
+    MissingApiKey {
+        /// The provider's name.
+        provider: String,
+        /// The environment variable that should hold the key.
+        env: String,
+    },
+}
+
+impl std::fmt::Debug for OrchestratorBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrchestratorBuilder")
+            .field("config", &self.config)
+            .field("providers", &self.providers)
+            .field("limiter", &self.limiter)
+            .field("resilience", &self.resilience)
+            .finish_non_exhaustive()
+    }
 }
 
 impl OrchestratorBuilder {
@@ -53,6 +82,13 @@ impl OrchestratorBuilder {
     /// one from the config. This is how an embedder plugs in its own backend.
     pub fn provider(mut self, name: impl Into<String>, provider: Arc<dyn Provider>) -> Self {
         self.providers.insert(name.into(), provider);
+        self
+    }
+
+    /// Reads API keys and `ANTHROPIC_BASE_URL` / `OPENAI_BASE_URL` through `env`
+    /// instead of the process environment (for embedding and tests).
+    pub fn env(mut self, env: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Self {
+        self.env = Some(Arc::new(env));
         self
     }
 
@@ -84,11 +120,19 @@ impl OrchestratorBuilder {
             return Err(BuildError::NoAgents);
         }
 
+        let env: EnvSource = self
+            .env
+            .unwrap_or_else(|| Arc::new(|name: &str| std::env::var(name).ok()));
         let mut providers = self.providers;
-        for (name, provider) in &config.providers {
-            providers
-                .entry(name.clone())
-                .or_insert_with(|| build_provider(provider));
+        // Only the providers some agent uses are built: an unused one needs no key.
+        for agent in &config.agents {
+            if providers.contains_key(&agent.provider) {
+                continue;
+            }
+            if let Some(provider) = config.providers.get(&agent.provider) {
+                let built = build_provider(&agent.provider, provider, &*env)?;
+                providers.insert(agent.provider.clone(), built);
+            }
         }
 
         let resilience = self.resilience.unwrap_or_else(|| {
@@ -138,8 +182,38 @@ impl OrchestratorBuilder {
     }
 }
 
-fn build_provider(config: &ProviderConfig) -> Arc<dyn Provider> {
-    match config {
+fn build_provider(
+    name: &str,
+    config: &ProviderConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Arc<dyn Provider>, BuildError> {
+    let key = |http: &HttpProviderConfig| -> Result<Option<Secret>, BuildError> {
+        match env(&http.api_key_env).filter(|k| !k.trim().is_empty()) {
+            Some(key) => Ok(Some(Secret::new(key.trim()))),
+            None if http.key_required => Err(BuildError::MissingApiKey {
+                provider: name.to_owned(),
+                env: http.api_key_env.clone(),
+            }),
+            None => Ok(None),
+        }
+    };
+    let base_url = |http: &HttpProviderConfig, env_name: &str, default: &str| {
+        http.base_url
+            .clone()
+            .or_else(|| env(env_name).filter(|u| !u.trim().is_empty()))
+            .unwrap_or_else(|| default.to_owned())
+    };
+    Ok(match config {
         ProviderConfig::Sim(options) => Arc::new(SimProvider::new(options.clone())),
-    }
+        ProviderConfig::Anthropic(http) => Arc::new(AnthropicProvider::new(AnthropicOptions {
+            base_url: base_url(http, "ANTHROPIC_BASE_URL", ANTHROPIC_BASE_URL),
+            api_key: key(http)?,
+            version: http.version.clone(),
+        })),
+        ProviderConfig::OpenAi(http) => Arc::new(OpenAiProvider::new(OpenAiOptions {
+            base_url: base_url(http, "OPENAI_BASE_URL", OPENAI_BASE_URL),
+            api_key: key(http)?,
+            max_tokens_field: http.max_tokens_field,
+        })),
+    })
 }

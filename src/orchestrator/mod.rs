@@ -233,6 +233,8 @@ fn plan(
             prompt: config.prompt.render(query),
             max_tokens: config.max_tokens,
             temperature: config.temperature,
+            stop_sequences: config.stop_sequences.clone(),
+            stream: config.stream,
             meta: RequestMeta {
                 trace_id: trace_id.to_string(),
                 agent_id: config.id.clone(),

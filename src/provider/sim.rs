@@ -191,6 +191,7 @@ impl Default for SimOptions {
 ///     max_tokens: 256,
 ///     temperature: None,
 ///     meta: RequestMeta::default(),
+///     ..CompletionRequest::default()
 /// };
 /// let reply = sim.complete(&request).await.unwrap();
 /// assert!(reply.text.contains("simulated"));
@@ -268,8 +269,10 @@ impl Provider for SimProvider {
             usage: Usage {
                 input_tokens,
                 output_tokens,
+                ..Usage::default()
             },
             latency,
+            ..Completion::default()
         })
     }
 }
@@ -345,6 +348,8 @@ mod tests {
             prompt: "Should we rewrite it in Rust?".into(),
             max_tokens: 512,
             temperature: None,
+            stop_sequences: Vec::new(),
+            stream: false,
             meta: RequestMeta {
                 trace_id: "0".repeat(32),
                 agent_id: agent.into(),

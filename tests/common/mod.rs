@@ -209,8 +209,10 @@ pub fn reply(request: &CompletionRequest, latency: Duration) -> Completion {
         usage: Usage {
             input_tokens: 10,
             output_tokens: 5,
+            ..Usage::default()
         },
         latency,
+        ..Completion::default()
     }
 }
 
@@ -237,6 +239,8 @@ pub fn task(id: &str, provider: Arc<dyn Provider>) -> AgentTask {
             prompt: format!("prompt for {id}"),
             max_tokens: 16,
             temperature: None,
+            stop_sequences: Vec::new(),
+            stream: false,
             meta: RequestMeta {
                 trace_id: "0".repeat(31) + "1",
                 agent_id: id.to_owned(),

@@ -1,0 +1,556 @@
+//! Anthropic's Messages API (`POST /v1/messages`), plain and streaming.
+//!
+//! One call is one HTTP request: no retries here (the resilience layer owns them). The
+//! response's `request-id`, `retry-after-ms` / `retry-after`, `x-should-retry` and
+//! `anthropic-ratelimit-*` headers are kept. Error bodies
+//! (`{"type":"error","error":{"type":…,"message":…}}`) are classified by their type,
+//! else by status. A stream is complete only at `message_stop`: a stream that ends
+//! sooner is an error, never a truncated success.
+
+use tokio::time::Instant;
+
+use async_trait::async_trait;
+use reqwest::header::CONTENT_TYPE;
+use serde::{Deserialize, Serialize};
+
+use super::http::{self, ResponseMeta, Secret};
+use super::sse::{SseEvent, SseParser};
+use super::{Completion, CompletionRequest, ErrorKind, Provider, ProviderError, Usage};
+
+/// The public API.
+pub const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
+/// The API version sent in `anthropic-version`, unless configured.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// How to reach the Messages API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnthropicOptions {
+    /// Scheme, host and port (and any path prefix); `/v1/messages` is appended.
+    pub base_url: String,
+    /// Sent as `x-api-key`. Its `Debug` is redacted.
+    pub api_key: Option<Secret>,
+    /// Sent as `anthropic-version`.
+    pub version: String,
+}
+
+impl Default for AnthropicOptions {
+    fn default() -> Self {
+        AnthropicOptions {
+            base_url: ANTHROPIC_BASE_URL.to_owned(),
+            api_key: None,
+            version: ANTHROPIC_VERSION.to_owned(),
+        }
+    }
+}
+
+/// A client of Anthropic's Messages API.
+#[derive(Debug, Clone)]
+pub struct AnthropicProvider {
+    options: AnthropicOptions,
+    url: String,
+    client: reqwest::Client,
+}
+
+impl AnthropicProvider {
+    /// A provider with its own connection pool.
+    pub fn new(options: AnthropicOptions) -> Self {
+        let url = endpoint(&options.base_url, "v1/messages");
+        AnthropicProvider {
+            options,
+            url,
+            client: http::client(),
+        }
+    }
+}
+
+/// `{base}/v1/…`, without doubling a `/v1` the base already ends with.
+pub(crate) fn endpoint(base: &str, path: &str) -> String {
+    let base = base.trim_end_matches('/');
+    match base.strip_suffix("/v1") {
+        Some(stripped) => http::join(stripped, path),
+        None => http::join(base, path),
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    model: &'a str,
+    max_tokens: u32,
+    messages: [Message<'a>; 1],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop_sequences: &'a [String],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[async_trait]
+impl Provider for AnthropicProvider {
+    fn kind(&self) -> &'static str {
+        "anthropic"
+    }
+
+    async fn complete(&self, request: &CompletionRequest) -> Result<Completion, ProviderError> {
+        let started = Instant::now();
+        let body = Body {
+            model: &request.model,
+            max_tokens: request.max_tokens,
+            messages: [Message {
+                role: "user",
+                content: &request.prompt,
+            }],
+            system: request.system.as_deref(),
+            temperature: request.temperature,
+            stop_sequences: &request.stop_sequences,
+            stream: request.stream,
+        };
+        let body = serde_json::to_vec(&body).map_err(|e| {
+            ProviderError::new(
+                ErrorKind::BadRequest,
+                format!("cannot encode the request: {e}"),
+            )
+        })?;
+        let mut builder = self
+            .client
+            .post(&self.url)
+            .header("anthropic-version", &self.options.version)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(key) = &self.options.api_key {
+            builder = builder.header("x-api-key", key.header("")?);
+        }
+        if let Some(traceparent) = http::traceparent(&request.meta.trace_id) {
+            builder = builder.header("traceparent", traceparent);
+        }
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| http::transport_error(&e))?;
+        let status = response.status().as_u16();
+        let meta = ResponseMeta::from_headers(response.headers());
+        if !response.status().is_success() {
+            let body = http::read_body(response).await?;
+            return Err(meta.apply(error_from_body(Some(status), &body)));
+        }
+        let mut completion = if request.stream {
+            read_stream(response).await.map_err(|e| meta.apply(e))?
+        } else {
+            let body = http::read_body(response).await?;
+            parse_message(&body).map_err(|e| meta.apply(e))?
+        };
+        completion.latency = started.elapsed();
+        completion.request_id = meta.request_id;
+        completion.rate_limits = meta.rate_limits;
+        Ok(completion)
+    }
+}
+
+#[derive(Deserialize)]
+struct MessageBody {
+    #[serde(default)]
+    content: Vec<Block>,
+    stop_reason: Option<String>,
+    #[serde(default)]
+    usage: UsageBody,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type")]
+enum Block {
+    #[serde(rename = "text")]
+    Text { text: String },
+    /// tool_use, thinking and types yet to come carry no text for us.
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize, Default)]
+struct UsageBody {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+}
+
+impl UsageBody {
+    /// Merges into `usage`: present fields replace (usage in a stream is cumulative).
+    fn merge_into(&self, usage: &mut Usage) {
+        let set = |slot: &mut u64, v: Option<u64>| {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        };
+        set(&mut usage.input_tokens, self.input_tokens);
+        set(&mut usage.output_tokens, self.output_tokens);
+        set(
+            &mut usage.cache_creation_input_tokens,
+            self.cache_creation_input_tokens,
+        );
+        set(
+            &mut usage.cache_read_input_tokens,
+            self.cache_read_input_tokens,
+        );
+    }
+}
+
+/// Parses a Message response body.
+pub(crate) fn parse_message(body: &[u8]) -> Result<Completion, ProviderError> {
+    let message: MessageBody = serde_json::from_slice(body).map_err(|e| {
+        ProviderError::new(
+            ErrorKind::MalformedResponse,
+            format!(
+                "the Message body is not valid ({e}): {}",
+                http::excerpt(body)
+            ),
+        )
+    })?;
+    let mut usage = Usage::default();
+    message.usage.merge_into(&mut usage);
+    let text = message
+        .content
+        .into_iter()
+        .filter_map(|b| match b {
+            Block::Text { text } => Some(text),
+            Block::Other => None,
+        })
+        .collect::<Vec<_>>()
+        .join("");
+    Ok(Completion {
+        text,
+        stop_reason: message.stop_reason,
+        usage,
+        ..Completion::default()
+    })
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// The kind an Anthropic error type means.
+fn kind_for_type(kind: &str, status: Option<u16>) -> ErrorKind {
+    match kind {
+        "invalid_request_error" => ErrorKind::BadRequest,
+        "authentication_error" => ErrorKind::Auth,
+        "billing_error" | "permission_error" => ErrorKind::Permission,
+        "not_found_error" => ErrorKind::NotFound,
+        "request_too_large" => ErrorKind::TooLarge,
+        "rate_limit_error" => ErrorKind::RateLimited,
+        "api_error" => ErrorKind::Server,
+        "timeout_error" => ErrorKind::Timeout,
+        "overloaded_error" => ErrorKind::Overloaded,
+        // conflict_error and types yet to come: by status (409 is retried by status).
+        _ => status.map_or(ErrorKind::Unknown, http::kind_for_status),
+    }
+}
+
+/// An error from an error body (after a failed status, or inside a stream).
+pub(crate) fn error_from_body(status: Option<u16>, body: &[u8]) -> ProviderError {
+    let error = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) => ProviderError::new(
+            kind_for_type(&b.error.kind, status),
+            format!("{}: {}", b.error.kind, b.error.message),
+        ),
+        Err(_) => ProviderError::new(
+            status.map_or(ErrorKind::MalformedResponse, http::kind_for_status),
+            if body.is_empty() {
+                "no error body".to_owned()
+            } else {
+                http::excerpt(body)
+            },
+        ),
+    };
+    match status {
+        Some(s) => error.with_status(s),
+        None => error,
+    }
+}
+
+/// Reads an event stream to `message_stop`.
+async fn read_stream(mut response: reqwest::Response) -> Result<Completion, ProviderError> {
+    let mut parser = SseParser::default();
+    let mut state = StreamState::default();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| http::transport_error(&e))?
+    {
+        let events = parser
+            .feed(&chunk)
+            .map_err(|e| ProviderError::new(ErrorKind::MalformedResponse, e))?;
+        for event in events {
+            if let Some(done) = state.on_event(&event)? {
+                return Ok(done);
+            }
+        }
+    }
+    if let Some(event) = parser.finish()
+        && let Some(done) = state.on_event(&event)?
+    {
+        return Ok(done);
+    }
+    Err(ProviderError::new(
+        ErrorKind::Connection,
+        "the stream ended before message_stop; the reply is incomplete",
+    ))
+}
+
+/// What a stream has said so far.
+#[derive(Debug, Default)]
+pub(crate) struct StreamState {
+    text: String,
+    stop_reason: Option<String>,
+    usage: Usage,
+}
+
+#[derive(Deserialize)]
+struct StreamEvent {
+    #[serde(default)]
+    message: Option<StreamMessage>,
+    #[serde(default)]
+    delta: Option<StreamDelta>,
+    #[serde(default)]
+    usage: Option<UsageBody>,
+}
+
+#[derive(Deserialize)]
+struct StreamMessage {
+    #[serde(default)]
+    usage: Option<UsageBody>,
+}
+
+#[derive(Deserialize)]
+struct StreamDelta {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    text: Option<String>,
+    stop_reason: Option<String>,
+}
+
+impl StreamState {
+    /// Takes one event; returns the completion at `message_stop`.
+    pub(crate) fn on_event(
+        &mut self,
+        event: &SseEvent,
+    ) -> Result<Option<Completion>, ProviderError> {
+        let parse = || {
+            serde_json::from_str::<StreamEvent>(&event.data).map_err(|e| {
+                ProviderError::new(
+                    ErrorKind::MalformedResponse,
+                    format!("a {} event is not valid ({e})", event.event),
+                )
+            })
+        };
+        match event.event.as_str() {
+            "message_start" => {
+                if let Some(usage) = parse()?.message.and_then(|m| m.usage) {
+                    usage.merge_into(&mut self.usage);
+                }
+            }
+            "content_block_delta" => {
+                if let Some(delta) = parse()?.delta
+                    && delta.kind.as_deref() == Some("text_delta")
+                    && let Some(text) = delta.text
+                {
+                    if self.text.len() + text.len() > http::MAX_RESPONSE_BYTES {
+                        return Err(http::too_big());
+                    }
+                    self.text.push_str(&text);
+                }
+            }
+            "message_delta" => {
+                let e = parse()?;
+                if let Some(reason) = e.delta.and_then(|d| d.stop_reason) {
+                    self.stop_reason = Some(reason);
+                }
+                if let Some(usage) = e.usage {
+                    usage.merge_into(&mut self.usage);
+                }
+            }
+            "message_stop" => {
+                return Ok(Some(Completion {
+                    text: std::mem::take(&mut self.text),
+                    stop_reason: self.stop_reason.take(),
+                    usage: self.usage,
+                    ..Completion::default()
+                }));
+            }
+            // After a 200, an error arrives as an event; an overloaded_error here is
+            // retryable by its kind.
+            "error" => return Err(error_from_body(None, event.data.as_bytes())),
+            // ping, content_block_start/stop and event types yet to come.
+            _ => {}
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_message_with_unknown_blocks_and_fields_parses() {
+        let body = br#"{"id":"msg_1","type":"message","role":"assistant","model":"claude",
+            "content":[{"type":"thinking","thinking":"hm"},{"type":"text","text":"Hello"},{"type":"text","text":" there"}],
+            "stop_reason":"end_turn","stop_sequence":null,"new_field":{"x":1},
+            "usage":{"input_tokens":12,"output_tokens":3,"cache_read_input_tokens":7}}"#;
+        let c = parse_message(body).unwrap();
+        assert_eq!(c.text, "Hello there");
+        assert_eq!(c.stop_reason.as_deref(), Some("end_turn"));
+        assert_eq!(
+            (
+                c.usage.input_tokens,
+                c.usage.output_tokens,
+                c.usage.cache_read_input_tokens
+            ),
+            (12, 3, 7)
+        );
+    }
+
+    #[test]
+    fn error_types_map_to_kinds() {
+        let cases = [
+            (400, "invalid_request_error", ErrorKind::BadRequest),
+            (401, "authentication_error", ErrorKind::Auth),
+            (402, "billing_error", ErrorKind::Permission),
+            (403, "permission_error", ErrorKind::Permission),
+            (404, "not_found_error", ErrorKind::NotFound),
+            (409, "conflict_error", ErrorKind::Unknown),
+            (413, "request_too_large", ErrorKind::TooLarge),
+            (429, "rate_limit_error", ErrorKind::RateLimited),
+            (500, "api_error", ErrorKind::Server),
+            (504, "timeout_error", ErrorKind::Timeout),
+            (529, "overloaded_error", ErrorKind::Overloaded),
+            (503, "brand_new_error", ErrorKind::Server),
+        ];
+        for (status, kind, expected) in cases {
+            let body = format!(r#"{{"type":"error","error":{{"type":"{kind}","message":"m"}}}}"#);
+            let e = error_from_body(Some(status), body.as_bytes());
+            assert_eq!((e.kind, e.status), (expected, Some(status)), "{kind}");
+            assert_eq!(e.message, format!("{kind}: m"));
+        }
+        let e = error_from_body(Some(502), b"<html>bad gateway</html>");
+        assert_eq!(e.kind, ErrorKind::Server);
+        assert!(e.message.contains("bad gateway"));
+    }
+
+    #[test]
+    fn a_stream_builds_the_reply_and_usage() {
+        let events = [
+            (
+                "message_start",
+                r#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":25,"output_tokens":1}}}"#,
+            ),
+            (
+                "content_block_start",
+                r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+            ),
+            ("ping", r#"{"type":"ping"}"#),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hel"}}"#,
+            ),
+            (
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"lo"}}"#,
+            ),
+            ("something_new", r#"{}"#),
+            (
+                "content_block_stop",
+                r#"{"type":"content_block_stop","index":0}"#,
+            ),
+            (
+                "message_delta",
+                r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15}}"#,
+            ),
+        ];
+        let mut s = StreamState::default();
+        for (event, data) in events {
+            let e = SseEvent {
+                event: event.into(),
+                data: data.into(),
+            };
+            assert!(s.on_event(&e).unwrap().is_none());
+        }
+        let stop = SseEvent {
+            event: "message_stop".into(),
+            data: r#"{"type":"message_stop"}"#.into(),
+        };
+        let c = s.on_event(&stop).unwrap().unwrap();
+        assert_eq!(c.text, "Hello");
+        assert_eq!(c.stop_reason.as_deref(), Some("end_turn"));
+        assert_eq!((c.usage.input_tokens, c.usage.output_tokens), (25, 15));
+    }
+
+    #[test]
+    fn an_error_event_is_classified_and_retryable_when_overloaded() {
+        let mut s = StreamState::default();
+        let e = SseEvent {
+            event: "error".into(),
+            data: r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#
+                .into(),
+        };
+        let err = s.on_event(&e).unwrap_err();
+        assert_eq!((err.kind, err.status), (ErrorKind::Overloaded, None));
+        assert!(crate::resilience::is_retryable(&err));
+    }
+
+    #[test]
+    fn endpoints_do_not_double_v1() {
+        assert_eq!(
+            endpoint("https://api.anthropic.com", "v1/messages"),
+            "https://api.anthropic.com/v1/messages"
+        );
+        assert_eq!(
+            endpoint("http://h:1/v1/", "v1/messages"),
+            "http://h:1/v1/messages"
+        );
+        assert_eq!(
+            endpoint("http://h:1/proxy", "v1/messages"),
+            "http://h:1/proxy/v1/messages"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bodies_and_events_never_panic(
+            body in proptest::collection::vec(any::<u8>(), 0..512),
+            event in "[a-z_]{0,20}",
+            data in ".{0,300}",
+        ) {
+            let _ = parse_message(&body);
+            let _ = error_from_body(Some(500), &body);
+            let _ = error_from_body(None, &body);
+            let mut s = StreamState::default();
+            let _ = s.on_event(&SseEvent { event, data });
+        }
+
+        #[test]
+        fn json_shaped_noise_never_panics(data in r#"\{"(type|message|delta|usage|content)":.{0,80}\}"#) {
+            let _ = parse_message(data.as_bytes());
+            for event in ["message_start", "content_block_delta", "message_delta", "message_stop", "error"] {
+                let _ = StreamState::default().on_event(&SseEvent { event: event.into(), data: data.clone() });
+            }
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! What the HTTP providers share: the client, secrets that never print, reading a
+//! response without trusting its size, the headers that steer retries and limits, and
+//! the W3C `traceparent` sent upstream.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{HeaderMap, HeaderValue};
+use serde::Serialize;
+
+use super::{ErrorKind, ProviderError, retry_after};
+
+/// The most a response body may hold: a reply of `max_tokens` is far smaller, so more
+/// is a broken or hostile upstream, and reading on would only cost memory.
+pub const MAX_RESPONSE_BYTES: usize = 8 << 20;
+
+/// How long to wait for a TCP connection (and TLS) before calling it a connection
+/// failure. The attempt timeout bounds the whole call.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An API key. Its `Debug` and `Display` print `***`, so it cannot leak through logs,
+/// errors or config dumps; only [`Secret::expose`] reveals it, to build a header.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a key.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The key itself, for the one header that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// A header value marked sensitive, so HTTP libraries do not log it either.
+    pub(crate) fn header(&self, prefix: &str) -> Result<HeaderValue, ProviderError> {
+        let mut value = HeaderValue::from_str(&format!("{prefix}{}", self.0)).map_err(|_| {
+            ProviderError::new(
+                ErrorKind::Auth,
+                "the API key contains characters that cannot go in an HTTP header",
+            )
+        })?;
+        value.set_sensitive(true);
+        Ok(value)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// An HTTP client for providers: no retries of its own (the resilience layer is the
+/// only one), no redirects (an API that redirects is misconfigured), a connect timeout.
+pub(crate) fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("metaorch/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// The rate limit state a provider reported with its response, for the limiter layer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RateLimits {
+    /// Requests allowed per window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_limit: Option<u64>,
+    /// Requests left in the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_remaining: Option<u64>,
+    /// When the request window resets, as the provider wrote it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_reset: Option<String>,
+    /// Tokens allowed per window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_limit: Option<u64>,
+    /// Tokens left in the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_remaining: Option<u64>,
+    /// When the token window resets, as the provider wrote it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_reset: Option<String>,
+}
+
+impl RateLimits {
+    /// Reads `anthropic-ratelimit-*` or `x-ratelimit-*` headers; `None` when there are
+    /// none.
+    pub(crate) fn from_headers(headers: &HeaderMap) -> Option<RateLimits> {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let number = |name: &str| text(name).and_then(|v| v.trim().parse().ok());
+        let limits = if headers.contains_key("anthropic-ratelimit-requests-limit")
+            || headers.contains_key("anthropic-ratelimit-tokens-limit")
+        {
+            RateLimits {
+                requests_limit: number("anthropic-ratelimit-requests-limit"),
+                requests_remaining: number("anthropic-ratelimit-requests-remaining"),
+                requests_reset: text("anthropic-ratelimit-requests-reset"),
+                tokens_limit: number("anthropic-ratelimit-tokens-limit"),
+                tokens_remaining: number("anthropic-ratelimit-tokens-remaining"),
+                tokens_reset: text("anthropic-ratelimit-tokens-reset"),
+            }
+        } else {
+            RateLimits {
+                requests_limit: number("x-ratelimit-limit-requests"),
+                requests_remaining: number("x-ratelimit-remaining-requests"),
+                requests_reset: text("x-ratelimit-reset-requests"),
+                tokens_limit: number("x-ratelimit-limit-tokens"),
+                tokens_remaining: number("x-ratelimit-remaining-tokens"),
+                tokens_reset: text("x-ratelimit-reset-tokens"),
+            }
+        };
+        (limits != RateLimits::default()).then_some(limits)
+    }
+}
+
+/// What every response says beyond its body.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ResponseMeta {
+    pub request_id: Option<String>,
+    pub retry_after: Option<Duration>,
+    pub should_retry: Option<bool>,
+    pub rate_limits: Option<RateLimits>,
+}
+
+impl ResponseMeta {
+    pub(crate) fn from_headers(headers: &HeaderMap) -> Self {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        ResponseMeta {
+            request_id: text("request-id")
+                .or_else(|| text("x-request-id"))
+                .map(str::to_owned),
+            retry_after: retry_after::parse(
+                text("retry-after-ms"),
+                text("retry-after"),
+                SystemTime::now(),
+            ),
+            should_retry: match text("x-should-retry").map(str::trim) {
+                Some("true") => Some(true),
+                Some("false") => Some(false),
+                _ => None,
+            },
+            rate_limits: RateLimits::from_headers(headers),
+        }
+    }
+
+    /// Adds what the headers said to an error built from the body.
+    pub(crate) fn apply(&self, mut error: ProviderError) -> ProviderError {
+        error.retry_after = error.retry_after.or(self.retry_after);
+        error.should_retry = error.should_retry.or(self.should_retry);
+        if let Some(id) = &self.request_id {
+            error.message = format!("{} (request-id {id})", error.message);
+        }
+        error
+    }
+}
+
+/// The error kind an HTTP status means when the body does not say more.
+pub(crate) fn kind_for_status(status: u16) -> ErrorKind {
+    match status {
+        400 | 422 => ErrorKind::BadRequest,
+        401 => ErrorKind::Auth,
+        402 | 403 => ErrorKind::Permission,
+        404 => ErrorKind::NotFound,
+        408 | 504 => ErrorKind::Timeout,
+        413 => ErrorKind::TooLarge,
+        429 => ErrorKind::RateLimited,
+        529 => ErrorKind::Overloaded,
+        500..=599 => ErrorKind::Server,
+        _ => ErrorKind::Unknown,
+    }
+}
+
+/// Classifies a failure to send or receive: timeouts, refused or broken connections.
+pub(crate) fn transport_error(error: &reqwest::Error) -> ProviderError {
+    // reqwest's message names the URL, never headers, so no key can be in it.
+    let message = error_chain(error);
+    let kind = if error.is_timeout() {
+        ErrorKind::Timeout
+    } else if error.is_decode() {
+        ErrorKind::MalformedResponse
+    } else {
+        ErrorKind::Connection
+    };
+    ProviderError::new(kind, message)
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        message.push_str(": ");
+        message.push_str(&e.to_string());
+        source = e.source();
+    }
+    message
+}
+
+/// Reads a whole body, failing once it passes [`MAX_RESPONSE_BYTES`].
+pub(crate) async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, ProviderError> {
+    if let Some(len) = response.content_length()
+        && len > MAX_RESPONSE_BYTES as u64
+    {
+        return Err(too_big());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| transport_error(&e))? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(too_big());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+pub(crate) fn too_big() -> ProviderError {
+    ProviderError::new(
+        ErrorKind::MalformedResponse,
+        format!(
+            "the response is larger than {} MiB; no reply should be",
+            MAX_RESPONSE_BYTES >> 20
+        ),
+    )
+}
+
+/// A short, printable excerpt of a body for an error message.
+pub(crate) fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.chars().count() > 200 {
+        format!("{}…", text.chars().take(200).collect::<String>())
+    } else {
+        text.to_owned()
+    }
+}
+
+/// A W3C `traceparent` for one attempt: the request's trace id, a fresh span id, sampled.
+pub(crate) fn traceparent(trace_id: &str) -> Option<HeaderValue> {
+    let valid = trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit());
+    if !valid || trace_id.bytes().all(|b| b == b'0') {
+        return None;
+    }
+    let span_id = rand::random::<u64>().max(1);
+    HeaderValue::from_str(&format!("00-{trace_id}-{span_id:016x}-01")).ok()
+}
+
+/// Joins a base URL and a path without doubling or dropping the slash.
+pub(crate) fn join(base: &str, path: &str) -> String {
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        path.trim_start_matches('/')
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("sk-ant-very-secret");
+        assert_eq!(format!("{s:?} {s}"), "Secret(***) ***");
+        assert!(s.header("Bearer ").unwrap().is_sensitive());
+    }
+
+    #[test]
+    fn headers_are_read() {
+        let mut h = HeaderMap::new();
+        h.insert("request-id", HeaderValue::from_static("req_1"));
+        h.insert("retry-after", HeaderValue::from_static("7"));
+        h.insert("x-should-retry", HeaderValue::from_static("false"));
+        h.insert(
+            "anthropic-ratelimit-requests-remaining",
+            HeaderValue::from_static("41"),
+        );
+        h.insert(
+            "anthropic-ratelimit-requests-limit",
+            HeaderValue::from_static("50"),
+        );
+        let m = ResponseMeta::from_headers(&h);
+        assert_eq!(m.request_id.as_deref(), Some("req_1"));
+        assert_eq!(m.retry_after, Some(Duration::from_secs(7)));
+        assert_eq!(m.should_retry, Some(false));
+        let limits = m.rate_limits.unwrap();
+        assert_eq!(
+            (limits.requests_limit, limits.requests_remaining),
+            (Some(50), Some(41))
+        );
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from_static("900"),
+        );
+        let limits = RateLimits::from_headers(&h).unwrap();
+        assert_eq!(limits.tokens_remaining, Some(900));
+        assert!(RateLimits::from_headers(&HeaderMap::new()).is_none());
+    }
+
+    #[test]
+    fn traceparent_carries_the_trace_id() {
+        let id = "0af7651916cd43dd8448eb211c80319c";
+        let tp = traceparent(id).unwrap();
+        let tp = tp.to_str().unwrap();
+        assert!(
+            tp.starts_with(&format!("00-{id}-")) && tp.ends_with("-01"),
+            "{tp}"
+        );
+        assert_eq!(tp.len(), 55);
+        assert!(traceparent("not-an-id").is_none());
+        assert!(traceparent(&"0".repeat(32)).is_none());
+    }
+
+    #[test]
+    fn urls_join_with_one_slash() {
+        assert_eq!(
+            join("http://h:1/", "/v1/messages"),
+            "http://h:1/v1/messages"
+        );
+        assert_eq!(join("http://h:1", "v1/messages"), "http://h:1/v1/messages");
+    }
+}

@@ -1,0 +1,469 @@
+//! The OpenAI-compatible Chat Completions API (`POST /v1/chat/completions`), as served
+//! by OpenAI and by Ollama, vLLM, llama.cpp's server, LM Studio and the LiteLLM proxy;
+//! plain and streaming (`stream_options.include_usage`).
+//!
+//! One call is one HTTP request; no retries here. `Authorization: Bearer` is sent only
+//! when a key is configured (local servers need none). A stream is complete only at
+//! `data: [DONE]`.
+
+use async_trait::async_trait;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::anthropic::endpoint;
+use super::http::{self, ResponseMeta, Secret};
+use super::sse::{SseEvent, SseParser};
+use super::{Completion, CompletionRequest, ErrorKind, Provider, ProviderError, Usage};
+
+/// The public API.
+pub const OPENAI_BASE_URL: &str = "https://api.openai.com";
+
+/// Which name the token bound goes by: servers differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaxTokensField {
+    /// `max_tokens`: what Ollama, vLLM, llama.cpp and most servers read.
+    #[default]
+    MaxTokens,
+    /// `max_completion_tokens`: what OpenAI's newer models require.
+    MaxCompletionTokens,
+}
+
+/// How to reach a Chat Completions server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenAiOptions {
+    /// Scheme, host and port; `/v1/chat/completions` is appended (a trailing `/v1` in
+    /// the base is not doubled).
+    pub base_url: String,
+    /// Sent as `Authorization: Bearer`, when set. Its `Debug` is redacted.
+    pub api_key: Option<Secret>,
+    /// The name of the token bound.
+    pub max_tokens_field: MaxTokensField,
+}
+
+impl Default for OpenAiOptions {
+    fn default() -> Self {
+        OpenAiOptions {
+            base_url: OPENAI_BASE_URL.to_owned(),
+            api_key: None,
+            max_tokens_field: MaxTokensField::default(),
+        }
+    }
+}
+
+/// A client of an OpenAI-compatible Chat Completions server.
+#[derive(Debug, Clone)]
+pub struct OpenAiProvider {
+    options: OpenAiOptions,
+    url: String,
+    client: reqwest::Client,
+}
+
+impl OpenAiProvider {
+    /// A provider with its own connection pool.
+    pub fn new(options: OpenAiOptions) -> Self {
+        let url = endpoint(&options.base_url, "v1/chat/completions");
+        OpenAiProvider {
+            options,
+            url,
+            client: http::client(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    model: &'a str,
+    messages: Vec<Message<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_completion_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[async_trait]
+impl Provider for OpenAiProvider {
+    fn kind(&self) -> &'static str {
+        "openai"
+    }
+
+    async fn complete(&self, request: &CompletionRequest) -> Result<Completion, ProviderError> {
+        let started = Instant::now();
+        let mut messages = Vec::with_capacity(2);
+        if let Some(system) = &request.system {
+            messages.push(Message {
+                role: "system",
+                content: system,
+            });
+        }
+        messages.push(Message {
+            role: "user",
+            content: &request.prompt,
+        });
+        let completion_field = self.options.max_tokens_field == MaxTokensField::MaxCompletionTokens;
+        let body = Body {
+            model: &request.model,
+            messages,
+            max_tokens: (!completion_field).then_some(request.max_tokens),
+            max_completion_tokens: completion_field.then_some(request.max_tokens),
+            temperature: request.temperature,
+            stop: &request.stop_sequences,
+            stream: request.stream,
+            stream_options: request.stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
+        };
+        let body = serde_json::to_vec(&body).map_err(|e| {
+            ProviderError::new(
+                ErrorKind::BadRequest,
+                format!("cannot encode the request: {e}"),
+            )
+        })?;
+        let mut builder = self
+            .client
+            .post(&self.url)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(key) = &self.options.api_key {
+            builder = builder.header(AUTHORIZATION, key.header("Bearer ")?);
+        }
+        if let Some(traceparent) = http::traceparent(&request.meta.trace_id) {
+            builder = builder.header("traceparent", traceparent);
+        }
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| http::transport_error(&e))?;
+        let status = response.status().as_u16();
+        let meta = ResponseMeta::from_headers(response.headers());
+        if !response.status().is_success() {
+            let body = http::read_body(response).await?;
+            return Err(meta.apply(error_from_body(Some(status), &body)));
+        }
+        let mut completion = if request.stream {
+            read_stream(response).await.map_err(|e| meta.apply(e))?
+        } else {
+            let body = http::read_body(response).await?;
+            parse_completion(&body).map_err(|e| meta.apply(e))?
+        };
+        completion.latency = started.elapsed();
+        completion.request_id = meta.request_id;
+        completion.rate_limits = meta.rate_limits;
+        Ok(completion)
+    }
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<UsageBody>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    message: Option<ChoiceMessage>,
+    #[serde(default)]
+    delta: Option<ChoiceMessage>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UsageBody {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: u64,
+}
+
+impl UsageBody {
+    fn usage(&self) -> Usage {
+        Usage {
+            input_tokens: self.prompt_tokens,
+            output_tokens: self.completion_tokens,
+            cache_read_input_tokens: self
+                .prompt_tokens_details
+                .as_ref()
+                .map_or(0, |d| d.cached_tokens),
+            ..Usage::default()
+        }
+    }
+}
+
+/// Parses a chat completion body.
+pub(crate) fn parse_completion(body: &[u8]) -> Result<Completion, ProviderError> {
+    let malformed = |why: String| {
+        ProviderError::new(
+            ErrorKind::MalformedResponse,
+            format!(
+                "the chat completion is not valid ({why}): {}",
+                http::excerpt(body)
+            ),
+        )
+    };
+    let parsed: CompletionBody =
+        serde_json::from_slice(body).map_err(|e| malformed(e.to_string()))?;
+    let choice = parsed
+        .choices
+        .into_iter()
+        .next()
+        .ok_or_else(|| malformed("no choices".into()))?;
+    Ok(Completion {
+        text: choice.message.and_then(|m| m.content).unwrap_or_default(),
+        stop_reason: choice.finish_reason,
+        usage: parsed.usage.map(|u| u.usage()).unwrap_or_default(),
+        ..Completion::default()
+    })
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(default)]
+    message: String,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    code: Option<serde_json::Value>,
+}
+
+/// An error from an `{"error":{…}}` body (after a failed status, or inside a stream).
+pub(crate) fn error_from_body(status: Option<u16>, body: &[u8]) -> ProviderError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) => {
+            let kind_name = b.error.kind.as_deref().unwrap_or("error");
+            let code = b.error.code.as_ref().and_then(|c| c.as_str());
+            let kind = match status {
+                Some(s) => http::kind_for_status(s),
+                // Inside a stream there is no status: a server-side failure unless it
+                // says otherwise.
+                None => match kind_name {
+                    "invalid_request_error" => ErrorKind::BadRequest,
+                    "rate_limit_exceeded" | "tokens" | "requests" => ErrorKind::RateLimited,
+                    _ => ErrorKind::Server,
+                },
+            };
+            let mut error = ProviderError::new(kind, format!("{kind_name}: {}", b.error.message));
+            if let Some(s) = status {
+                error = error.with_status(s);
+            }
+            // An empty balance does not refill by waiting.
+            if code == Some("insufficient_quota") {
+                error = error.with_should_retry(false);
+            }
+            error
+        }
+        Err(_) => {
+            let error = ProviderError::new(
+                status.map_or(ErrorKind::MalformedResponse, http::kind_for_status),
+                if body.is_empty() {
+                    "no error body".to_owned()
+                } else {
+                    http::excerpt(body)
+                },
+            );
+            match status {
+                Some(s) => error.with_status(s),
+                None => error,
+            }
+        }
+    }
+}
+
+/// Reads chunks to `data: [DONE]`.
+async fn read_stream(mut response: reqwest::Response) -> Result<Completion, ProviderError> {
+    let mut parser = SseParser::default();
+    let mut state = StreamState::default();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| http::transport_error(&e))?
+    {
+        let events = parser
+            .feed(&chunk)
+            .map_err(|e| ProviderError::new(ErrorKind::MalformedResponse, e))?;
+        for event in events {
+            if let Some(done) = state.on_event(&event)? {
+                return Ok(done);
+            }
+        }
+    }
+    if let Some(event) = parser.finish()
+        && let Some(done) = state.on_event(&event)?
+    {
+        return Ok(done);
+    }
+    Err(ProviderError::new(
+        ErrorKind::Connection,
+        "the stream ended before [DONE]; the reply is incomplete",
+    ))
+}
+
+/// What a stream has said so far.
+#[derive(Debug, Default)]
+pub(crate) struct StreamState {
+    text: String,
+    finish_reason: Option<String>,
+    usage: Usage,
+}
+
+impl StreamState {
+    /// Takes one event; returns the completion at `[DONE]`.
+    pub(crate) fn on_event(
+        &mut self,
+        event: &SseEvent,
+    ) -> Result<Option<Completion>, ProviderError> {
+        let data = event.data.trim();
+        if data == "[DONE]" {
+            return Ok(Some(Completion {
+                text: std::mem::take(&mut self.text),
+                stop_reason: self.finish_reason.take(),
+                usage: self.usage,
+                ..Completion::default()
+            }));
+        }
+        if data.starts_with("{\"error\"") || event.event == "error" {
+            return Err(error_from_body(None, data.as_bytes()));
+        }
+        let chunk: CompletionBody = serde_json::from_str(data).map_err(|e| {
+            ProviderError::new(
+                ErrorKind::MalformedResponse,
+                format!("a stream chunk is not valid ({e})"),
+            )
+        })?;
+        if let Some(usage) = chunk.usage {
+            self.usage = usage.usage();
+        }
+        for choice in chunk.choices {
+            if let Some(text) = choice.delta.and_then(|d| d.content) {
+                if self.text.len() + text.len() > http::MAX_RESPONSE_BYTES {
+                    return Err(http::too_big());
+                }
+                self.text.push_str(&text);
+            }
+            if let Some(reason) = choice.finish_reason {
+                self.finish_reason = Some(reason);
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_completion_parses() {
+        let body = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m",
+            "choices":[{"index":0,"message":{"role":"assistant","content":"Hi","refusal":null},"logprobs":null,"finish_reason":"stop"}],
+            "usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11,"prompt_tokens_details":{"cached_tokens":4}}}"#;
+        let c = parse_completion(body).unwrap();
+        assert_eq!(c.text, "Hi");
+        assert_eq!(c.stop_reason.as_deref(), Some("stop"));
+        assert_eq!(
+            (
+                c.usage.input_tokens,
+                c.usage.output_tokens,
+                c.usage.cache_read_input_tokens
+            ),
+            (9, 2, 4)
+        );
+        assert_eq!(
+            parse_completion(br#"{"choices":[]}"#).unwrap_err().kind,
+            ErrorKind::MalformedResponse
+        );
+    }
+
+    #[test]
+    fn errors_are_classified_by_status_and_quota_is_final() {
+        let body = br#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
+        let e = error_from_body(Some(429), body);
+        assert_eq!((e.kind, e.status), (ErrorKind::RateLimited, Some(429)));
+        assert!(crate::resilience::is_retryable(&e));
+        let body = br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
+        let e = error_from_body(Some(429), body);
+        assert!(!crate::resilience::is_retryable(&e));
+    }
+
+    #[test]
+    fn a_stream_builds_the_reply_and_usage() {
+        let chunks = [
+            r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
+            r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#,
+            r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"stop"}]}"#,
+            r#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#,
+        ];
+        let mut s = StreamState::default();
+        for data in chunks {
+            let e = SseEvent {
+                event: "message".into(),
+                data: data.into(),
+            };
+            assert!(s.on_event(&e).unwrap().is_none());
+        }
+        let done = SseEvent {
+            event: "message".into(),
+            data: "[DONE]".into(),
+        };
+        let c = s.on_event(&done).unwrap().unwrap();
+        assert_eq!(c.text, "Hello");
+        assert_eq!(c.stop_reason.as_deref(), Some("stop"));
+        assert_eq!((c.usage.input_tokens, c.usage.output_tokens), (5, 2));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bodies_and_chunks_never_panic(
+            body in proptest::collection::vec(any::<u8>(), 0..512),
+            data in ".{0,300}",
+        ) {
+            let _ = parse_completion(&body);
+            let _ = error_from_body(Some(500), &body);
+            let _ = error_from_body(None, &body);
+            let _ = StreamState::default().on_event(&SseEvent { event: "message".into(), data });
+        }
+    }
+}
