@@ -16,6 +16,7 @@
 pub mod config;
 pub mod executor;
 pub mod limits;
+pub mod mock_upstream;
 pub mod orchestrator;
 pub mod provider;
 pub mod resilience;

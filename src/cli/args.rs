@@ -41,6 +41,9 @@ pub enum Command {
     /// Show one request's timeline from a JSON log: each agent's span, attempts,
     /// retries, fallback and end, breaker events, and the critical path.
     Trace(TraceArgs),
+    /// Serve a fake Anthropic Messages API and OpenAI Chat Completions API, with
+    /// latency and faults injected, for tests, benchmarks and drills.
+    MockUpstream(MockUpstreamArgs),
     /// Work with config files.
     Config {
         #[command(subcommand)]
@@ -106,6 +109,74 @@ pub struct TraceArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct MockUpstreamArgs {
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    pub bind: std::net::IpAddr,
+
+    /// Port to listen on (0 picks a free one and prints it).
+    #[arg(long, value_name = "N", default_value_t = 8081)]
+    pub port: u16,
+
+    /// Latency range per request, drawn per request body: MIN..MAX or one duration.
+    #[arg(long, value_name = "MIN..MAX", default_value = "500ms..2000ms", value_parser = parse_range)]
+    pub latency: (Duration, Duration),
+
+    /// Seed for latencies, replies and fault draws.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+
+    /// A fault by rate, FAULT=FRACTION (repeatable): rate_limited, rate_limited_bare,
+    /// overloaded, server, gateway_timeout, stream_error, stream_cut, reset, hang,
+    /// malformed, oversized.
+    #[arg(long = "fault", value_name = "FAULT=RATE", value_parser = parse_rate)]
+    pub faults: Vec<(metaorch::mock_upstream::MockFault, f64)>,
+
+    /// A scripted fault, TEXT:N:FAULT (repeatable): the first N times a request body
+    /// containing TEXT is seen, answer with FAULT.
+    #[arg(long = "script", value_name = "TEXT:N:FAULT")]
+    pub scripts: Vec<metaorch::mock_upstream::MockScript>,
+
+    /// The wait a rate_limited fault asks for (retry-after and retry-after-ms).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = metaorch::config::parse_duration)]
+    pub retry_after: Duration,
+
+    /// Append one JSON line per request to this file.
+    #[arg(long, value_name = "FILE")]
+    pub request_log: Option<PathBuf>,
+}
+
+fn parse_range(text: &str) -> Result<(Duration, Duration), String> {
+    let (min, max) = match text.split_once("..") {
+        Some((a, b)) => (
+            metaorch::config::parse_duration(a)?,
+            metaorch::config::parse_duration(b)?,
+        ),
+        None => {
+            let d = metaorch::config::parse_duration(text)?;
+            (d, d)
+        }
+    };
+    if min > max {
+        return Err(format!("{text}: the minimum is above the maximum"));
+    }
+    Ok((min, max))
+}
+
+fn parse_rate(text: &str) -> Result<(metaorch::mock_upstream::MockFault, f64), String> {
+    let (fault, rate) = text
+        .split_once('=')
+        .ok_or_else(|| format!("\"{text}\" is not FAULT=RATE, e.g. overloaded=0.1"))?;
+    let rate: f64 = rate
+        .parse()
+        .map_err(|_| format!("\"{rate}\" is not a fraction; expected e.g. 0.1"))?;
+    if !(0.0..=1.0).contains(&rate) {
+        return Err(format!("{rate} is out of range; expected 0 to 1"));
+    }
+    Ok((fault.parse()?, rate))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -7,6 +7,7 @@
 
 mod args;
 mod config_check;
+mod mock_upstream;
 mod render;
 mod run;
 mod trace;
@@ -25,6 +26,7 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Run(args) => run::run(&cli, args),
         Command::Trace(args) => trace::trace(&cli, args),
+        Command::MockUpstream(args) => mock_upstream::run(&cli, args),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check::check(&cli, file.as_deref()),
