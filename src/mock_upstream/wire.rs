@@ -239,14 +239,14 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// The checks the real APIs make first.
 fn validate(api: Api, request: &Value) -> Result<(), String> {
-    if !request["model"].as_str().is_some_and(|m| !m.is_empty()) {
+    if request["model"].as_str().is_none_or(str::is_empty) {
         return Err("model: Field required".into());
     }
     let messages = request["messages"].as_array();
-    if !messages.is_some_and(|m| !m.is_empty()) {
+    if messages.is_none_or(Vec::is_empty) {
         return Err("messages: Field required (at least one message)".into());
     }
-    if api == Api::Anthropic && !request["max_tokens"].as_u64().is_some_and(|n| n > 0) {
+    if api == Api::Anthropic && request["max_tokens"].as_u64().is_none_or(|n| n == 0) {
         return Err("max_tokens: Field required (a positive integer)".into());
     }
     Ok(())
