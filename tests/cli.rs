@@ -562,3 +562,151 @@ overloaded = 0.3
     let longer = std::fs::read_to_string(dir.path().join("app.log")).unwrap();
     assert!(longer.starts_with(&log));
 }
+
+/// Runs the binary with extra environment variables, from the repository root (so the
+/// example configs resolve).
+fn metaorch_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_metaorch"));
+    command
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("METAORCH_CONFIG")
+        .env_remove("METAORCH_LOG_FILE")
+        .env_remove("METAORCH_LOG_LEVEL")
+        .env_remove("RUST_LOG")
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_BASE_URL")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("the metaorch binary runs")
+}
+
+/// Starts mock-upstream on a runtime of its own, for tests that drive the binary.
+fn start_mock(
+    script: &[(&str, metaorch::mock_upstream::MockFault)],
+) -> (
+    tokio::runtime::Runtime,
+    metaorch::mock_upstream::MockUpstream,
+) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let options = metaorch::mock_upstream::MockOptions {
+        latency_min: std::time::Duration::from_millis(1),
+        latency_max: std::time::Duration::from_millis(5),
+        retry_after: std::time::Duration::from_millis(100),
+        script: script
+            .iter()
+            .map(|(text, fault)| metaorch::mock_upstream::MockScript {
+                matches: (*text).to_owned(),
+                first: 1,
+                fault: *fault,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let mock = runtime
+        .block_on(metaorch::mock_upstream::MockUpstream::start(
+            ([127, 0, 0, 1], 0).into(),
+            options,
+        ))
+        .unwrap();
+    (runtime, mock)
+}
+
+/// examples/claude.toml, six agents on `anthropic`, against mock-upstream with faults:
+/// it completes and the log shows the retries; the key never shows.
+#[test]
+fn the_claude_example_runs_against_mock_upstream() {
+    use metaorch::mock_upstream::MockFault;
+    let (_runtime, mock) = start_mock(&[
+        ("You are a critic", MockFault::RateLimited),
+        ("You are a planner", MockFault::Overloaded),
+    ]);
+    let url = mock.url();
+    let key = "sk-ant-test-0123456789-secret";
+    let out = metaorch_with_env(
+        &[
+            "--config",
+            "examples/claude.toml",
+            "--log-level",
+            "info",
+            "run",
+            "--format",
+            "json",
+            "Is it worth it?",
+        ],
+        &[("ANTHROPIC_API_KEY", key), ("ANTHROPIC_BASE_URL", &url)],
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["summary"]["succeeded"], 6, "{doc}");
+    let retries: Vec<serde_json::Value> = err
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|l: &serde_json::Value| l["event"] == "agent.retry")
+        .collect();
+    assert_eq!(retries.len(), 2, "{err}");
+    assert!(retries.iter().any(|r| r["agent_id"] == "critic"
+        && r["status"] == 429
+        && r["delay_source"] == "retry_after"));
+    assert!(
+        retries
+            .iter()
+            .any(|r| r["agent_id"] == "planner" && r["status"] == 529)
+    );
+    assert!(
+        !err.contains(key) && !stdout(&out).contains(key),
+        "the key leaked"
+    );
+    // Every agent's calls reached the mock: 6 first tries and 2 retries.
+    assert_eq!(mock.requests().len(), 8);
+}
+
+#[test]
+fn the_openai_compatible_example_runs_against_mock_upstream() {
+    let (_runtime, mock) = start_mock(&[]);
+    let url = format!("{}/v1", mock.url());
+    let out = metaorch_with_env(
+        &[
+            "--config",
+            "examples/openai-compatible.toml",
+            "run",
+            "--format",
+            "json",
+            "What is a retry budget?",
+        ],
+        &[("OPENAI_API_KEY", "test"), ("OPENAI_BASE_URL", &url)],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["summary"]["succeeded"], 3);
+    assert!(
+        doc["outcomes"][2]["output"]
+            .as_str()
+            .unwrap()
+            .starts_with("[mock reply from llama3.2]")
+    );
+    let records = mock.requests();
+    assert!(records.iter().all(|r| r.api == "openai"));
+    assert!(records.iter().any(|r| r.stream), "the writer streams");
+}
+
+#[test]
+fn a_missing_api_key_is_named() {
+    let out = metaorch_with_env(&["--config", "examples/claude.toml", "run", "q"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "provider \"claude\" needs an API key: set the environment variable ANTHROPIC_API_KEY"
+        ),
+        "{err}"
+    );
+}

@@ -151,3 +151,81 @@ async fn concurrent_requests_never_cross_trace_ids() {
         }
     }
 }
+
+/// An API key configured for a provider never appears in any log line (at TRACE, with
+/// failures, retries and streams), in an outcome, or in `Debug` output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_never_appears() {
+    use metaorch::mock_upstream::{MockFault, MockOptions, MockScript, MockUpstream};
+    let capture = Capture::global();
+    let script = [
+        ("You are a critic", MockFault::RateLimited),
+        ("You are a planner", MockFault::Malformed),
+        ("You are a writer", MockFault::StreamError),
+    ]
+    .iter()
+    .map(|(text, fault)| MockScript {
+        matches: (*text).to_owned(),
+        first: 1,
+        fault: *fault,
+    })
+    .collect();
+    let mock = MockUpstream::start(
+        ([127, 0, 0, 1], 0).into(),
+        MockOptions {
+            latency_min: std::time::Duration::from_millis(1),
+            latency_max: std::time::Duration::from_millis(3),
+            retry_after: std::time::Duration::from_millis(20),
+            script,
+            ..MockOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let key = "sk-ant-api03-THIS-MUST-NEVER-BE-LOGGED";
+    let roles = ["researcher", "critic", "planner", "writer"];
+    let agents: String = roles
+        .iter()
+        .map(|r| {
+            format!(
+                "[[agents]]\nid = \"{r}\"\nsystem = \"You are a {r}.\"\nprovider = \"claude\"\nmodel = \"claude-x\"\nstream = {}\n",
+                *r == "writer"
+            )
+        })
+        .collect();
+    let config = Config::from_toml_str(
+        &format!(
+            "[defaults.retry]\ninitial_delay = \"10ms\"\n[providers.claude]\nkind = \"anthropic\"\nbase_url = \"{}\"\n{agents}",
+            mock.url()
+        ),
+        "test.toml",
+    )
+    .unwrap();
+    let orchestrator = Orchestrator::builder()
+        .config(config.clone())
+        .env(move |name| (name == "ANTHROPIC_API_KEY").then(|| key.to_owned()))
+        .build()
+        .unwrap();
+    let response = orchestrator.process("q").await.unwrap();
+    // The planner's malformed reply is not retried; the critic's 429 and the writer's
+    // mid-stream overload are.
+    assert_eq!(response.summary.succeeded, 3, "{:?}", response.outcomes);
+    assert_eq!(
+        response
+            .outcomes
+            .iter()
+            .map(|o| o.retries.len())
+            .sum::<usize>(),
+        2
+    );
+    mock.stop().await;
+
+    let lines = capture.trace(&response.trace_id.to_string());
+    assert!(lines.iter().any(|l| l["event"] == "agent.retry"));
+    assert!(!capture.text().contains(key), "the key is in a log line");
+    assert!(!serde_json::to_string(&response).unwrap().contains(key));
+    assert!(
+        !format!("{orchestrator:?} {config:?}").contains(key),
+        "Debug shows the key"
+    );
+}

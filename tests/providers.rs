@@ -93,9 +93,16 @@ async fn success_plain_and_streaming() {
                 .complete(&request("What is a circuit breaker?", stream))
                 .await
                 .unwrap_or_else(|e| panic!("{api:?} stream={stream}: {e}"));
-            assert!(c.text.starts_with("[mock reply from test-model]"), "{}", c.text);
+            assert!(
+                c.text.starts_with("[mock reply from test-model]"),
+                "{}",
+                c.text
+            );
             assert!(c.text.contains("What is a circuit breaker?"), "{}", c.text);
-            assert!(c.usage.input_tokens > 0 && c.usage.output_tokens > 0, "{api:?} {stream}");
+            assert!(
+                c.usage.input_tokens > 0 && c.usage.output_tokens > 0,
+                "{api:?} {stream}"
+            );
             assert!(c.stop_reason.is_some());
             assert!(c.request_id.is_some(), "{api:?}");
             assert!(c.rate_limits.unwrap().requests_remaining.is_some());
@@ -124,7 +131,11 @@ async fn every_error_status_is_classified() {
     for api in APIS {
         let p = provider(api, &mock.url(), Some("test-key"));
         let expected = [
-            (ErrorKind::RateLimited, 429, Some(Duration::from_millis(200))),
+            (
+                ErrorKind::RateLimited,
+                429,
+                Some(Duration::from_millis(200)),
+            ),
             (ErrorKind::RateLimited, 429, None),
             match api {
                 Api::Anthropic => (ErrorKind::Overloaded, 529, None),
@@ -135,7 +146,11 @@ async fn every_error_status_is_classified() {
         ];
         for ((prompt, _), (kind, status, retry_after)) in cases.iter().zip(expected) {
             let e = p.complete(&request(prompt, false)).await.unwrap_err();
-            assert_eq!((e.kind, e.status), (kind, Some(status)), "{api:?} {prompt}: {e}");
+            assert_eq!(
+                (e.kind, e.status),
+                (kind, Some(status)),
+                "{api:?} {prompt}: {e}"
+            );
             assert_eq!(e.retry_after, retry_after, "{api:?} {prompt}");
             assert!(metaorch::resilience::is_retryable(&e));
             assert!(e.message.contains("request-id"), "{e}");
@@ -151,7 +166,11 @@ async fn every_error_status_is_classified() {
         let mut bad = request("hello", false);
         bad.model.clear();
         let e = p.complete(&bad).await.unwrap_err();
-        assert_eq!((e.kind, e.status), (ErrorKind::BadRequest, Some(400)), "{e}");
+        assert_eq!(
+            (e.kind, e.status),
+            (ErrorKind::BadRequest, Some(400)),
+            "{e}"
+        );
         assert!(e.message.contains("model"), "{e}");
     }
     mock.stop().await;
@@ -169,13 +188,22 @@ async fn broken_bodies_and_streams_are_errors_not_panics() {
     .await;
     for api in APIS {
         let p = provider(api, &mock.url(), Some("test-key"));
-        let e = p.complete(&request("case-malformed", false)).await.unwrap_err();
+        let e = p
+            .complete(&request("case-malformed", false))
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::MalformedResponse, "{api:?}: {e}");
-        let e = p.complete(&request("case-oversized", false)).await.unwrap_err();
+        let e = p
+            .complete(&request("case-oversized", false))
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::MalformedResponse, "{api:?}: {e}");
         assert!(e.message.contains("larger than"), "{e}");
 
-        let e = p.complete(&request("case-stream-error", true)).await.unwrap_err();
+        let e = p
+            .complete(&request("case-stream-error", true))
+            .await
+            .unwrap_err();
         assert_eq!(e.status, None, "the error came after a 200");
         let expected = match api {
             Api::Anthropic => ErrorKind::Overloaded,
@@ -184,7 +212,10 @@ async fn broken_bodies_and_streams_are_errors_not_panics() {
         assert_eq!(e.kind, expected, "{api:?}: {e}");
         assert!(metaorch::resilience::is_retryable(&e));
 
-        let e = p.complete(&request("case-stream-cut", true)).await.unwrap_err();
+        let e = p
+            .complete(&request("case-stream-cut", true))
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Connection, "{api:?}: {e}");
         assert!(e.message.contains("incomplete"), "{e}");
 
@@ -271,8 +302,16 @@ async fn a_hang_ends_at_the_attempt_timeout() {
             .await
             .remove(0);
         let error = outcome.error.unwrap();
-        assert_eq!(error.kind, FailureKind::Provider(ErrorKind::Timeout), "{api:?}");
-        assert!(error.message.contains("attempt timeout"), "{}", error.message);
+        assert_eq!(
+            error.kind,
+            FailureKind::Provider(ErrorKind::Timeout),
+            "{api:?}"
+        );
+        assert!(
+            error.message.contains("attempt timeout"),
+            "{}",
+            error.message
+        );
     }
     mock.stop().await;
 }

@@ -257,6 +257,7 @@ fn prompt_text(request: &Value) -> String {
     let mut text = String::new();
     if let Some(system) = request["system"].as_str() {
         text.push_str(system);
+        text.push('\n');
     }
     for message in request["messages"].as_array().into_iter().flatten() {
         match &message["content"] {
