@@ -57,11 +57,15 @@ pub(crate) async fn handle(
     };
 
     // Authentication comes first, as on the real APIs.
+    let bearer = header(headers, "authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|k| !k.trim().is_empty());
+    // Anthropic takes `x-api-key`, and its newer SDKs send `Authorization: Bearer`.
     let authorized = match api {
-        Api::Anthropic => header(headers, "x-api-key").is_some_and(|k| !k.trim().is_empty()),
-        Api::OpenAi => header(headers, "authorization")
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|k| !k.trim().is_empty()),
+        Api::Anthropic => {
+            bearer || header(headers, "x-api-key").is_some_and(|k| !k.trim().is_empty())
+        }
+        Api::OpenAi => bearer,
     };
     if !authorized {
         let message = match api {
