@@ -248,3 +248,59 @@ async fn the_limit_holds_within_one_request() {
     assert_eq!(started.elapsed(), ms(700), "ceil(20 / 3) waves of 100 ms");
     assert_eq!(exec.limiter().in_flight(), 0, "every permit came back");
 }
+
+/// Records the order in which agents' calls start.
+#[derive(Debug, Default)]
+struct StartOrder(std::sync::Mutex<Vec<String>>);
+
+#[async_trait::async_trait]
+impl metaorch::provider::Provider for StartOrder {
+    fn kind(&self) -> &'static str {
+        "order"
+    }
+
+    async fn complete(
+        &self,
+        request: &metaorch::provider::CompletionRequest,
+    ) -> Result<metaorch::provider::Completion, metaorch::provider::ProviderError> {
+        self.0.lock().unwrap().push(request.meta.agent_id.clone());
+        tokio::time::sleep(ms(100)).await;
+        Ok(common::reply(request, ms(100)))
+    }
+}
+
+/// Under a limit, each request's agents start in config order, and requests sharing the
+/// limiter take turns: a request waits for one slot at a time, so a large request
+/// cannot starve a small one.
+#[tokio::test(start_paused = true)]
+async fn agents_start_in_config_order_and_requests_take_turns() {
+    let provider = Arc::new(StartOrder::default());
+    let executor = executor(2);
+    let first = tasks(&SIX, provider.clone());
+    let second: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|id| common::task(id, provider.clone()))
+        .collect();
+    let deadline = Instant::now() + ms(10_000);
+    let cancel = CancellationToken::new();
+    let (one, two) = tokio::join!(
+        executor.run(first, deadline, &cancel),
+        executor.run(second, deadline, &cancel)
+    );
+    assert!(one.iter().chain(&two).all(|o| o.succeeded()));
+    let order = provider.0.lock().unwrap().clone();
+    assert_eq!(
+        order,
+        [
+            "researcher",
+            "analyst",
+            "a",
+            "critic",
+            "planner",
+            "b",
+            "c",
+            "fact-checker",
+            "writer"
+        ]
+    );
+}

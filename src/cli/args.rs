@@ -41,6 +41,9 @@ pub enum Command {
     /// Show one request's timeline from a JSON log: each agent's span, attempts,
     /// retries, fallback and end, breaker events, and the critical path.
     Trace(TraceArgs),
+    /// Measure: the original report's Table 3 (sequential vs parallel), overhead over
+    /// the critical path, and (`load`, `throughput`) behaviour under sustained load.
+    Bench(BenchArgs),
     /// Serve a fake Anthropic Messages API and OpenAI Chat Completions API, with
     /// latency and faults injected, for tests, benchmarks and drills.
     MockUpstream(MockUpstreamArgs),
@@ -109,6 +112,103 @@ pub struct TraceArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub mode: Option<BenchMode>,
+
+    #[command(flatten)]
+    pub upstream: BenchUpstream,
+
+    /// Requests per mode.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: u64,
+
+    /// Independent clients per mode, each with its own orchestrator and limit, sharing
+    /// the requests between them (1 runs them strictly one at a time). Requests never
+    /// share a limit across lanes, so each request's timing is as if it ran alone.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub lanes: u64,
+
+    /// Concurrency limits of the parallel modes (after the sequential one).
+    #[arg(long, value_name = "N,N", value_delimiter = ',', default_values_t = [6usize, 4])]
+    pub limits: Vec<usize>,
+
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Also draw the latency distributions (end to end and critical path) as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub chart: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchMode {
+    /// Keep N requests in flight for a while: overhead over each request's slowest
+    /// call, requests/s, CPU, memory.
+    Load(LoadArgs),
+    /// The same against a near-zero-latency upstream: the orchestrator's own cost.
+    Throughput(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    #[command(flatten)]
+    pub upstream: BenchUpstream,
+
+    /// Requests kept in flight at once. Default: 100 for load, 64 for throughput.
+    #[arg(long, value_name = "N")]
+    pub in_flight: Option<usize>,
+
+    /// How long to keep them in flight.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Agent calls in flight at once. Default: enough for every request's six agents.
+    #[arg(long, value_name = "N")]
+    pub concurrency_limit: Option<usize>,
+
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchUpstream {
+    /// `sim` (in-process) or the URL of an Anthropic or OpenAI-compatible server, such
+    /// as `metaorch mock-upstream`'s.
+    #[arg(long, value_name = "sim|URL", default_value = "sim")]
+    pub upstream: String,
+
+    /// The wire format of a URL upstream.
+    #[arg(long, value_enum, default_value_t = ApiArg::Anthropic)]
+    pub api: ApiArg,
+
+    /// Simulated latency range (sim upstream). Default: 500ms..2000ms, or 0ms for
+    /// `throughput`.
+    #[arg(long, value_name = "MIN..MAX", value_parser = parse_range)]
+    pub latency: Option<(Duration, Duration)>,
+
+    /// Multiplies simulated latencies (sim upstream), for quick runs: ratios hold,
+    /// absolute times scale.
+    #[arg(long, value_name = "F", default_value_t = 1.0)]
+    pub time_scale: f64,
+
+    /// Seed for the simulated latencies.
+    #[arg(long, value_name = "N", default_value_t = 42)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ApiArg {
+    /// Anthropic's Messages API.
+    Anthropic,
+    /// OpenAI-compatible chat completions.
+    Openai,
 }
 
 #[derive(Debug, Args)]

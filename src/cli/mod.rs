@@ -6,6 +6,7 @@
 //! `config check`); 2 bad usage or a config that cannot be loaded.
 
 mod args;
+mod bench;
 mod config_check;
 mod mock_upstream;
 mod render;
@@ -27,6 +28,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(&cli, args),
         Command::Trace(args) => trace::trace(&cli, args),
         Command::MockUpstream(args) => mock_upstream::run(&cli, args),
+        Command::Bench(args) => bench::run(&cli, args),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check::check(&cli, file.as_deref()),

@@ -13,7 +13,9 @@
 
 mod outcome;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -23,7 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::limits::Limiter;
+use crate::limits::{Limiter, Permit};
 use crate::provider::{Completion, CompletionRequest, Provider, Usage};
 use crate::resilience::{Call, CallPolicy, CallReport, CircuitBreaker, Resilience};
 
@@ -181,6 +183,7 @@ impl Executor {
         let mut set = JoinSet::new();
         let mut slot_of = HashMap::with_capacity(tasks.len());
         let mut pending: Vec<Pending> = Vec::with_capacity(tasks.len());
+        let mut queue = VecDeque::with_capacity(tasks.len());
 
         for (index, task) in tasks.into_iter().enumerate() {
             let progress = Arc::new(Progress::new());
@@ -197,25 +200,52 @@ impl Executor {
                 model: task.request.model.clone(),
                 progress: Arc::clone(&progress),
             });
-            let handle =
-                set.spawn(run_agent(self.clone(), task, deadline, progress).instrument(span));
-            slot_of.insert(handle.id(), index);
+            queue.push_back(Queued {
+                index,
+                task,
+                span,
+                progress,
+            });
         }
 
         let mut outcomes: Vec<Option<AgentOutcome>> = vec![None; pending.len()];
         let mut stop = None;
+        // Agents are dispatched in config order, each with the slot for its first
+        // attempt. The executor waits for one slot at a time in the limiter's FIFO
+        // queue, so a request's agents start in order, requests sharing the limiter
+        // take turns, and agents still queued are not yet tasks at all.
+        let mut waiting: Option<Pin<Box<dyn Future<Output = Permit> + Send + '_>>> = None;
         loop {
+            while waiting.is_none() && !queue.is_empty() {
+                match self.limiter.try_acquire() {
+                    Some(permit) => {
+                        let next = queue.pop_front().expect("not empty");
+                        let (id, index) = self.dispatch(&mut set, next, permit, deadline);
+                        slot_of.insert(id, index);
+                    }
+                    None => waiting = Some(self.limiter.acquire()),
+                }
+            }
+            if set.is_empty() && queue.is_empty() {
+                break;
+            }
             tokio::select! {
                 // Results first: a task that finished at the deadline still counts.
                 biased;
-                joined = set.join_next_with_id() => match joined {
-                    Some(joined) => place(joined, &slot_of, &pending, &mut outcomes, None),
-                    None => break,
-                },
+                Some(joined) = set.join_next_with_id(), if !set.is_empty() => {
+                    place(joined, &slot_of, &pending, &mut outcomes, None);
+                }
+                permit = async { waiting.as_mut().expect("guarded by the condition").await }, if waiting.is_some() => {
+                    waiting = None;
+                    let next = queue.pop_front().expect("a permit is awaited only for a queued agent");
+                    let (id, index) = self.dispatch(&mut set, next, permit, deadline);
+                    slot_of.insert(id, index);
+                }
                 () = tokio::time::sleep_until(deadline) => { stop = Some(Stop::Deadline); break; }
                 () = cancel.cancelled() => { stop = Some(Stop::Cancelled); break; }
             }
         }
+        drop(waiting);
 
         if stop.is_some() {
             set.abort_all();
@@ -234,6 +264,49 @@ impl Executor {
                 outcome.unwrap_or_else(|| p.interrupted(stop.unwrap_or(Stop::Cancelled)))
             })
             .collect()
+    }
+}
+
+/// An agent waiting for the slot of its first attempt.
+struct Queued {
+    index: usize,
+    task: AgentTask,
+    span: tracing::Span,
+    progress: Arc<Progress>,
+}
+
+impl Executor {
+    /// Spawns a queued agent's task with the slot for its first attempt.
+    fn dispatch(
+        &self,
+        set: &mut JoinSet<AgentOutcome>,
+        queued: Queued,
+        permit: Permit,
+        deadline: Instant,
+    ) -> (tokio::task::Id, usize) {
+        let Queued {
+            index,
+            task,
+            span,
+            progress,
+        } = queued;
+        let waited = progress.dispatched.elapsed();
+        if !waited.is_zero() {
+            progress.waited(waited);
+            span.in_scope(|| {
+                tracing::debug!(
+                    event = "limiter.wait",
+                    wait_ms = millis(waited),
+                    limit = self.limiter.limit(),
+                    "waited {:.3} s for a concurrency slot",
+                    waited.as_secs_f64()
+                );
+            });
+        }
+        let handle = set.spawn(
+            run_agent(self.clone(), task, deadline, progress, permit, waited).instrument(span),
+        );
+        (handle.id(), index)
     }
 }
 
@@ -348,6 +421,8 @@ async fn run_agent(
     task: AgentTask,
     deadline: Instant,
     progress: Arc<Progress>,
+    first_slot: Permit,
+    queued: Duration,
 ) -> AgentOutcome {
     tracing::debug!(
         event = "agent.dispatch",
@@ -366,12 +441,14 @@ async fn run_agent(
         retries: Vec::new(),
         fallback: None,
         latency: Duration::ZERO,
-        queue_wait: Duration::ZERO,
+        queue_wait: queued,
         provider_latency: Duration::ZERO,
         usage: Usage::default(),
     };
 
-    let report = executor.call(&task, deadline, &progress).await;
+    let report = executor
+        .call(&task, deadline, &progress, Some(first_slot))
+        .await;
     let mut result = absorb(&mut outcome, report);
     let mut next = task.fallback;
     let mut primary_error = None;
@@ -433,7 +510,7 @@ async fn run_agent(
                     model = %target.request.model,
                 );
                 let report = executor
-                    .call(&target, deadline, &progress)
+                    .call(&target, deadline, &progress, None)
                     .instrument(span)
                     .await;
                 result = absorb(&mut outcome, report);
@@ -517,9 +594,16 @@ fn log_finish(o: &AgentOutcome) {
 
 impl Executor {
     /// One task's call (without its fallback) through the resilience policy.
-    async fn call(&self, task: &AgentTask, deadline: Instant, progress: &Progress) -> CallReport {
+    async fn call(
+        &self,
+        task: &AgentTask,
+        deadline: Instant,
+        progress: &Progress,
+        first_slot: Option<Permit>,
+    ) -> CallReport {
         self.resilience
             .call(Call {
+                first_slot,
                 provider: &*task.provider,
                 breaker: task.breaker.as_ref(),
                 policy: &task.policy,

@@ -193,7 +193,10 @@ impl Resilience {
                     "the request deadline passed before attempt {attempt} could start"
                 )));
             }
-            let slot = acquire_slot(call.limiter, &mut report, call.progress).await;
+            let slot = match call.first_slot.take() {
+                Some(slot) => slot,
+                None => acquire_slot(call.limiter, &mut report, call.progress).await,
+            };
             // Invariant 3: no attempt starts after the deadline.
             let now = Instant::now();
             if now >= call.deadline {
@@ -381,6 +384,8 @@ impl Resilience {
 
 /// One agent call to make under the policy.
 pub(crate) struct Call<'a> {
+    /// The slot for the first attempt, when the caller already holds one.
+    pub first_slot: Option<Permit>,
     pub provider: &'a dyn Provider,
     pub breaker: Option<&'a Arc<CircuitBreaker>>,
     pub policy: &'a CallPolicy,

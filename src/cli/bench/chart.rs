@@ -1,0 +1,80 @@
+//! The benchmark's chart: for each mode, the distribution (CDF) of end-to-end latency,
+//! solid, and of the critical path, dashed — the gap between them is the overhead.
+
+use std::path::Path;
+
+use anyhow::Context;
+use plotters::prelude::*;
+
+use super::ModeResult;
+
+const COLORS: [RGBColor; 4] = [
+    RGBColor(214, 39, 40),
+    RGBColor(31, 119, 180),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+];
+
+pub fn draw(path: &Path, modes: &[ModeResult], title: &str) -> anyhow::Result<()> {
+    let max_s = modes
+        .iter()
+        .flat_map(|m| m.e2e_ms.iter().chain(&m.critical_ms))
+        .fold(0.0_f64, |a, b| a.max(*b))
+        / 1000.0;
+    let root = SVGBackend::new(path, (960, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..(max_s * 1.05).max(0.001), 0.0..1.0)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("latency (s)")
+        .y_desc("fraction of requests")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (i, mode) in modes.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let e2e = cdf(&mode.e2e_ms);
+        let critical = cdf(&mode.critical_ms);
+        chart
+            .draw_series(LineSeries::new(e2e, color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(format!("{}: end to end", mode.name))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(DashedLineSeries::new(critical, 6, 4, color.stroke_width(1)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(format!("{}: critical path", mode.name))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("cannot write the chart {}", path.display()))
+}
+
+/// Sorted latencies (ms) as CDF points (seconds, fraction).
+fn cdf(values_ms: &[f64]) -> Vec<(f64, f64)> {
+    let mut sorted = values_ms.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len() as f64;
+    sorted
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v / 1000.0, (i + 1) as f64 / n))
+        .collect()
+}
