@@ -164,9 +164,14 @@ pub struct LoadArgs {
     #[arg(long, value_name = "N")]
     pub in_flight: Option<usize>,
 
-    /// How long to keep them in flight.
+    /// How long to measure, after the warm-up.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
+
+    /// Run this long first without measuring: connections are opened, caches and
+    /// allocator arenas fill. Requests started during it are not counted.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = metaorch::config::parse_duration)]
+    pub warmup: Duration,
 
     /// Agent calls in flight at once. Default: enough for every request's six agents.
     #[arg(long, value_name = "N")]

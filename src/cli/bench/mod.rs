@@ -465,9 +465,13 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
     };
     let setup = setup(&args.upstream, limit, default_latency)?;
     let counter = Arc::new(AtomicU64::new(0));
-    let (cpu_before, _) = usage();
-    let started = Instant::now();
-    let deadline = started + args.duration;
+    let warm = Instant::now() + args.warmup;
+    let deadline = warm + args.duration;
+    // The CPU clock is read when the warm-up ends, by a task that waits for it.
+    let cpu_at_warm = tokio::spawn(async move {
+        tokio::time::sleep_until(warm).await;
+        usage().0
+    });
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..in_flight {
         let orchestrator = setup.orchestrator.clone();
@@ -477,6 +481,7 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
             while Instant::now() < deadline {
                 let n = counter.fetch_add(1, Ordering::Relaxed);
                 let t = Instant::now();
+                let counted = t >= warm;
                 let response: Response = orchestrator
                     .process(&query(n))
                     .await
@@ -489,7 +494,9 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
                     .max()
                     .unwrap_or_default();
                 let failed = response.outcomes.iter().filter(|o| !o.succeeded()).count();
-                samples.push((e2e, slowest, response.outcomes.len(), failed));
+                if counted {
+                    samples.push((e2e, slowest, response.outcomes.len(), failed));
+                }
             }
             samples
         });
@@ -498,9 +505,10 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
     while let Some(joined) = tasks.join_next().await {
         samples.extend(joined.context("a load task failed")?);
     }
-    let wall = started.elapsed();
+    let wall = warm.elapsed();
     let (cpu_after, rss) = usage();
-    let cpu = (cpu_after - cpu_before).as_secs_f64();
+    let cpu_before = cpu_at_warm.await.context("the CPU clock task failed")?;
+    let cpu = cpu_after.saturating_sub(cpu_before).as_secs_f64();
     let calls: usize = samples.iter().map(|s| s.2).sum();
     let mut e2e: Vec<f64> = samples.iter().map(|s| s.0.as_secs_f64() * 1000.0).collect();
     let mut overhead: Vec<f64> = samples
@@ -532,8 +540,13 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
         peak_rss_mb: rss,
     };
     println!(
-        "{} — {} requests in flight for {:.1} s (limit {}), upstream: {}",
-        report.mode, in_flight, report.duration_s, limit, report.upstream
+        "{} — {} requests in flight for {:.1} s after a {:.1} s warm-up (limit {}), upstream: {}",
+        report.mode,
+        in_flight,
+        report.duration_s,
+        args.warmup.as_secs_f64(),
+        limit,
+        report.upstream
     );
     println!(
         "  requests:  {} ({:.1}/s), agent calls {:.0}/s, {} failed agent calls",
