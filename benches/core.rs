@@ -93,9 +93,15 @@ fn backoff(c: &mut Criterion) {
 fn log_line(c: &mut Criterion) {
     let subscriber = tracing_subscriber::registry().with(JsonLayer::new(std::io::sink));
     tracing::subscriber::with_default(subscriber, || {
-        let request = tracing::error_span!("request", trace_id = "4bf92f3577b34da6a3ce929d0e0e4736");
+        let request =
+            tracing::error_span!("request", trace_id = "4bf92f3577b34da6a3ce929d0e0e4736");
         let _r = request.enter();
-        let agent = tracing::error_span!("agent", agent_id = "critic", provider = "claude", model = "claude-sonnet-4-5");
+        let agent = tracing::error_span!(
+            "agent",
+            agent_id = "critic",
+            provider = "claude",
+            model = "claude-sonnet-4-5"
+        );
         let _a = agent.enter();
         c.bench_function("json_log_line", |b| {
             b.iter(|| {
