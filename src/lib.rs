@@ -20,6 +20,7 @@ pub mod mock_upstream;
 pub mod orchestrator;
 pub mod provider;
 pub mod resilience;
+pub mod server;
 pub mod telemetry;
 
 pub use config::Config;

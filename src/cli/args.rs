@@ -41,6 +41,9 @@ pub enum Command {
     /// Show one request's timeline from a JSON log: each agent's span, attempts,
     /// retries, fallback and end, breaker events, and the critical path.
     Trace(TraceArgs),
+    /// Serve the orchestrator over HTTP: POST /v1/orchestrate, an OpenAI-compatible
+    /// POST /v1/chat/completions, health, readiness, agents and recent traces.
+    Serve(ServeArgs),
     /// Measure: the original report's Table 3 (sequential vs parallel), overhead over
     /// the critical path, and (`load`, `throughput`) behaviour under sustained load.
     Bench(BenchArgs),
@@ -112,6 +115,17 @@ pub struct TraceArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on. Default: server.bind (127.0.0.1).
+    #[arg(long, value_name = "ADDR")]
+    pub bind: Option<std::net::IpAddr>,
+
+    /// Port to listen on (0 picks a free one). Default: server.port (8080).
+    #[arg(long, value_name = "N")]
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Args)]

@@ -35,31 +35,9 @@ pub fn run(_cli: &Cli, args: &MockUpstreamArgs) -> anyhow::Result<ExitCode> {
             "mock-upstream listening on {} (POST /v1/messages, POST /v1/chat/completions); Ctrl-C stops it",
             mock.url()
         );
-        shutdown_signal().await;
+        super::shutdown_signal().await;
         eprintln!("mock-upstream: stopping after {} requests", mock.requests().len());
         mock.stop().await;
         Ok(ExitCode::SUCCESS)
     })
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

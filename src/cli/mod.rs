@@ -11,6 +11,7 @@ mod config_check;
 mod mock_upstream;
 mod render;
 mod run;
+mod serve;
 mod trace;
 
 use std::path::Path;
@@ -29,6 +30,7 @@ pub fn main() -> ExitCode {
         Command::Trace(args) => trace::trace(&cli, args),
         Command::MockUpstream(args) => mock_upstream::run(&cli, args),
         Command::Bench(args) => bench::run(&cli, args),
+        Command::Serve(args) => serve::serve(&cli, args),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check::check(&cli, file.as_deref()),
@@ -73,4 +75,20 @@ fn load_file(flag: Option<&Path>) -> Result<Config, ConfigErrors> {
         Some(path) => Config::from_file(&path),
         None => Ok(Config::embedded()),
     }
+}
+
+/// Resolves on Ctrl-C or, on Unix, SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -67,10 +67,64 @@ pub struct Config {
     pub breaker: BreakerConfig,
     /// The process-wide retry budget.
     pub retry_budget: RetryBudgetConfig,
+    /// `metaorch serve`'s settings.
+    pub server: ServerConfig,
     /// Providers by name. `sim` is always defined; a `[providers.sim]` table tunes it.
     pub providers: BTreeMap<String, ProviderConfig>,
     /// The sub-agents, in the order their outcomes are reported.
     pub agents: Vec<AgentConfig>,
+}
+
+/// `metaorch serve`'s settings.
+#[derive(Clone, PartialEq)]
+pub struct ServerConfig {
+    /// The address to listen on.
+    pub bind: std::net::IpAddr,
+    /// The port to listen on.
+    pub port: u16,
+    /// Bearer tokens that may call the API; empty means no authentication.
+    pub auth_tokens: Vec<crate::provider::Secret>,
+    /// Requests in flight at once; past it, 503 with `Retry-After`.
+    pub max_in_flight: usize,
+    /// The largest request body accepted (413 past it).
+    pub max_body_bytes: usize,
+    /// The longest query accepted, in characters.
+    pub max_query_chars: usize,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    /// 127.0.0.1:8080, no auth, 256 requests in flight, 1 MiB bodies, 32,768-character
+    /// queries, 30 s to drain.
+    fn default() -> Self {
+        ServerConfig {
+            bind: std::net::IpAddr::from([127, 0, 0, 1]),
+            port: 8080,
+            auth_tokens: Vec::new(),
+            max_in_flight: 256,
+            max_body_bytes: 1 << 20,
+            max_query_chars: 32_768,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("bind", &self.bind)
+            .field("port", &self.port)
+            .field(
+                "auth_tokens",
+                &format_args!("[{} redacted]", self.auth_tokens.len()),
+            )
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_query_chars", &self.max_query_chars)
+            .field("drain_timeout", &self.drain_timeout)
+            .finish()
+    }
 }
 
 /// How to reach one provider.

@@ -20,6 +20,8 @@ pub struct Overrides {
     pub log_level: Option<String>,
     /// Replaces `log.file`.
     pub log_file: Option<std::path::PathBuf>,
+    /// Replaces `server.auth_tokens` (comma-separated in `METAORCH_SERVER_TOKENS`).
+    pub server_tokens: Option<Vec<crate::provider::Secret>>,
     /// Replaces `seed`, and the seed of every `sim` provider.
     pub seed: Option<u64>,
 }
@@ -77,6 +79,15 @@ impl Overrides {
         if let Some(v) = read("METAORCH_LOG_FILE") {
             o.log_file = Some(v.into());
         }
+        if let Some(v) = read("METAORCH_SERVER_TOKENS") {
+            o.server_tokens = Some(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(crate::provider::Secret::new)
+                    .collect(),
+            );
+        }
         if let Some(v) = read("METAORCH_SEED") {
             match v.trim().parse::<u64>() {
                 Ok(n) => o.seed = Some(n),
@@ -103,6 +114,7 @@ impl Overrides {
             min_successes: higher.min_successes.or(self.min_successes),
             log_level: higher.log_level.or(self.log_level),
             log_file: higher.log_file.or(self.log_file),
+            server_tokens: higher.server_tokens.or(self.server_tokens),
             seed: higher.seed.or(self.seed),
         }
     }
@@ -158,6 +170,9 @@ impl Overrides {
         }
         if let Some(file) = &self.log_file {
             config.log_file = Some(file.clone());
+        }
+        if let Some(tokens) = &self.server_tokens {
+            config.server.auth_tokens = tokens.clone();
         }
         if let Some(seed) = self.seed {
             config.seed = Some(seed);

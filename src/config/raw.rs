@@ -21,6 +21,8 @@ pub(crate) struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub defaults: RawDefaults,
+    #[serde(default)]
+    pub server: RawServer,
     pub retry_budget: Option<Spanned<RawRetryBudget>>,
     #[serde(default)]
     pub providers: BTreeMap<String, Spanned<RawProvider>>,
@@ -32,6 +34,18 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawLog {
     pub level: Option<Spanned<String>>,
     pub file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawServer {
+    pub bind: Option<Spanned<String>>,
+    pub port: Option<u16>,
+    pub auth_tokens: Option<Vec<String>>,
+    pub max_in_flight: Option<Spanned<usize>>,
+    pub max_body_bytes: Option<Spanned<usize>>,
+    pub max_query_chars: Option<Spanned<usize>>,
+    pub drain_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -119,6 +119,7 @@ impl Validator<'_> {
         let defaults = self.defaults_policy(&raw.defaults);
         let breaker = self.breaker(raw.defaults.breaker);
         let retry_budget = retry_budget(raw.retry_budget);
+        let server = self.server(raw.server);
         let mut providers = self.providers(raw.providers);
         if let Some(seed) = raw.seed {
             for provider in providers.values_mut() {
@@ -182,9 +183,78 @@ impl Validator<'_> {
             seed: raw.seed,
             breaker,
             retry_budget,
+            server,
             providers,
             agents,
         }
+    }
+
+    fn server(&mut self, raw: super::raw::RawServer) -> super::ServerConfig {
+        let mut server = super::ServerConfig::default();
+        if let Some(bind) = raw.bind {
+            match bind.get_ref().parse() {
+                Ok(ip) => server.bind = ip,
+                Err(_) => self.error(
+                    Some(bind.span()),
+                    "server.bind",
+                    format!(
+                        "\"{}\" is not an IP address; expected e.g. \"127.0.0.1\" or \"0.0.0.0\"",
+                        bind.get_ref()
+                    ),
+                ),
+            }
+        }
+        if let Some(port) = raw.port {
+            server.port = port;
+        }
+        if let Some(tokens) = raw.auth_tokens {
+            // Tokens are not echoed in errors: they are secrets.
+            if tokens.iter().any(|t| t.trim().is_empty()) {
+                self.error(
+                    None,
+                    "server.auth_tokens",
+                    "contains an empty token; remove it".into(),
+                );
+            }
+            server.auth_tokens = tokens
+                .into_iter()
+                .map(crate::provider::Secret::new)
+                .collect();
+        }
+        for (value, name, target) in [
+            (
+                &raw.max_in_flight,
+                "max_in_flight",
+                &mut server.max_in_flight,
+            ),
+            (
+                &raw.max_body_bytes,
+                "max_body_bytes",
+                &mut server.max_body_bytes,
+            ),
+            (
+                &raw.max_query_chars,
+                "max_query_chars",
+                &mut server.max_query_chars,
+            ),
+        ] {
+            if let Some(v) = value {
+                if *v.get_ref() == 0 {
+                    self.errors.push(ConfigError {
+                        origin: self.origin.to_owned(),
+                        position: Some(line_col(self.text, v.span().start)),
+                        field: format!("server.{name}"),
+                        message: "0 would refuse every request; expected 1 or more".into(),
+                    });
+                } else {
+                    *target = *v.get_ref();
+                }
+            }
+        }
+        if let Some(d) = raw.drain_timeout {
+            server.drain_timeout = d.0;
+        }
+        server
     }
 
     /// `[defaults]`: the policy every agent starts from.

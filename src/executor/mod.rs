@@ -101,6 +101,28 @@ pub enum Fallback {
     Agent(Box<AgentTask>),
 }
 
+/// Live news of a request's agents, for callers that show progress as it happens.
+#[derive(Debug, Clone)]
+pub enum AgentEvent {
+    /// An agent got its first slot and started.
+    Dispatch {
+        /// The agent.
+        agent_id: String,
+    },
+    /// An agent's attempt failed and will be retried after `delay`.
+    Retry {
+        /// The agent.
+        agent_id: String,
+        /// What happened, as in the outcome's `retries`.
+        retry: crate::resilience::RetryRecord,
+    },
+    /// An agent finished: its outcome, as it will appear in the response.
+    Done(Box<AgentOutcome>),
+}
+
+/// Where live events go. Sending never blocks; a closed receiver is ignored.
+pub type EventSink = tokio::sync::mpsc::UnboundedSender<AgentEvent>;
+
 /// Runs agent tasks concurrently. Cheap to clone; clones share the limiter and the
 /// resilience state (retry budget, breakers).
 #[derive(Debug, Clone)]
@@ -123,14 +145,27 @@ pub(crate) struct Progress {
     attempts: AtomicU32,
     /// Nanoseconds spent waiting for slots so far.
     queue_wait_nanos: AtomicU64,
+    /// The agent's id and where its live events go, if anyone listens.
+    events: Option<(String, EventSink)>,
 }
 
 impl Progress {
-    fn new() -> Self {
+    fn new(events: Option<(String, EventSink)>) -> Self {
         Progress {
             dispatched: Instant::now(),
             attempts: AtomicU32::new(0),
             queue_wait_nanos: AtomicU64::new(0),
+            events,
+        }
+    }
+
+    /// Reports a retry to whoever listens.
+    pub(crate) fn retry(&self, retry: &crate::resilience::RetryRecord) {
+        if let Some((agent_id, sink)) = &self.events {
+            let _ = sink.send(AgentEvent::Retry {
+                agent_id: agent_id.clone(),
+                retry: retry.clone(),
+            });
         }
     }
 
@@ -180,13 +215,27 @@ impl Executor {
         deadline: Instant,
         cancel: &CancellationToken,
     ) -> Vec<AgentOutcome> {
+        self.run_observed(tasks, deadline, cancel, None).await
+    }
+
+    /// [`Executor::run`], sending live events to `events` as agents start, retry and
+    /// finish.
+    pub async fn run_observed(
+        &self,
+        tasks: Vec<AgentTask>,
+        deadline: Instant,
+        cancel: &CancellationToken,
+        events: Option<EventSink>,
+    ) -> Vec<AgentOutcome> {
         let mut set = JoinSet::new();
         let mut slot_of = HashMap::with_capacity(tasks.len());
         let mut pending: Vec<Pending> = Vec::with_capacity(tasks.len());
         let mut queue = VecDeque::with_capacity(tasks.len());
 
         for (index, task) in tasks.into_iter().enumerate() {
-            let progress = Arc::new(Progress::new());
+            let progress = Arc::new(Progress::new(
+                events.as_ref().map(|e| (task.agent_id.clone(), e.clone())),
+            ));
             // ERROR level for the same reason as the request span: ids on every line.
             let span = tracing::error_span!(
                 "agent",
@@ -233,7 +282,7 @@ impl Executor {
                 // Results first: a task that finished at the deadline still counts.
                 biased;
                 Some(joined) = set.join_next_with_id(), if !set.is_empty() => {
-                    place(joined, &slot_of, &pending, &mut outcomes, None);
+                    place(joined, &slot_of, &pending, &mut outcomes, None, events.as_ref());
                 }
                 permit = async { waiting.as_mut().expect("guarded by the condition").await }, if waiting.is_some() => {
                     waiting = None;
@@ -251,7 +300,14 @@ impl Executor {
             set.abort_all();
             // Tasks that finished before the abort took effect still deliver their result.
             while let Some(joined) = set.join_next_with_id().await {
-                place(joined, &slot_of, &pending, &mut outcomes, stop);
+                place(
+                    joined,
+                    &slot_of,
+                    &pending,
+                    &mut outcomes,
+                    stop,
+                    events.as_ref(),
+                );
             }
         }
 
@@ -261,7 +317,13 @@ impl Executor {
             .map(|(outcome, p)| {
                 // Every spawned task is joined above, so every slot is filled; this
                 // fallback only keeps the promise if that reasoning is ever broken.
-                outcome.unwrap_or_else(|| p.interrupted(stop.unwrap_or(Stop::Cancelled)))
+                outcome.unwrap_or_else(|| {
+                    let outcome = p.interrupted(stop.unwrap_or(Stop::Cancelled));
+                    if let Some(sink) = &events {
+                        let _ = sink.send(AgentEvent::Done(Box::new(outcome.clone())));
+                    }
+                    outcome
+                })
             })
             .collect()
     }
@@ -290,6 +352,11 @@ impl Executor {
             span,
             progress,
         } = queued;
+        if let Some((agent_id, sink)) = &progress.events {
+            let _ = sink.send(AgentEvent::Dispatch {
+                agent_id: agent_id.clone(),
+            });
+        }
         let waited = progress.dispatched.elapsed();
         if !waited.is_zero() {
             progress.waited(waited);
@@ -399,6 +466,7 @@ fn place(
     pending: &[Pending],
     outcomes: &mut [Option<AgentOutcome>],
     stop: Option<Stop>,
+    events: Option<&EventSink>,
 ) {
     let (id, outcome) = match joined {
         Ok((id, outcome)) => (id, Ok(outcome)),
@@ -407,11 +475,15 @@ fn place(
     let Some(&index) = slot_of.get(&id) else {
         return;
     };
-    outcomes[index] = Some(match outcome {
+    let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(err) if err.is_panic() => pending[index].panicked(err),
         Err(_) => pending[index].interrupted(stop.unwrap_or(Stop::Cancelled)),
-    });
+    };
+    if let Some(sink) = events {
+        let _ = sink.send(AgentEvent::Done(Box::new(outcome.clone())));
+    }
+    outcomes[index] = Some(outcome);
 }
 
 /// One agent's task: its call through the resilience policy, then its fallbacks if

@@ -126,41 +126,83 @@ impl Orchestrator {
     /// query); agent failures are reported in the response's outcomes.
     pub async fn process_request(&self, request: Request) -> Result<Response, RequestError> {
         request.validate()?;
+        let selected = self.select(request.agents.as_deref())?;
         let trace_id = request.trace_id.unwrap_or_else(TraceId::random);
         // ERROR level, so the span (and the trace id it carries) is enabled whenever any
         // event is: a `warn` filter must still tie each warning to its request.
         let span = tracing::error_span!("request", trace_id = %trace_id);
-        Ok(self.run(request, trace_id).instrument(span).await)
+        Ok(self.run(request, trace_id, selected).instrument(span).await)
     }
 
-    async fn run(&self, request: Request, trace_id: TraceId) -> Response {
+    /// Checks a request without running it: what [`Orchestrator::process_request`]
+    /// would refuse (an empty query, a zero timeout, unknown agents).
+    pub fn check(&self, request: &Request) -> Result<(), RequestError> {
+        request.validate()?;
+        self.select(request.agents.as_deref()).map(drop)
+    }
+
+    /// The indexes of the agents a request runs: the ones it names (in config order),
+    /// or every active one.
+    fn select(&self, ids: Option<&[String]>) -> Result<Vec<usize>, RequestError> {
+        let inner = &*self.inner;
+        let Some(ids) = ids else {
+            return Ok(inner.active.clone());
+        };
+        if ids.is_empty() {
+            return Err(RequestError::NoAgents);
+        }
+        for id in ids {
+            if !inner
+                .active
+                .iter()
+                .any(|&i| &inner.agents[i].config.id == id)
+            {
+                let known: Vec<&str> = self.agents().map(|a| a.id.as_str()).collect();
+                return Err(RequestError::UnknownAgent {
+                    agent: id.clone(),
+                    known: known.join(", "),
+                });
+            }
+        }
+        Ok(inner
+            .active
+            .iter()
+            .copied()
+            .filter(|&i| ids.contains(&inner.agents[i].config.id))
+            .collect())
+    }
+
+    async fn run(&self, request: Request, trace_id: TraceId, selected: Vec<usize>) -> Response {
         let inner = &*self.inner;
         let started = Instant::now();
         let timeout = request.timeout.unwrap_or(inner.request_timeout);
         let deadline = started + timeout;
         tracing::info!(
             event = "request.start",
-            agents = inner.active.len(),
+            agents = selected.len(),
             query_chars = request.query.chars().count(),
             timeout_ms = millis(timeout),
             concurrency_limit = inner.executor.limiter().limit(),
             "request started"
         );
 
-        let tasks = inner
-            .active
+        let tasks = selected
             .iter()
             .map(|&i| plan(&inner.agents, i, &request.query, trace_id, 0))
             .collect();
-        let outcomes = inner.executor.run(tasks, deadline, &request.cancel).await;
+        let outcomes = inner
+            .executor
+            .run_observed(tasks, deadline, &request.cancel, request.events.clone())
+            .await;
 
-        let configs: Vec<&AgentConfig> = self.agents().collect();
+        let configs: Vec<&AgentConfig> =
+            selected.iter().map(|&i| &inner.agents[i].config).collect();
         let answer = inner
             .synthesizer
             .synthesize(&request.query, &configs, &outcomes)
             .await;
 
-        let summary = Summary::of(&outcomes, inner.min_successes);
+        let summary = Summary::of(&outcomes, inner.min_successes.min(outcomes.len()));
         let mut usage = Usage::default();
         for o in &outcomes {
             usage += o.usage;

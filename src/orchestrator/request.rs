@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::executor::EventSink;
 use crate::telemetry::TraceId;
 
 /// A query with per-request options. Built with [`Request::new`] and the `with_*`
@@ -19,6 +20,10 @@ pub struct Request {
     /// Cancelling this token ends the request at once; unfinished agents are reported
     /// as `timed_out` with kind `cancelled`.
     pub cancel: CancellationToken,
+    /// Run only these agents (by id, in config order); `None` runs them all.
+    pub agents: Option<Vec<String>>,
+    /// Where to send live events (dispatch, retry, each outcome as it lands).
+    pub events: Option<EventSink>,
 }
 
 impl Request {
@@ -29,7 +34,21 @@ impl Request {
             trace_id: None,
             timeout: None,
             cancel: CancellationToken::new(),
+            agents: None,
+            events: None,
         }
+    }
+
+    /// Runs only these agents.
+    pub fn with_agents(mut self, agents: Vec<String>) -> Request {
+        self.agents = Some(agents);
+        self
+    }
+
+    /// Sends live events to `events` as the request runs.
+    pub fn with_events(mut self, events: EventSink) -> Request {
+        self.events = Some(events);
+        self
     }
 
     /// Sets the trace id.
@@ -73,4 +92,17 @@ pub enum RequestError {
     /// A timeout of zero would time out every agent before it starts.
     #[error("the request timeout is zero; give a positive duration such as 30s")]
     ZeroTimeout,
+    /// The request names an agent that is not configured.
+    #[error("\"{agent}\" is not a configured agent; configured: {known}")]
+    UnknownAgent {
+        /// The id asked for.
+        agent: String,
+        /// The configured ids, comma-separated.
+        known: String,
+    },
+    /// The request asks for no agents at all.
+    #[error(
+        "the agent list is empty; name at least one agent, or leave the list out to run them all"
+    )]
+    NoAgents,
 }

@@ -369,13 +369,15 @@ impl Resilience {
                 delay.as_secs_f64(),
                 source.as_str()
             );
-            report.retries.push(RetryRecord {
+            let record = RetryRecord {
                 attempt,
                 error: error.kind,
                 status: error.status,
                 delay,
                 source,
-            });
+            };
+            call.progress.retry(&record);
+            report.retries.push(record);
             tokio::time::sleep(delay).await;
             previous_delay = delay;
         }

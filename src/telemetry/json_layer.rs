@@ -53,9 +53,15 @@ where
 {
     fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
+        let mut extensions = span.extensions_mut();
+        // Another JSON layer on the same registry (a file and a trace ring, say) has
+        // already recorded the same fields.
+        if extensions.get_mut::<SpanFields>().is_some() {
+            return;
+        }
         let mut fields = SpanFields::default();
         attrs.record(&mut Fields(&mut fields.0));
-        span.extensions_mut().insert(fields);
+        extensions.insert(fields);
     }
 
     fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {

@@ -7,11 +7,11 @@ use std::io;
 use std::path::Path;
 use std::sync::Mutex;
 
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-use super::JsonLayer;
+use super::{JsonLayer, TraceRing};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -30,28 +30,48 @@ pub enum LogFormat {
 ///
 /// Fails only when the file cannot be opened.
 pub fn init_logging(filter: &str, format: LogFormat, file: Option<&Path>) -> io::Result<()> {
+    init_logging_with_ring(filter, format, file, None)
+}
+
+/// [`init_logging`], and also keeps every `metaorch` line at `info` and above in
+/// `ring`, whatever the output's filter, so recent requests' timelines can be shown.
+pub fn init_logging_with_ring(
+    filter: &str,
+    format: LogFormat,
+    file: Option<&Path>,
+    ring: Option<TraceRing>,
+) -> io::Result<()> {
     let filter = EnvFilter::builder()
         .parse(filter)
         .unwrap_or_else(|_| EnvFilter::new(crate::config::DEFAULT_LOG_LEVEL));
-    let registry = tracing_subscriber::registry().with(filter);
-    let _ = match (format, file) {
-        (LogFormat::Json, None) => registry.with(JsonLayer::new(io::stderr)).try_init(),
-        (LogFormat::Json, Some(path)) => registry
-            .with(JsonLayer::new(Mutex::new(open_append(path)?)))
-            .try_init(),
-        (LogFormat::Pretty, None) => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(io::stderr))
-            .try_init(),
-        (LogFormat::Pretty, Some(path)) => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(Mutex::new(open_append(path)?)),
-            )
-            .try_init(),
+    let output: BoxedLayer = match (format, file) {
+        (LogFormat::Json, None) => JsonLayer::new(io::stderr).with_filter(filter).boxed(),
+        (LogFormat::Json, Some(path)) => JsonLayer::new(Mutex::new(open_append(path)?))
+            .with_filter(filter)
+            .boxed(),
+        (LogFormat::Pretty, None) => tracing_subscriber::fmt::layer()
+            .with_writer(io::stderr)
+            .with_filter(filter)
+            .boxed(),
+        (LogFormat::Pretty, Some(path)) => tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(Mutex::new(open_append(path)?))
+            .with_filter(filter)
+            .boxed(),
     };
+    let mut layers = vec![output];
+    if let Some(ring) = ring {
+        layers.push(
+            JsonLayer::new(ring)
+                .with_filter(EnvFilter::new("metaorch=info"))
+                .boxed(),
+        );
+    }
+    let _ = tracing_subscriber::registry().with(layers).try_init();
     Ok(())
 }
+
+type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
 /// Opens `path` for appending: each line is one `write` on an `O_APPEND` file, so
 /// lines from several processes interleave whole.

@@ -6,9 +6,11 @@
 
 mod json_layer;
 mod logging;
+mod ring;
 pub mod timeline;
 mod trace_id;
 
 pub use json_layer::JsonLayer;
-pub use logging::{LogFormat, init_logging};
+pub use logging::{LogFormat, init_logging, init_logging_with_ring};
+pub use ring::{RingWriter, TraceRing};
 pub use trace_id::{ParseTraceIdError, TraceId};

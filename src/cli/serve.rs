@@ -1,0 +1,69 @@
+//! `metaorch serve`: the HTTP service, until SIGTERM or Ctrl-C, then a drain.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use metaorch::Orchestrator;
+use metaorch::config::Overrides;
+use metaorch::server::{ServerState, serve as run_server};
+use metaorch::telemetry::{LogFormat, TraceRing, init_logging_with_ring};
+
+use super::args::{Cli, LogFormatArg, ServeArgs};
+
+/// Recent log lines kept for `GET /v1/traces/{id}`.
+const RING_BYTES: usize = 16 << 20;
+
+pub fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = match super::load_config(cli, Overrides::default()) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("error: the config is not valid:");
+            for e in errors.errors() {
+                eprintln!("  {e}");
+            }
+            eprintln!("Run `metaorch config check` for details, or fix the values above.");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let ring = TraceRing::new(RING_BYTES);
+    init_logging_with_ring(
+        // A server's log is read later: info unless told otherwise.
+        config.log_level.as_deref().unwrap_or("info"),
+        match cli.log_format {
+            LogFormatArg::Json => LogFormat::Json,
+            LogFormatArg::Pretty => LogFormat::Pretty,
+        },
+        config.log_file.as_deref(),
+        Some(ring.clone()),
+    )?;
+    let mut server = config.server.clone();
+    if let Some(bind) = args.bind {
+        server.bind = bind;
+    }
+    if let Some(port) = args.port {
+        server.port = port;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let orchestrator = Orchestrator::builder().config(config.clone()).build()?;
+        let addr = SocketAddr::new(server.bind, server.port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        eprintln!(
+            "metaorch serve: http://{local} ({} agents from {}{}); SIGTERM or Ctrl-C drains and stops",
+            orchestrator.agents().count(),
+            config.origin,
+            if server.auth_tokens.is_empty() { ", no auth" } else { ", bearer auth" }
+        );
+        tracing::info!(event = "server.start", addr = %local, agents = orchestrator.agents().count(), "serving");
+        let state = ServerState::new(orchestrator, server, Some(ring));
+        run_server(listener, state, super::shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
