@@ -710,3 +710,76 @@ fn a_missing_api_key_is_named() {
         "{err}"
     );
 }
+
+/// `metaorch serve` as a user starts it: the embedded default, a request, its timeline
+/// from `/v1/traces/{id}`, and SIGTERM drains and exits 0.
+#[cfg(unix)]
+#[test]
+fn serve_answers_keeps_recent_traces_and_stops_on_sigterm() {
+    use std::io::BufRead as _;
+    let dir = dir_with(Some(FAST));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_metaorch"))
+        .args(["serve", "--port", "0"])
+        .current_dir(dir.path())
+        .env_remove("METAORCH_CONFIG")
+        .env_remove("METAORCH_LOG_FILE")
+        .env_remove("METAORCH_SERVER_TOKENS")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .to_owned();
+    // Keep draining stderr so the server never blocks on a full pipe.
+    let reader = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+        rest
+    });
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let response: serde_json::Value = client
+            .post(format!("{url}/v1/orchestrate"))
+            .json(&serde_json::json!({"query": "What now?"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = response["trace_id"].as_str().unwrap();
+        let timeline: serde_json::Value = client
+            .get(format!("{url}/v1/traces/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(timeline["trace_id"], id);
+        assert_eq!(
+            timeline["agents"].as_array().unwrap().len(),
+            6,
+            "{timeline}"
+        );
+        assert_eq!(timeline["finished"], true);
+    });
+
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let log = reader.join().unwrap();
+    assert!(log.contains("\"event\":\"server.draining\""), "{log}");
+    assert!(log.contains("\"event\":\"server.stopped\""), "{log}");
+}
