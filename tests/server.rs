@@ -35,6 +35,14 @@ impl Server {
             "test.toml",
         )
         .unwrap();
+        Server::start_with(config, server, provider).await
+    }
+
+    async fn start_with(
+        config: Config,
+        server: ServerConfig,
+        provider: Option<Arc<dyn Provider>>,
+    ) -> Server {
         let mut builder = Orchestrator::builder().config(config);
         if let Some(p) = provider {
             builder = builder.provider("sim", p);
@@ -610,4 +618,130 @@ fn openai_python() -> Option<std::path::PathBuf> {
         .status()
         .is_ok_and(|s| s.success());
     (installed && has_openai(&python)).then_some(python)
+}
+
+/// `/metrics` parses as Prometheus text, and its counters move as a faulty run
+/// predicts: retries by reason, a breaker open, fallbacks, outcomes.
+#[tokio::test]
+async fn metrics_move_as_a_faulty_run_predicts() {
+    let config = Config::from_toml_str(
+        r#"
+[defaults.retry]
+initial_delay = "1ms"
+max_delay = "2ms"
+[defaults.breaker]
+window_size = 4
+minimum_calls = 2
+failure_rate_threshold = 0.9
+[providers.sim]
+kind = "sim"
+latency_min = "1ms"
+latency_max = "2ms"
+[[providers.sim.faults.script]]
+agent = "m-planner"
+first_attempts = 2
+kind = "overloaded"
+[[providers.sim.faults.script]]
+agent = "m-critic"
+first_attempts = 100
+kind = "auth"
+[providers.flaky]
+kind = "sim"
+latency_min = "1ms"
+latency_max = "2ms"
+[[providers.flaky.faults.script]]
+agent = "m-researcher"
+first_attempts = 100
+kind = "server"
+[[agents]]
+id = "m-planner"
+provider = "sim"
+[[agents]]
+id = "m-critic"
+provider = "sim"
+fallback = { text = "no critique" }
+[[agents]]
+id = "m-researcher"
+provider = "flaky"
+"#,
+        "metrics.toml",
+    )
+    .unwrap();
+    let server = Server::start_with(config, ServerConfig::default(), None).await;
+    let response = post(
+        &format!("{}/v1/orchestrate", server.url),
+        json!({"query": "q"}),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let body = client()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        body.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = body.text().await.unwrap();
+
+    // Every sample line is `name{labels} value` with a number.
+    let mut samples = std::collections::HashMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{line}"
+        );
+        samples.insert(series.to_owned(), value);
+    }
+    let get = |series: &str| {
+        samples
+            .get(series)
+            .copied()
+            .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+    };
+    assert_eq!(
+        get(
+            r#"metaorch_agent_calls_total{agent="m-planner",provider="sim",model="sim-1",outcome="succeeded"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(r#"metaorch_agent_attempts_total{agent="m-planner",provider="sim",model="sim-1"}"#),
+        3.0
+    );
+    assert!(get(r#"metaorch_retries_total{reason="overloaded"}"#) >= 2.0);
+    assert_eq!(get(r#"metaorch_fallbacks_total{agent="m-critic"}"#), 1.0);
+    assert_eq!(
+        get(r#"metaorch_breaker_state{provider="flaky",model="sim-1"}"#),
+        2.0,
+        "open"
+    );
+    assert_eq!(
+        get(r#"metaorch_breaker_transitions_total{provider="flaky",model="sim-1",to="open"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(
+            r#"metaorch_agent_calls_total{agent="m-researcher",provider="flaky",model="sim-1",outcome="failed"}"#
+        ),
+        1.0
+    );
+    assert_eq!(get(r#"metaorch_in_flight{provider="flaky"}"#), 0.0);
+    assert!(get("metaorch_request_duration_seconds_count") >= 1.0);
+    assert!(
+        text.contains(r#"metaorch_agent_latency_seconds_bucket{agent="m-planner",le="0.1"}"#),
+        "histograms have buckets"
+    );
+    server.stop().await;
 }

@@ -91,6 +91,10 @@ pub struct RunArgs {
     /// Successful agents needed for exit status 0 (overrides min_successes).
     #[arg(long, value_name = "N")]
     pub min_successes: Option<usize>,
+
+    /// Print the Prometheus counters of the run on stderr at the end.
+    #[arg(long)]
+    pub metrics: bool,
 }
 
 #[derive(Debug, Args)]
@@ -158,6 +162,10 @@ pub struct BenchArgs {
     /// Also draw the latency distributions (end to end and critical path) as SVG.
     #[arg(long, value_name = "FILE.svg")]
     pub chart: Option<PathBuf>,
+
+    /// Print the Prometheus counters of the run on stderr at the end.
+    #[arg(long)]
+    pub metrics: bool,
 }
 
 #[derive(Debug, Subcommand)]

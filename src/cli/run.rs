@@ -40,6 +40,11 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         config.log_file.as_deref(),
     )?;
 
+    let metrics = if args.metrics {
+        metaorch::telemetry::metrics::install()
+    } else {
+        None
+    };
     let orchestrator = Orchestrator::builder().config(config.clone()).build()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -64,6 +69,9 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&response)?);
         }
         OutputFormat::Text => print!("{}", render::response(&response, &config)),
+    }
+    if let Some(handle) = metrics {
+        eprintln!("{}", metaorch::telemetry::metrics::summary(handle));
     }
     Ok(exit_code(&response))
 }

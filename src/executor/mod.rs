@@ -269,7 +269,7 @@ impl Executor {
                 match self.limiter.try_acquire() {
                     Some(permit) => {
                         let next = queue.pop_front().expect("not empty");
-                        let (id, index) = self.dispatch(&mut set, next, permit, deadline);
+                        let (id, index) = self.dispatch(&mut set, next, permit, deadline, false);
                         slot_of.insert(id, index);
                     }
                     None => waiting = Some(self.limiter.acquire()),
@@ -287,7 +287,7 @@ impl Executor {
                 permit = async { waiting.as_mut().expect("guarded by the condition").await }, if waiting.is_some() => {
                     waiting = None;
                     let next = queue.pop_front().expect("a permit is awaited only for a queued agent");
-                    let (id, index) = self.dispatch(&mut set, next, permit, deadline);
+                    let (id, index) = self.dispatch(&mut set, next, permit, deadline, true);
                     slot_of.insert(id, index);
                 }
                 () = tokio::time::sleep_until(deadline) => { stop = Some(Stop::Deadline); break; }
@@ -345,6 +345,7 @@ impl Executor {
         queued: Queued,
         permit: Permit,
         deadline: Instant,
+        had_to_wait: bool,
     ) -> (tokio::task::Id, usize) {
         let Queued {
             index,
@@ -357,9 +358,14 @@ impl Executor {
                 agent_id: agent_id.clone(),
             });
         }
-        let waited = progress.dispatched.elapsed();
-        if !waited.is_zero() {
+        let waited = if had_to_wait {
+            progress.dispatched.elapsed()
+        } else {
+            Duration::ZERO
+        };
+        if had_to_wait {
             progress.waited(waited);
+            crate::telemetry::metrics::limiter_wait(waited);
             span.in_scope(|| {
                 tracing::debug!(
                     event = "limiter.wait",
@@ -612,6 +618,7 @@ async fn run_agent(
 /// `agent.timeout`, with its timings, so a timeline can be rebuilt from these lines
 /// alone (dispatch = finish − `latency_ms`).
 fn log_finish(o: &AgentOutcome) {
+    crate::telemetry::metrics::agent_finished(o);
     let fallback = o.fallback.as_ref().map(|f| f.source.as_str());
     match &o.error {
         None => tracing::info!(
@@ -676,6 +683,7 @@ impl Executor {
         self.resilience
             .call(Call {
                 first_slot,
+                provider_name: &task.provider_name,
                 provider: &*task.provider,
                 breaker: task.breaker.as_ref(),
                 policy: &task.policy,

@@ -213,6 +213,7 @@ impl Orchestrator {
             sum_of_agents: outcomes.iter().map(|o| o.latency).sum(),
         };
         let ok = summary.succeeded >= summary.min_successes;
+        crate::telemetry::metrics::request_finished(ok, timings.total);
         tracing::info!(
             event = "request.finish",
             ok,

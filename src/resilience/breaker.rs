@@ -199,9 +199,11 @@ impl CircuitBreaker {
         config: BreakerConfig,
     ) -> Self {
         let window = Counts::new(config.window);
+        let (provider, model) = (provider.into(), model.into());
+        crate::telemetry::metrics::breaker(&provider, &model, BreakerState::Closed, false);
         CircuitBreaker {
-            provider: provider.into(),
-            model: model.into(),
+            provider,
+            model,
             config,
             inner: Mutex::new(Inner {
                 state: State::Closed,
@@ -423,6 +425,7 @@ impl CircuitBreaker {
 
     fn log(&self, transition: Option<Transition>) {
         let Some(t) = transition else { return };
+        crate::telemetry::metrics::breaker(&self.provider, &self.model, t.to, true);
         let (event, verb) = match t.to {
             BreakerState::Open => ("breaker.open", "opened"),
             BreakerState::HalfOpen => ("breaker.half_open", "half-opened"),

@@ -254,6 +254,12 @@ impl Resilience {
                 timeout_ms = millis(limit),
                 "attempt {attempt} of {max_attempts}"
             );
+            crate::telemetry::metrics::attempt(
+                &call.request.meta.agent_id,
+                call.provider_name,
+                &call.request.model,
+            );
+            let in_flight = crate::telemetry::metrics::InFlight::start(call.provider_name);
             let started = Instant::now();
             let result = tokio::time::timeout(
                 limit,
@@ -262,7 +268,7 @@ impl Resilience {
                     .instrument(tracing::error_span!("attempt", attempt)),
             )
             .await;
-            drop(slot);
+            drop((slot, in_flight));
 
             let error = match result {
                 Ok(Ok(completion)) => {
@@ -377,6 +383,7 @@ impl Resilience {
                 source,
             };
             call.progress.retry(&record);
+            crate::telemetry::metrics::retry(error.kind.as_str());
             report.retries.push(record);
             tokio::time::sleep(delay).await;
             previous_delay = delay;
@@ -388,6 +395,8 @@ impl Resilience {
 pub(crate) struct Call<'a> {
     /// The slot for the first attempt, when the caller already holds one.
     pub first_slot: Option<Permit>,
+    /// The provider's configured name, for metrics.
+    pub provider_name: &'a str,
     pub provider: &'a dyn Provider,
     pub breaker: Option<&'a Arc<CircuitBreaker>>,
     pub policy: &'a CallPolicy,
@@ -450,6 +459,7 @@ async fn acquire_slot(
     let waited = started.elapsed();
     report.queue_wait += waited;
     progress.waited(waited);
+    crate::telemetry::metrics::limiter_wait(waited);
     tracing::debug!(
         event = "limiter.wait",
         wait_ms = millis(waited),

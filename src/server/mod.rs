@@ -42,6 +42,7 @@ pub struct ServerState {
     draining: AtomicBool,
     drained: Notify,
     ring: Option<TraceRing>,
+    metrics: Option<&'static metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl ServerState {
@@ -59,6 +60,8 @@ impl ServerState {
             draining: AtomicBool::new(false),
             drained: Notify::new(),
             ring,
+            // A server is scraped: install the process's Prometheus recorder.
+            metrics: crate::telemetry::metrics::install(),
         })
     }
 
@@ -116,6 +119,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/v1/models", get(chat::models))
         .route("/v1/agents", get(agents))
         .route("/v1/traces/{trace_id}", get(trace))
+        .route("/metrics", get(metrics))
         .route("/readyz", get(readyz))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -269,11 +273,31 @@ async fn trace(
     }
 }
 
+/// Prometheus text format.
+async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
+    match state.metrics {
+        Some(handle) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "metrics are off: another metrics recorder was installed in this process",
+        )
+        .into_response(),
+    }
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such endpoint; see POST /v1/orchestrate, POST /v1/chat/completions, GET /v1/agents, GET /v1/traces/{id}, GET /healthz, GET /readyz",
+        "no such endpoint; see POST /v1/orchestrate, POST /v1/chat/completions, GET /v1/agents, GET /v1/traces/{id}, GET /metrics, GET /healthz, GET /readyz",
     )
 }
 

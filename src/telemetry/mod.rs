@@ -6,6 +6,7 @@
 
 mod json_layer;
 mod logging;
+pub mod metrics;
 mod ring;
 pub mod timeline;
 mod trace_id;

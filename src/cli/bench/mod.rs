@@ -215,6 +215,11 @@ struct TableReport<'a> {
 }
 
 async fn table(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let metrics = if args.metrics {
+        metaorch::telemetry::metrics::install()
+    } else {
+        None
+    };
     let mut modes: Vec<(String, usize)> = vec![("sequential".into(), 1)];
     for &limit in &args.limits {
         if limit == 0 {
@@ -234,6 +239,9 @@ async fn table(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
 
     print!("{}", render_table(&upstream, args.requests, &results));
+    if let Some(handle) = metrics {
+        eprintln!("{}", metaorch::telemetry::metrics::summary(handle));
+    }
     if let Some(path) = &args.json {
         let report = TableReport {
             upstream,

@@ -1,0 +1,181 @@
+//! Prometheus metrics, through the `metrics` facade: every count and timing the
+//! operators alert on. Recording is a no-op until [`install`] sets the process's
+//! recorder (`serve` does; `run` and `bench` with `--metrics`).
+//!
+//! Label values are bounded: agent ids, provider names and models come from the config,
+//! error kinds and states from closed sets — never queries or trace ids.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::executor::{AgentOutcome, OutcomeStatus};
+use crate::resilience::BreakerState;
+
+/// Seconds: from a fast simulated call to a long generation.
+const BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// Installs the Prometheus recorder for this process (once; later calls return the same
+/// handle). `None` if another recorder was installed first.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new().set_buckets(BUCKETS).ok()?;
+            let handle = builder.install_recorder().ok()?;
+            describe();
+            Some(handle)
+        })
+        .as_ref()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "metaorch_requests_total",
+        "Requests finished, by outcome (ok: min_successes met)."
+    );
+    describe_histogram!(
+        "metaorch_request_duration_seconds",
+        Unit::Seconds,
+        "Request duration, end to end."
+    );
+    describe_counter!(
+        "metaorch_agent_calls_total",
+        "Agent outcomes, by agent, provider, model and outcome."
+    );
+    describe_counter!(
+        "metaorch_agent_attempts_total",
+        "Provider calls started (first tries and retries)."
+    );
+    describe_counter!(
+        "metaorch_retries_total",
+        "Retries, by the error kind that caused them."
+    );
+    describe_histogram!(
+        "metaorch_agent_latency_seconds",
+        Unit::Seconds,
+        "Agent duration from dispatch to finish."
+    );
+    describe_gauge!(
+        "metaorch_breaker_state",
+        "Circuit breaker state: 0 closed, 1 half-open, 2 open."
+    );
+    describe_counter!(
+        "metaorch_breaker_transitions_total",
+        "Circuit breaker transitions, by the state entered."
+    );
+    describe_gauge!("metaorch_in_flight", "Provider calls in flight.");
+    describe_histogram!(
+        "metaorch_limiter_wait_seconds",
+        Unit::Seconds,
+        "Time waiting for a concurrency slot."
+    );
+    describe_counter!(
+        "metaorch_tokens_total",
+        "Tokens, by provider, model and direction (input, output)."
+    );
+    describe_counter!("metaorch_fallbacks_total", "Fallbacks used, by agent.");
+}
+
+/// The metric lines of a handle's text, without comments: a summary for a terminal.
+pub fn summary(handle: &PrometheusHandle) -> String {
+    handle
+        .render()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty() && !l.contains("_bucket{"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub(crate) fn request_finished(ok: bool, duration: Duration) {
+    counter!("metaorch_requests_total", "outcome" => if ok { "ok" } else { "failed" }).increment(1);
+    histogram!("metaorch_request_duration_seconds").record(duration.as_secs_f64());
+}
+
+pub(crate) fn agent_finished(o: &AgentOutcome) {
+    let outcome = match o.status {
+        OutcomeStatus::Succeeded => "succeeded",
+        OutcomeStatus::Failed => "failed",
+        OutcomeStatus::TimedOut => "timed_out",
+    };
+    counter!(
+        "metaorch_agent_calls_total",
+        "agent" => o.agent_id.clone(),
+        "provider" => o.provider.clone(),
+        "model" => o.model.clone(),
+        "outcome" => outcome
+    )
+    .increment(1);
+    histogram!("metaorch_agent_latency_seconds", "agent" => o.agent_id.clone())
+        .record(o.latency.as_secs_f64());
+    for (direction, n) in [
+        ("input", o.usage.input_tokens),
+        ("output", o.usage.output_tokens),
+    ] {
+        if n > 0 {
+            counter!(
+                "metaorch_tokens_total",
+                "provider" => o.provider.clone(),
+                "model" => o.model.clone(),
+                "direction" => direction
+            )
+            .increment(n);
+        }
+    }
+    if o.fallback.is_some() {
+        counter!("metaorch_fallbacks_total", "agent" => o.agent_id.clone()).increment(1);
+    }
+}
+
+pub(crate) fn attempt(agent: &str, provider: &str, model: &str) {
+    counter!(
+        "metaorch_agent_attempts_total",
+        "agent" => agent.to_owned(),
+        "provider" => provider.to_owned(),
+        "model" => model.to_owned()
+    )
+    .increment(1);
+}
+
+pub(crate) fn retry(reason: &'static str) {
+    counter!("metaorch_retries_total", "reason" => reason).increment(1);
+}
+
+pub(crate) fn breaker(provider: &str, model: &str, state: BreakerState, transition: bool) {
+    gauge!("metaorch_breaker_state", "provider" => provider.to_owned(), "model" => model.to_owned())
+        .set(f64::from(state.code()));
+    if transition {
+        counter!(
+            "metaorch_breaker_transitions_total",
+            "provider" => provider.to_owned(),
+            "model" => model.to_owned(),
+            "to" => state.as_str()
+        )
+        .increment(1);
+    }
+}
+
+pub(crate) fn limiter_wait(wait: Duration) {
+    histogram!("metaorch_limiter_wait_seconds").record(wait.as_secs_f64());
+}
+
+/// Counts a provider call in flight until dropped.
+pub(crate) struct InFlight(String);
+
+impl InFlight {
+    pub(crate) fn start(provider: &str) -> Self {
+        gauge!("metaorch_in_flight", "provider" => provider.to_owned()).increment(1.0);
+        InFlight(provider.to_owned())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        gauge!("metaorch_in_flight", "provider" => std::mem::take(&mut self.0)).decrement(1.0);
+    }
+}
