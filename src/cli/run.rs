@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use metaorch::config::Overrides;
-use metaorch::telemetry::{LogFormat, init_logging};
+use metaorch::telemetry::{LogFormat, init_telemetry, otel};
 use metaorch::{Orchestrator, Response};
 
 use super::args::{Cli, LogFormatArg, OutputFormat, RunArgs};
@@ -31,13 +31,15 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    init_logging(
+    let otel = init_telemetry(
         config.log_filter(),
         match cli.log_format {
             LogFormatArg::Json => LogFormat::Json,
             LogFormatArg::Pretty => LogFormat::Pretty,
         },
         config.log_file.as_deref(),
+        None,
+        otel::endpoint(config.otlp_endpoint.as_deref()).as_deref(),
     )?;
 
     let metrics = if args.metrics {
@@ -64,6 +66,9 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         response
     })?;
 
+    // The runtime is gone: flush the last spans now, outside it.
+    drop(runtime);
+    drop(otel);
     match args.format {
         OutputFormat::Json => {
             println!("{}", serde_json::to_string_pretty(&response)?);

@@ -7,7 +7,7 @@ use anyhow::Context;
 use metaorch::Orchestrator;
 use metaorch::config::Overrides;
 use metaorch::server::{ServerState, serve as run_server};
-use metaorch::telemetry::{LogFormat, TraceRing, init_logging_with_ring};
+use metaorch::telemetry::{LogFormat, TraceRing, init_telemetry, otel};
 
 use super::args::{Cli, LogFormatArg, ServeArgs};
 
@@ -27,7 +27,7 @@ pub fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let ring = TraceRing::new(RING_BYTES);
-    init_logging_with_ring(
+    let otel = init_telemetry(
         // A server's log is read later: info unless told otherwise.
         config.log_level.as_deref().unwrap_or("info"),
         match cli.log_format {
@@ -36,6 +36,7 @@ pub fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         },
         config.log_file.as_deref(),
         Some(ring.clone()),
+        otel::endpoint(config.otlp_endpoint.as_deref()).as_deref(),
     )?;
     let mut server = config.server.clone();
     if let Some(bind) = args.bind {
@@ -48,7 +49,7 @@ pub fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let orchestrator = Orchestrator::builder().config(config.clone()).build()?;
         let addr = SocketAddr::new(server.bind, server.port);
         let listener = tokio::net::TcpListener::bind(addr)
@@ -64,6 +65,10 @@ pub fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(event = "server.start", addr = %local, agents = orchestrator.agents().count(), "serving");
         let state = ServerState::new(orchestrator, server, Some(ring));
         run_server(listener, state, super::shutdown_signal()).await?;
-        Ok(ExitCode::SUCCESS)
-    })
+        Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+    });
+    // Flush the last spans outside the runtime.
+    drop(runtime);
+    drop(otel);
+    code
 }

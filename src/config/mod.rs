@@ -69,6 +69,9 @@ pub struct Config {
     pub retry_budget: RetryBudgetConfig,
     /// `metaorch serve`'s settings.
     pub server: ServerConfig,
+    /// The OTLP/HTTP collector spans are exported to (`telemetry.otlp_endpoint`);
+    /// `None` leaves export off unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    pub otlp_endpoint: Option<String>,
     /// Providers by name. `sim` is always defined; a `[providers.sim]` table tunes it.
     pub providers: BTreeMap<String, ProviderConfig>,
     /// The sub-agents, in the order their outcomes are reported.

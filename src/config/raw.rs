@@ -23,6 +23,8 @@ pub(crate) struct RawConfig {
     pub defaults: RawDefaults,
     #[serde(default)]
     pub server: RawServer,
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
     pub retry_budget: Option<Spanned<RawRetryBudget>>,
     #[serde(default)]
     pub providers: BTreeMap<String, Spanned<RawProvider>>,
@@ -34,6 +36,12 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawLog {
     pub level: Option<Spanned<String>>,
     pub file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTelemetry {
+    pub otlp_endpoint: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -120,6 +120,19 @@ impl Validator<'_> {
         let breaker = self.breaker(raw.defaults.breaker);
         let retry_budget = retry_budget(raw.retry_budget);
         let server = self.server(raw.server);
+        let otlp_endpoint = raw.telemetry.otlp_endpoint.map(|e| {
+            let ok = reqwest::Url::parse(e.get_ref())
+                .map(|u| matches!(u.scheme(), "http" | "https"))
+                .unwrap_or(false);
+            if !ok {
+                self.error(
+                    Some(e.span()),
+                    "telemetry.otlp_endpoint",
+                    format!("\"{}\" is not an http(s) URL; expected an OTLP/HTTP collector such as \"http://127.0.0.1:4318\"", e.get_ref()),
+                );
+            }
+            e.into_inner()
+        });
         let mut providers = self.providers(raw.providers);
         if let Some(seed) = raw.seed {
             for provider in providers.values_mut() {
@@ -184,6 +197,7 @@ impl Validator<'_> {
             breaker,
             retry_budget,
             server,
+            otlp_endpoint,
             providers,
             agents,
         }

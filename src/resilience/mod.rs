@@ -261,13 +261,42 @@ impl Resilience {
             );
             let in_flight = crate::telemetry::metrics::InFlight::start(call.provider_name);
             let started = Instant::now();
+            // GenAI semantic-convention attributes, for OpenTelemetry export.
+            let attempt_span = tracing::error_span!(
+                "attempt",
+                attempt,
+                gen_ai.operation.name = "chat",
+                gen_ai.provider.name = call.provider.kind(),
+                gen_ai.system = call.provider.kind(),
+                gen_ai.request.model = %call.request.model,
+                gen_ai.usage.input_tokens = tracing::field::Empty,
+                gen_ai.usage.output_tokens = tracing::field::Empty,
+                gen_ai.response.finish_reasons = tracing::field::Empty,
+                error.r#type = tracing::field::Empty,
+            );
             let result = tokio::time::timeout(
                 limit,
                 call.provider
                     .complete(&call.request)
-                    .instrument(tracing::error_span!("attempt", attempt)),
+                    .instrument(attempt_span.clone()),
             )
             .await;
+            match &result {
+                Ok(Ok(c)) => {
+                    attempt_span.record("gen_ai.usage.input_tokens", c.usage.input_tokens);
+                    attempt_span.record("gen_ai.usage.output_tokens", c.usage.output_tokens);
+                    if let Some(reason) = &c.stop_reason {
+                        attempt_span.record("gen_ai.response.finish_reasons", reason.as_str());
+                    }
+                }
+                Ok(Err(e)) => {
+                    attempt_span.record("error.type", e.kind.as_str());
+                }
+                Err(_) => {
+                    attempt_span.record("error.type", "timeout");
+                }
+            }
+            drop(attempt_span);
             drop((slot, in_flight));
 
             let error = match result {

@@ -11,6 +11,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
+use super::otel::OtelGuard;
 use super::{JsonLayer, TraceRing};
 
 /// How log lines are written.
@@ -41,6 +42,20 @@ pub fn init_logging_with_ring(
     file: Option<&Path>,
     ring: Option<TraceRing>,
 ) -> io::Result<()> {
+    init_telemetry(filter, format, file, ring, None).map(drop)
+}
+
+/// [`init_logging_with_ring`], and also exports spans to the OTLP/HTTP collector at
+/// `otlp_endpoint` when one is given (see [`super::otel`]). Keep the returned guard
+/// until the process ends, and drop it outside any async runtime: dropping it flushes
+/// the last spans.
+pub fn init_telemetry(
+    filter: &str,
+    format: LogFormat,
+    file: Option<&Path>,
+    ring: Option<TraceRing>,
+    otlp_endpoint: Option<&str>,
+) -> io::Result<Option<OtelGuard>> {
     let filter = EnvFilter::builder()
         .parse(filter)
         .unwrap_or_else(|_| EnvFilter::new(crate::config::DEFAULT_LOG_LEVEL));
@@ -67,8 +82,15 @@ pub fn init_logging_with_ring(
                 .boxed(),
         );
     }
+    let mut guard = None;
+    if let Some(endpoint) = otlp_endpoint {
+        let (layer, g) = super::otel::layer::<Registry>(endpoint)
+            .map_err(|e| io::Error::other(format!("OpenTelemetry: {e}")))?;
+        layers.push(layer.with_filter(EnvFilter::new("metaorch=info")).boxed());
+        guard = Some(g);
+    }
     let _ = tracing_subscriber::registry().with(layers).try_init();
-    Ok(())
+    Ok(guard)
 }
 
 type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;

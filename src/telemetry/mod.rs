@@ -7,11 +7,12 @@
 mod json_layer;
 mod logging;
 pub mod metrics;
+pub mod otel;
 mod ring;
 pub mod timeline;
 mod trace_id;
 
 pub use json_layer::JsonLayer;
-pub use logging::{LogFormat, init_logging, init_logging_with_ring};
+pub use logging::{LogFormat, init_logging, init_logging_with_ring, init_telemetry};
 pub use ring::{RingWriter, TraceRing};
 pub use trace_id::{ParseTraceIdError, TraceId};
