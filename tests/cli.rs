@@ -783,3 +783,16 @@ fn serve_answers_keeps_recent_traces_and_stops_on_sigterm() {
     assert!(log.contains("\"event\":\"server.draining\""), "{log}");
     assert!(log.contains("\"event\":\"server.stopped\""), "{log}");
 }
+
+#[test]
+fn run_metrics_prints_the_counters() {
+    let dir = dir_with(Some(FAST));
+    let out = metaorch(dir.path(), &["run", "--metrics", "q"]);
+    assert!(out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("metaorch_requests_total{outcome=\"ok\"} 1"),
+        "{err}"
+    );
+    assert!(err.contains("metaorch_agent_calls_total{agent=\"writer\",provider=\"sim\",model=\"sim-1\",outcome=\"succeeded\"} 1"), "{err}");
+}

@@ -552,3 +552,32 @@ fn a_non_sim_agent_without_a_model_is_an_error() {
         one_error("[providers.c]\nkind = \"openai\"\n[[agents]]\nid = \"a\"\nprovider = \"c\"\n");
     assert!(e.contains("agents[0].model: is missing"), "{e}");
 }
+
+#[test]
+fn a_bad_otlp_endpoint_is_an_error() {
+    let e = one_error("[telemetry]\notlp_endpoint = \"localhost:4318\"\n");
+    assert!(
+        e.starts_with(
+            "test.toml:2:17: telemetry.otlp_endpoint: \"localhost:4318\" is not an http(s) URL"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn server_settings_are_read_and_tokens_never_printed() {
+    let config = Config::from_toml_str(
+        "[server]\nbind = \"0.0.0.0\"\nport = 9000\nauth_tokens = [\"tok-123\"]\nmax_in_flight = 8\ndrain_timeout = \"5s\"\n",
+        "test.toml",
+    )
+    .unwrap();
+    assert_eq!(config.server.port, 9000);
+    assert_eq!(config.server.max_in_flight, 8);
+    assert_eq!(config.server.auth_tokens.len(), 1);
+    assert!(!format!("{config:?}").contains("tok-123"));
+    let e = one_error("[server]\nbind = \"localhost\"\n");
+    assert!(
+        e.contains("server.bind: \"localhost\" is not an IP address"),
+        "{e}"
+    );
+}
