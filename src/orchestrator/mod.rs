@@ -131,7 +131,7 @@ impl Orchestrator {
         // ERROR level, so the span (and the trace id it carries) is enabled whenever any
         // event is: a `warn` filter must still tie each warning to its request.
         let span = tracing::error_span!("request", trace_id = %trace_id);
-        crate::telemetry::otel::adopt_trace_id(&span, trace_id);
+        crate::telemetry::otel::adopt_trace_id(&span, trace_id, request.parent_span);
         Ok(self.run(request, trace_id, selected).instrument(span).await)
     }
 

@@ -15,6 +15,9 @@ pub struct Request {
     pub query: String,
     /// Use this trace id (e.g. from an incoming `traceparent`) instead of a new one.
     pub trace_id: Option<TraceId>,
+    /// The caller's span id from an incoming `traceparent`: the request's span is its
+    /// child in exported traces.
+    pub parent_span: Option<u64>,
     /// This request's deadline, instead of the configured `request_timeout`.
     pub timeout: Option<Duration>,
     /// Cancelling this token ends the request at once; unfinished agents are reported
@@ -32,6 +35,7 @@ impl Request {
         Request {
             query: query.into(),
             trace_id: None,
+            parent_span: None,
             timeout: None,
             cancel: CancellationToken::new(),
             agents: None,
@@ -54,6 +58,12 @@ impl Request {
     /// Sets the trace id.
     pub fn with_trace_id(mut self, trace_id: TraceId) -> Request {
         self.trace_id = Some(trace_id);
+        self
+    }
+
+    /// Sets the caller's span id (from `traceparent`), the parent of the request's span.
+    pub fn with_parent_span(mut self, parent: u64) -> Request {
+        self.parent_span = Some(parent);
         self
     }
 

@@ -302,7 +302,7 @@ async fn not_found() -> ApiError {
 }
 
 /// The trace id of an incoming W3C `traceparent` (`00-<trace id>-<parent id>-<flags>`).
-fn traceparent(headers: &HeaderMap) -> Option<TraceId> {
+fn traceparent(headers: &HeaderMap) -> Option<(TraceId, u64)> {
     let value = headers.get("traceparent")?.to_str().ok()?;
     let mut parts = value.trim().split('-');
     let (version, trace_id, parent, flags) =
@@ -310,7 +310,8 @@ fn traceparent(headers: &HeaderMap) -> Option<TraceId> {
     if version.len() != 2 || version == "ff" || parent.len() != 16 || flags.len() != 2 {
         return None;
     }
-    trace_id.parse().ok()
+    let parent = u64::from_str_radix(parent, 16).ok().filter(|p| *p != 0)?;
+    Some((trace_id.parse().ok()?, parent))
 }
 
 /// The body's bytes, or the JSON error a client should see: 413 past the limit, 415

@@ -108,8 +108,16 @@ pub(super) fn prepare(
             Some("query"),
         ));
     }
-    let trace_id = traceparent(headers).unwrap_or_else(TraceId::random);
-    let request = request.with_trace_id(trace_id);
+    let (request, trace_id) = match traceparent(headers) {
+        Some((trace_id, parent)) => (
+            request.with_trace_id(trace_id).with_parent_span(parent),
+            trace_id,
+        ),
+        None => {
+            let trace_id = TraceId::random();
+            (request.with_trace_id(trace_id), trace_id)
+        }
+    };
     state.orchestrator.check(&request).map_err(request_error)?;
     Ok((request, trace_id))
 }

@@ -85,16 +85,18 @@ where
 }
 
 /// Makes `span` (a request's root span) carry `trace_id` as its OpenTelemetry trace
-/// id. Does nothing when export is off.
-pub(crate) fn adopt_trace_id(span: &tracing::Span, trace_id: TraceId) {
+/// id, as the child of the caller's span `parent` when an incoming `traceparent` named
+/// one. Does nothing when export is off.
+pub(crate) fn adopt_trace_id(span: &tracing::Span, trace_id: TraceId, parent: Option<u64>) {
     if !ENABLED.load(Ordering::Acquire) {
         return;
     }
     let id = u128::from_str_radix(&trace_id.to_string(), 16).unwrap_or(1);
-    // The parent is the caller, as far as we know it: a remote span in this trace.
+    // The parent is the caller: its span from `traceparent`, or a stand-in remote span
+    // of this trace when the caller sent none.
     let parent = SpanContext::new(
         opentelemetry::trace::TraceId::from_bytes(id.to_be_bytes()),
-        SpanId::from_bytes(((id as u64) | 1).to_be_bytes()),
+        SpanId::from_bytes(parent.unwrap_or((id as u64) | 1).to_be_bytes()),
         TraceFlags::SAMPLED,
         true,
         TraceState::default(),
