@@ -113,12 +113,33 @@ fn spans_form_the_request_tree_with_genai_attributes_and_the_log_trace_id() {
         )
         .unwrap();
         let orchestrator = Orchestrator::builder().config(config).build().unwrap();
+        // A request that arrived with a traceparent: its span is the caller's child.
+        let incoming: metaorch::telemetry::TraceId =
+            "0af7651916cd43dd8448eb211c80319c".parse().unwrap();
+        orchestrator
+            .process_request(
+                metaorch::Request::new("q")
+                    .with_trace_id(incoming)
+                    .with_parent_span(0xb7ad_6b71_6920_3331),
+            )
+            .await
+            .unwrap();
         orchestrator.process("q").await.unwrap()
     });
     drop(runtime);
     drop(guard); // flushes
 
     let spans = received.lock().unwrap().clone();
+    let called = spans
+        .iter()
+        .find(|s| s.name == "request" && hex(&s.trace_id) == "0af7651916cd43dd8448eb211c80319c")
+        .expect("the traced request's span");
+    assert_eq!(
+        hex(&called.parent_span_id),
+        "b7ad6b7169203331",
+        "child of the caller's span"
+    );
+
     let trace_id = response.trace_id.to_string();
     let ours: Vec<&Span> = spans
         .iter()
@@ -130,9 +151,9 @@ fn spans_form_the_request_tree_with_genai_attributes_and_the_log_trace_id() {
         spans.len()
     );
     assert_eq!(
-        ours.len(),
+        ours.len() * 2,
         spans.len(),
-        "every span belongs to the one request"
+        "two requests, the same tree each"
     );
 
     let by_name = |name: &str| {
