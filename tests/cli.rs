@@ -796,3 +796,74 @@ fn run_metrics_prints_the_counters() {
     );
     assert!(err.contains("metaorch_agent_calls_total{agent=\"writer\",provider=\"sim\",model=\"sim-1\",outcome=\"succeeded\"} 1"), "{err}");
 }
+
+/// The bench commands run end to end (tiny runs: the figures are not checked, only
+/// that every mode reports and writes what it says).
+#[test]
+fn bench_modes_run_and_write_their_reports() {
+    let dir = dir_with(None);
+    let out = metaorch(
+        dir.path(),
+        &[
+            "bench",
+            "--time-scale",
+            "0.005",
+            "--requests",
+            "4",
+            "--json",
+            "t.json",
+            "--chart",
+            "t.svg",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for mode in ["sequential", "parallel c=6", "parallel c=4"] {
+        assert!(text.contains(mode), "{text}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("t.json")).unwrap()).unwrap();
+    assert_eq!(report["modes"].as_array().unwrap().len(), 3);
+    assert!(
+        report["modes"][1]["critical_path_mean_ms"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    let svg = std::fs::read_to_string(dir.path().join("t.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("critical path"));
+
+    for mode in ["load", "throughput"] {
+        let out = metaorch(
+            dir.path(),
+            &[
+                "bench",
+                mode,
+                "--in-flight",
+                "4",
+                "--duration",
+                "200ms",
+                "--warmup",
+                "0s",
+                "--latency",
+                "1ms..2ms",
+                "--json",
+                "l.json",
+            ],
+        );
+        assert!(out.status.success(), "{mode}: {}", stderr(&out));
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("l.json")).unwrap()).unwrap();
+        assert_eq!(report["mode"], mode);
+        assert!(report["requests"].as_u64().unwrap() > 0, "{report}");
+        assert_eq!(report["failed_agents"], 0);
+    }
+
+    let out = metaorch(dir.path(), &["bench", "--upstream", "nowhere"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("neither `sim` nor an http(s) URL"),
+        "{}",
+        stderr(&out)
+    );
+}

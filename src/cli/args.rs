@@ -202,6 +202,10 @@ pub struct LoadArgs {
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+
+    /// Print the Prometheus counters of the run on stderr at the end.
+    #[arg(long)]
+    pub metrics: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -471,6 +471,11 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
     } else {
         (Duration::from_millis(500), Duration::from_millis(2000))
     };
+    let metrics = if args.metrics {
+        metaorch::telemetry::metrics::install()
+    } else {
+        None
+    };
     let setup = setup(&args.upstream, limit, default_latency)?;
     let counter = Arc::new(AtomicU64::new(0));
     let warm = Instant::now() + args.warmup;
@@ -575,6 +580,9 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(handle) = metrics {
+        eprintln!("{}", metaorch::telemetry::metrics::summary(handle));
     }
     Ok(ExitCode::SUCCESS)
 }
