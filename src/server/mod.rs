@@ -25,7 +25,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::Orchestrator;
 use crate::config::ServerConfig;
@@ -40,7 +40,6 @@ pub struct ServerState {
     config: ServerConfig,
     admission: Arc<Semaphore>,
     draining: AtomicBool,
-    drained: Notify,
     ring: Option<TraceRing>,
     metrics: Option<&'static metrics_exporter_prometheus::PrometheusHandle>,
 }
@@ -58,7 +57,6 @@ impl ServerState {
             orchestrator,
             config,
             draining: AtomicBool::new(false),
-            drained: Notify::new(),
             ring,
             // A server is scraped: install the process's Prometheus recorder.
             metrics: crate::telemetry::metrics::install(),
@@ -89,26 +87,16 @@ impl ServerState {
             ))
         })?;
         Ok(Admission {
-            state: Arc::clone(self),
+            _state: Arc::clone(self),
             _permit: permit,
         })
     }
 }
 
-/// Holds a request's admission slot; when the last one is released during a drain,
-/// the drain is over.
+/// Holds a request's admission slot until the request (and its stream) is done.
 struct Admission {
-    state: Arc<ServerState>,
+    _state: Arc<ServerState>,
     _permit: OwnedSemaphorePermit,
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        // The permit is released after this body runs, so one is still counted here.
-        if self.state.draining() && self.state.in_flight() <= 1 {
-            self.state.drained.notify_waiters();
-        }
-    }
 }
 
 /// The HTTP API.
@@ -153,21 +141,20 @@ pub async fn serve(
             drain_timeout_ms = state.config.drain_timeout.as_secs_f64() * 1000.0,
             "shutting down: refusing new requests, waiting for {in_flight} in flight"
         );
-        if in_flight > 0 {
-            let drained = state.drained.notified();
-            tokio::pin!(drained);
-            // Re-check after registering, so a drain finished meanwhile is not missed.
-            if state.in_flight() > 0
-                && tokio::time::timeout(state.config.drain_timeout, drained)
-                    .await
-                    .is_err()
-            {
+        // Poll rather than wait for a wake-up, which two requests finishing at once
+        // could both miss. Responses still being written are then awaited by the
+        // graceful shutdown itself.
+        let deadline = tokio::time::Instant::now() + state.config.drain_timeout;
+        while state.in_flight() > 0 {
+            if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(
                     event = "server.drain_timeout",
                     in_flight = state.in_flight(),
                     "drain timeout passed; closing with requests still in flight"
                 );
+                break;
             }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         tracing::info!(event = "server.stopped", "stopped accepting connections");
     };
