@@ -1,6 +1,6 @@
 //! `metaorch run QUERY`: one request, printed as a table and an answer, or as JSON.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read, Write as _};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -52,8 +52,15 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let agents: Vec<String> = orchestrator.agents().map(|a| a.id.clone()).collect();
     let response = runtime.block_on(async {
-        let request = metaorch::Request::new(query);
+        let mut request = metaorch::Request::new(query);
+        // On a terminal, a status line says which agents are still running.
+        let progress = std::io::stderr().is_terminal().then(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            request = request.clone().with_events(tx);
+            tokio::spawn(progress(rx, agents))
+        });
         let cancel = request.cancel.clone();
         // Ctrl-C ends the request cleanly: unfinished agents are reported, not lost.
         let ctrl_c = tokio::spawn(async move {
@@ -63,6 +70,9 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         });
         let response = orchestrator.process_request(request).await;
         ctrl_c.abort();
+        if let Some(progress) = progress {
+            let _ = progress.await;
+        }
         response
     })?;
 
@@ -108,4 +118,55 @@ fn read_query(words: &[String]) -> anyhow::Result<String> {
         return Ok(query.trim().to_owned());
     }
     Ok(words.join(" "))
+}
+
+/// Keeps one status line on stderr up to date: how many agents are done, and which
+/// are still running. Cleared when the request ends.
+async fn progress(
+    mut events: tokio::sync::mpsc::UnboundedReceiver<metaorch::executor::AgentEvent>,
+    agents: Vec<String>,
+) {
+    use metaorch::executor::AgentEvent;
+    let started = std::time::Instant::now();
+    let mut done: Vec<String> = Vec::new();
+    let mut retries = 0;
+    while let Some(event) = events.recv().await {
+        match event {
+            AgentEvent::Done(outcome) => done.push(outcome.agent_id.clone()),
+            AgentEvent::Retry { .. } => retries += 1,
+            AgentEvent::Dispatch { .. } => {}
+        }
+        let waiting: Vec<&str> = agents
+            .iter()
+            .filter(|a| !done.contains(a))
+            .map(String::as_str)
+            .collect();
+        let line = format!(
+            "{:.1}s: {}/{} agents done{}{}",
+            started.elapsed().as_secs_f64(),
+            done.len(),
+            agents.len(),
+            if retries > 0 {
+                format!(", {retries} retries")
+            } else {
+                String::new()
+            },
+            if waiting.is_empty() {
+                String::new()
+            } else {
+                format!("; waiting for {}", waiting.join(", "))
+            }
+        );
+        // Cleared, written, and the cursor put back at its start: a log line written
+        // next simply overwrites it (log lines are longer), and the next update
+        // redraws it below.
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\x1b[2K{}\r",
+            line.chars().take(120).collect::<String>()
+        );
+        let _ = err.flush();
+    }
+    let _ = write!(std::io::stderr(), "\x1b[2K");
 }
