@@ -6,6 +6,7 @@
 //! error kinds and states from closed sets — never queries or trace ids.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -19,6 +20,14 @@ const BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
+/// Set once a recorder is installed: until then every recording function returns at
+/// once, without building label strings.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
 /// Installs the Prometheus recorder for this process (once; later calls return the same
 /// handle). `None` if another recorder was installed first.
 pub fn install() -> Option<&'static PrometheusHandle> {
@@ -28,6 +37,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             let builder = PrometheusBuilder::new().set_buckets(BUCKETS).ok()?;
             let handle = builder.install_recorder().ok()?;
             describe();
+            ENABLED.store(true, Ordering::Relaxed);
             Some(handle)
         })
         .as_ref()
@@ -93,11 +103,17 @@ pub fn summary(handle: &PrometheusHandle) -> String {
 }
 
 pub(crate) fn request_finished(ok: bool, duration: Duration) {
+    if !enabled() {
+        return;
+    }
     counter!("metaorch_requests_total", "outcome" => if ok { "ok" } else { "failed" }).increment(1);
     histogram!("metaorch_request_duration_seconds").record(duration.as_secs_f64());
 }
 
 pub(crate) fn agent_finished(o: &AgentOutcome) {
+    if !enabled() {
+        return;
+    }
     let outcome = match o.status {
         OutcomeStatus::Succeeded => "succeeded",
         OutcomeStatus::Failed => "failed",
@@ -133,6 +149,9 @@ pub(crate) fn agent_finished(o: &AgentOutcome) {
 }
 
 pub(crate) fn attempt(agent: &str, provider: &str, model: &str) {
+    if !enabled() {
+        return;
+    }
     counter!(
         "metaorch_agent_attempts_total",
         "agent" => agent.to_owned(),
@@ -143,10 +162,16 @@ pub(crate) fn attempt(agent: &str, provider: &str, model: &str) {
 }
 
 pub(crate) fn retry(reason: &'static str) {
+    if !enabled() {
+        return;
+    }
     counter!("metaorch_retries_total", "reason" => reason).increment(1);
 }
 
 pub(crate) fn breaker(provider: &str, model: &str, state: BreakerState, transition: bool) {
+    if !enabled() {
+        return;
+    }
     gauge!("metaorch_breaker_state", "provider" => provider.to_owned(), "model" => model.to_owned())
         .set(f64::from(state.code()));
     if transition {
@@ -161,21 +186,29 @@ pub(crate) fn breaker(provider: &str, model: &str, state: BreakerState, transiti
 }
 
 pub(crate) fn limiter_wait(wait: Duration) {
+    if !enabled() {
+        return;
+    }
     histogram!("metaorch_limiter_wait_seconds").record(wait.as_secs_f64());
 }
 
 /// Counts a provider call in flight until dropped.
-pub(crate) struct InFlight(String);
+pub(crate) struct InFlight(Option<String>);
 
 impl InFlight {
     pub(crate) fn start(provider: &str) -> Self {
+        if !enabled() {
+            return InFlight(None);
+        }
         gauge!("metaorch_in_flight", "provider" => provider.to_owned()).increment(1.0);
-        InFlight(provider.to_owned())
+        InFlight(Some(provider.to_owned()))
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        gauge!("metaorch_in_flight", "provider" => std::mem::take(&mut self.0)).decrement(1.0);
+        if let Some(provider) = self.0.take() {
+            gauge!("metaorch_in_flight", "provider" => provider).decrement(1.0);
+        }
     }
 }
