@@ -328,6 +328,15 @@ pub enum LogFormatArg {
     Pretty,
 }
 
+impl From<LogFormatArg> for metaorch::telemetry::LogFormat {
+    fn from(arg: LogFormatArg) -> Self {
+        match arg {
+            LogFormatArg::Json => metaorch::telemetry::LogFormat::Json,
+            LogFormatArg::Pretty => metaorch::telemetry::LogFormat::Pretty,
+        }
+    }
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let d = metaorch::config::parse_duration(text)?;
     if d.is_zero() {

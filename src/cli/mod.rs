@@ -44,6 +44,19 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The config a command runs with, or — when it cannot load — its errors printed on
+/// stderr and exit code 2.
+fn config_or_exit(cli: &Cli, flags: Overrides) -> Result<Config, ExitCode> {
+    load_config(cli, flags).map_err(|errors| {
+        eprintln!("error: the config is not valid:");
+        for e in errors.errors() {
+            eprintln!("  {e}");
+        }
+        eprintln!("Run `metaorch config check` for details, or fix the values above.");
+        ExitCode::from(2)
+    })
+}
+
 /// The config a command runs with: the file chosen by precedence (or the embedded
 /// default), then environment overrides, then `flags`.
 fn load_config(cli: &Cli, flags: Overrides) -> Result<Config, ConfigErrors> {

@@ -5,10 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use metaorch::config::Overrides;
-use metaorch::telemetry::{LogFormat, init_telemetry, otel};
+use metaorch::telemetry::{init_telemetry, otel};
 use metaorch::{Orchestrator, Response};
 
-use super::args::{Cli, LogFormatArg, OutputFormat, RunArgs};
+use super::args::{Cli, OutputFormat, RunArgs};
 use super::render;
 
 pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
@@ -20,23 +20,13 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         ..Overrides::default()
     };
-    let config = match super::load_config(cli, flags) {
+    let config = match super::config_or_exit(cli, flags) {
         Ok(config) => config,
-        Err(errors) => {
-            eprintln!("error: the config is not valid:");
-            for e in errors.errors() {
-                eprintln!("  {e}");
-            }
-            eprintln!("Run `metaorch config check` for details, or fix the values above.");
-            return Ok(ExitCode::from(2));
-        }
+        Err(code) => return Ok(code),
     };
     let otel = init_telemetry(
         config.log_filter(),
-        match cli.log_format {
-            LogFormatArg::Json => LogFormat::Json,
-            LogFormatArg::Pretty => LogFormat::Pretty,
-        },
+        cli.log_format.into(),
         config.log_file.as_deref(),
         None,
         otel::endpoint(config.otlp_endpoint.as_deref()).as_deref(),

@@ -7,33 +7,23 @@ use anyhow::Context;
 use metaorch::Orchestrator;
 use metaorch::config::Overrides;
 use metaorch::server::{ServerState, serve as run_server};
-use metaorch::telemetry::{LogFormat, TraceRing, init_telemetry, otel};
+use metaorch::telemetry::{TraceRing, init_telemetry, otel};
 
-use super::args::{Cli, LogFormatArg, ServeArgs};
+use super::args::{Cli, ServeArgs};
 
 /// Recent log lines kept for `GET /v1/traces/{id}`.
 const RING_BYTES: usize = 16 << 20;
 
 pub fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
-    let config = match super::load_config(cli, Overrides::default()) {
+    let config = match super::config_or_exit(cli, Overrides::default()) {
         Ok(config) => config,
-        Err(errors) => {
-            eprintln!("error: the config is not valid:");
-            for e in errors.errors() {
-                eprintln!("  {e}");
-            }
-            eprintln!("Run `metaorch config check` for details, or fix the values above.");
-            return Ok(ExitCode::from(2));
-        }
+        Err(code) => return Ok(code),
     };
     let ring = TraceRing::new(RING_BYTES);
     let otel = init_telemetry(
         // A server's log is read later: info unless told otherwise.
         config.log_level.as_deref().unwrap_or("info"),
-        match cli.log_format {
-            LogFormatArg::Json => LogFormat::Json,
-            LogFormatArg::Pretty => LogFormat::Pretty,
-        },
+        cli.log_format.into(),
         config.log_file.as_deref(),
         Some(ring.clone()),
         otel::endpoint(config.otlp_endpoint.as_deref()).as_deref(),

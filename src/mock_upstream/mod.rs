@@ -149,18 +149,10 @@ impl MockUpstream {
     /// Binds `addr` (port 0 picks a free one) and serves until stopped.
     pub async fn start(addr: SocketAddr, options: MockOptions) -> io::Result<MockUpstream> {
         let log = match &options.request_log {
-            Some(path) => Some(Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| {
-                        io::Error::new(
-                            e.kind(),
-                            format!("cannot open the request log {}: {e}", path.display()),
-                        )
-                    })?,
-            )),
+            Some(path) => Some(Mutex::new(crate::telemetry::open_append_as(
+                path,
+                "the request log",
+            )?)),
             None => None,
         };
         let shared = Arc::new(Shared {

@@ -14,7 +14,7 @@ use reqwest::header::CONTENT_TYPE;
 use serde::{Deserialize, Serialize};
 
 use super::http::{self, ResponseMeta, Secret};
-use super::sse::{SseEvent, SseParser};
+use super::sse::SseEvent;
 use super::{Completion, CompletionRequest, ErrorKind, Provider, ProviderError, Usage};
 
 /// The public API.
@@ -142,7 +142,10 @@ impl Provider for AnthropicProvider {
             return Err(meta.apply(error_from_body(Some(status), &body)));
         }
         let mut completion = if request.stream {
-            read_stream(response).await.map_err(|e| meta.apply(e))?
+            let mut state = StreamState::default();
+            http::read_sse(response, "message_stop", |e| state.on_event(e))
+                .await
+                .map_err(|e| meta.apply(e))?
         } else {
             let body = http::read_body(response).await?;
             parse_message(&body).map_err(|e| meta.apply(e))?
@@ -264,53 +267,19 @@ fn kind_for_type(kind: &str, status: Option<u16>) -> ErrorKind {
 
 /// An error from an error body (after a failed status, or inside a stream).
 pub(crate) fn error_from_body(status: Option<u16>, body: &[u8]) -> ProviderError {
-    let error = match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(b) => ProviderError::new(
-            kind_for_type(&b.error.kind, status),
-            format!("{}: {}", b.error.kind, b.error.message),
-        ),
-        Err(_) => ProviderError::new(
-            status.map_or(ErrorKind::MalformedResponse, http::kind_for_status),
-            if body.is_empty() {
-                "no error body".to_owned()
-            } else {
-                http::excerpt(body)
-            },
-        ),
-    };
-    match status {
-        Some(s) => error.with_status(s),
-        None => error,
-    }
-}
-
-/// Reads an event stream to `message_stop`.
-async fn read_stream(mut response: reqwest::Response) -> Result<Completion, ProviderError> {
-    let mut parser = SseParser::default();
-    let mut state = StreamState::default();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| http::transport_error(&e))?
-    {
-        let events = parser
-            .feed(&chunk)
-            .map_err(|e| ProviderError::new(ErrorKind::MalformedResponse, e))?;
-        for event in events {
-            if let Some(done) = state.on_event(&event)? {
-                return Ok(done);
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) => {
+            let error = ProviderError::new(
+                kind_for_type(&b.error.kind, status),
+                format!("{}: {}", b.error.kind, b.error.message),
+            );
+            match status {
+                Some(s) => error.with_status(s),
+                None => error,
             }
         }
+        Err(_) => http::unparsed_error(status, body),
     }
-    if let Some(event) = parser.finish()
-        && let Some(done) = state.on_event(&event)?
-    {
-        return Ok(done);
-    }
-    Err(ProviderError::new(
-        ErrorKind::Connection,
-        "the stream ended before message_stop; the reply is incomplete",
-    ))
 }
 
 /// What a stream has said so far.

@@ -238,6 +238,53 @@ pub(crate) fn too_big() -> ProviderError {
     )
 }
 
+/// The error for a body that is not the API's error shape: classified by status
+/// (malformed without one), with an excerpt of what came back.
+pub(crate) fn unparsed_error(status: Option<u16>, body: &[u8]) -> ProviderError {
+    let error = ProviderError::new(
+        status.map_or(ErrorKind::MalformedResponse, kind_for_status),
+        if body.is_empty() {
+            "no error body".to_owned()
+        } else {
+            excerpt(body)
+        },
+    );
+    match status {
+        Some(s) => error.with_status(s),
+        None => error,
+    }
+}
+
+/// Reads a server-sent event stream, handing each event to `on_event` until it returns
+/// the finished value. A stream that ends first is a `connection` error: the reply is
+/// incomplete, and `end` (the event that should have closed it) is named.
+pub(crate) async fn read_sse<T>(
+    mut response: reqwest::Response,
+    end: &str,
+    mut on_event: impl FnMut(&super::sse::SseEvent) -> Result<Option<T>, ProviderError>,
+) -> Result<T, ProviderError> {
+    let mut parser = super::sse::SseParser::default();
+    while let Some(chunk) = response.chunk().await.map_err(|e| transport_error(&e))? {
+        let events = parser
+            .feed(&chunk)
+            .map_err(|e| ProviderError::new(ErrorKind::MalformedResponse, e))?;
+        for event in events {
+            if let Some(done) = on_event(&event)? {
+                return Ok(done);
+            }
+        }
+    }
+    if let Some(event) = parser.finish()
+        && let Some(done) = on_event(&event)?
+    {
+        return Ok(done);
+    }
+    Err(ProviderError::new(
+        ErrorKind::Connection,
+        format!("the stream ended before {end}; the reply is incomplete"),
+    ))
+}
+
 /// A short, printable excerpt of a body for an error message.
 pub(crate) fn excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);

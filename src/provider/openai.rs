@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::anthropic::endpoint;
 use super::http::{self, ResponseMeta, Secret};
-use super::sse::{SseEvent, SseParser};
+use super::sse::SseEvent;
 use super::{Completion, CompletionRequest, ErrorKind, Provider, ProviderError, Usage};
 
 /// The public API.
@@ -161,7 +161,10 @@ impl Provider for OpenAiProvider {
             return Err(meta.apply(error_from_body(Some(status), &body)));
         }
         let mut completion = if request.stream {
-            read_stream(response).await.map_err(|e| meta.apply(e))?
+            let mut state = StreamState::default();
+            http::read_sse(response, "[DONE]", |e| state.on_event(e))
+                .await
+                .map_err(|e| meta.apply(e))?
         } else {
             let body = http::read_body(response).await?;
             parse_completion(&body).map_err(|e| meta.apply(e))?
@@ -294,50 +297,8 @@ pub(crate) fn error_from_body(status: Option<u16>, body: &[u8]) -> ProviderError
             }
             error
         }
-        Err(_) => {
-            let error = ProviderError::new(
-                status.map_or(ErrorKind::MalformedResponse, http::kind_for_status),
-                if body.is_empty() {
-                    "no error body".to_owned()
-                } else {
-                    http::excerpt(body)
-                },
-            );
-            match status {
-                Some(s) => error.with_status(s),
-                None => error,
-            }
-        }
+        Err(_) => http::unparsed_error(status, body),
     }
-}
-
-/// Reads chunks to `data: [DONE]`.
-async fn read_stream(mut response: reqwest::Response) -> Result<Completion, ProviderError> {
-    let mut parser = SseParser::default();
-    let mut state = StreamState::default();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| http::transport_error(&e))?
-    {
-        let events = parser
-            .feed(&chunk)
-            .map_err(|e| ProviderError::new(ErrorKind::MalformedResponse, e))?;
-        for event in events {
-            if let Some(done) = state.on_event(&event)? {
-                return Ok(done);
-            }
-        }
-    }
-    if let Some(event) = parser.finish()
-        && let Some(done) = state.on_event(&event)?
-    {
-        return Ok(done);
-    }
-    Err(ProviderError::new(
-        ErrorKind::Connection,
-        "the stream ended before [DONE]; the reply is incomplete",
-    ))
 }
 
 /// What a stream has said so far.

@@ -74,7 +74,7 @@ impl ServerState {
     }
 
     /// A slot for one request, or 503 when the server is full or draining.
-    fn admit(self: &Arc<Self>) -> Result<Admission, ApiError> {
+    fn admit(&self) -> Result<Admission, ApiError> {
         if self.draining() {
             return Err(ApiError::unavailable(
                 "the server is shutting down; retry on another instance",
@@ -86,16 +86,12 @@ impl ServerState {
                 self.config.max_in_flight
             ))
         })?;
-        Ok(Admission {
-            _state: Arc::clone(self),
-            _permit: permit,
-        })
+        Ok(Admission { _permit: permit })
     }
 }
 
 /// Holds a request's admission slot until the request (and its stream) is done.
 struct Admission {
-    _state: Arc<ServerState>,
     _permit: OwnedSemaphorePermit,
 }
 

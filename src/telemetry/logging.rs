@@ -95,9 +95,10 @@ pub fn init_telemetry(
 
 type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 
-/// Opens `path` for appending: each line is one `write` on an `O_APPEND` file, so
-/// lines from several processes interleave whole.
-fn open_append(path: &Path) -> io::Result<File> {
+/// Opens `path` for appending (created if missing): each line is one `write` on an
+/// `O_APPEND` file, so lines from several processes interleave whole. `what` names the
+/// file in the error.
+pub(crate) fn open_append_as(path: &Path, what: &str) -> io::Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
@@ -105,7 +106,11 @@ fn open_append(path: &Path) -> io::Result<File> {
         .map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("cannot open the log file {}: {e}", path.display()),
+                format!("cannot open {what} {}: {e}", path.display()),
             )
         })
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    open_append_as(path, "the log file")
 }

@@ -13,6 +13,7 @@ pub mod timeline;
 mod trace_id;
 
 pub use json_layer::JsonLayer;
+pub(crate) use logging::open_append_as;
 pub use logging::{LogFormat, init_logging, init_logging_with_ring, init_telemetry};
 pub use ring::{RingWriter, TraceRing};
 pub use trace_id::{ParseTraceIdError, TraceId};
