@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use common::{Behaviour, SIX, Scripted, Toggle, server_error, task, tasks};
 use metaorch::config::Config;
 use metaorch::executor::{AgentTask, Executor, FailureKind, FallbackSource, OutcomeStatus};
-use metaorch::limits::ConcurrencyLimit;
+use metaorch::limits::{ConcurrencyLimit, FlowConfig, FlowLane};
 use metaorch::orchestrator::Orchestrator;
 use metaorch::provider::{ErrorKind, Provider, ProviderError, retry_after};
 use metaorch::resilience::{
@@ -223,10 +223,11 @@ async fn retry_after_beyond_the_deadline_fails_fast() {
     assert_eq!(started.elapsed(), Duration::ZERO, "no sleep");
 }
 
-/// A Retry-After beyond the clamp is held to it for a 503, and opens the breaker until
-/// then for a 429.
+/// A Retry-After beyond the clamp is held to it for a 503; for a 429 the call gives up,
+/// and the provider's lane stays paused for the clamp (not its breaker: a rate limit is
+/// not ill health), so calls whose deadline comes first are never sent.
 #[tokio::test(start_paused = true)]
-async fn long_retry_after_is_clamped_or_opens_the_breaker() {
+async fn long_retry_after_is_clamped_or_pauses_the_lane() {
     let res = resilience(1);
     let short_clamp = Arc::new(CallPolicy {
         retry: RetryPolicy {
@@ -246,6 +247,7 @@ async fn long_retry_after_is_clamped_or_opens_the_breaker() {
         ),
     ]));
     let breaker = res.breaker("test", "m");
+    let lane = Arc::new(FlowLane::new("test", "m", FlowConfig::default()));
     let outcome = run_one(
         &executor_with(Arc::clone(&res)),
         task("a", provider.clone())
@@ -265,7 +267,8 @@ async fn long_retry_after_is_clamped_or_opens_the_breaker() {
         &executor_with(Arc::clone(&res)),
         task("b", provider.clone())
             .with_policy(Arc::clone(&short_clamp))
-            .with_breaker(Arc::clone(&breaker)),
+            .with_breaker(Arc::clone(&breaker))
+            .with_lane(Arc::clone(&lane)),
         secs(60),
     )
     .await;
@@ -278,22 +281,20 @@ async fn long_retry_after_is_clamped_or_opens_the_breaker() {
             .message
             .contains("more than retry_after_max")
     );
-    let snapshot = breaker.snapshot();
-    assert_eq!(snapshot.state, BreakerState::Open);
-    assert_eq!(snapshot.retry_in, Some(secs(30)));
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    assert_eq!(lane.snapshot().paused_for, Some(secs(2)));
 
-    // Until then, calls fail fast without reaching the provider.
+    // A call whose deadline comes before the pause ends is refused without being sent.
     let calls = provider.calls.load(Ordering::SeqCst);
     let outcome = run_one(
         &executor_with(Arc::clone(&res)),
-        task("a", provider.clone()).with_breaker(Arc::clone(&breaker)),
-        secs(60),
+        task("a", provider.clone()).with_lane(Arc::clone(&lane)),
+        secs(1),
     )
     .await;
-    assert_eq!(outcome.error.unwrap().kind, FailureKind::CircuitOpen);
+    assert_eq!(outcome.status, OutcomeStatus::TimedOut);
+    assert_eq!(outcome.error.unwrap().kind, FailureKind::DeadlineInQueue);
     assert_eq!(provider.calls.load(Ordering::SeqCst), calls);
-    tokio::time::advance(secs(30)).await;
-    assert_eq!(breaker.state(), BreakerState::HalfOpen);
 }
 
 /// 400, 401, 403, 404 and 413 are tried once, and so is anything the provider marks
@@ -368,7 +369,7 @@ async fn an_exhausted_retry_budget_stops_retries() {
         .count();
     assert!(exhausted >= 4, "{exhausted}");
     assert!(outcomes.iter().all(|o| o.status == OutcomeStatus::Failed));
-    assert_eq!(res.budget().available(), 0);
+    assert_eq!(res.budget("test", "m").available(), 0);
 }
 
 /// The breaker's whole life: opens at the threshold, fails fast while open, half-opens

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::limits::FlowConfig;
 use crate::provider::SimOptions;
 use crate::resilience::{BreakerConfig, CallPolicy, RetryBudgetConfig};
 
@@ -65,8 +66,14 @@ pub struct Config {
     pub seed: Option<u64>,
     /// The circuit breaker settings, one breaker per provider and model.
     pub breaker: BreakerConfig,
-    /// The process-wide retry budget.
+    /// The retry budget, one per provider and model.
     pub retry_budget: RetryBudgetConfig,
+    /// Flow control per provider and model (`[defaults.flow]`): adaptive concurrency,
+    /// rate limits, limits learned from the provider's headers.
+    pub flow: FlowConfig,
+    /// A provider's own flow control (`[providers.NAME.flow]`, over the defaults), by
+    /// provider name.
+    pub provider_flow: BTreeMap<String, FlowConfig>,
     /// `metaorch serve`'s settings.
     pub server: ServerConfig,
     /// The OTLP/HTTP collector spans are exported to (`telemetry.otlp_endpoint`);

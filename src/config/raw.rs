@@ -62,6 +62,25 @@ pub(crate) struct RawDefaults {
     pub attempt_timeout: Option<Spanned<RawTimeout>>,
     pub retry: Option<Spanned<RawRetry>>,
     pub breaker: Option<Spanned<RawBreaker>>,
+    pub flow: Option<Spanned<RawFlow>>,
+}
+
+/// `[defaults.flow]` and `[providers.NAME.flow]`. No `Spanned` fields: it also sits
+/// inside the internally tagged provider tables, where spans are lost.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFlow {
+    pub adaptive: Option<bool>,
+    pub initial_concurrency: Option<u32>,
+    pub min_concurrency: Option<u32>,
+    pub max_concurrency: Option<u32>,
+    pub decrease_ratio: Option<f64>,
+    pub latency_factor: Option<f64>,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub input_tpm: Option<u64>,
+    pub output_tpm: Option<u64>,
+    pub learn_limits: Option<bool>,
 }
 
 /// A duration, or `"none"` for no limit.
@@ -137,6 +156,7 @@ pub(crate) struct RawAnthropic {
     pub base_url: Option<String>,
     pub api_key_env: Option<String>,
     pub version: Option<String>,
+    pub flow: Option<RawFlow>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +165,7 @@ pub(crate) struct RawOpenAi {
     pub base_url: Option<String>,
     pub api_key_env: Option<String>,
     pub max_tokens_field: Option<crate::provider::MaxTokensField>,
+    pub flow: Option<RawFlow>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,6 +176,7 @@ pub(crate) struct RawSim {
     pub seed: Option<u64>,
     #[serde(default)]
     pub faults: RawFaults,
+    pub flow: Option<RawFlow>,
 }
 
 /// Inside the internally tagged provider table, so no `Spanned` fields: serde buffers

@@ -9,19 +9,26 @@ use toml::Spanned;
 use super::HttpProviderConfig;
 use super::error::line_col;
 use super::raw::{
-    RawAgent, RawBreaker, RawConfig, RawFaults, RawProvider, RawRetry, RawRetryBudget, RawTimeout,
-    RawWindowKind,
+    RawAgent, RawBreaker, RawConfig, RawFaults, RawFlow, RawProvider, RawRetry, RawRetryBudget,
+    RawTimeout, RawWindowKind,
 };
 use super::{
     AgentConfig, Config, ConfigError, ConfigErrors, DEFAULT_CONCURRENCY_LIMIT, DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_SUCCESSES, DEFAULT_REQUEST_TIMEOUT, EMBEDDED_DEFAULT, FallbackConfig,
     PromptTemplate, ProviderConfig,
 };
+use crate::limits::FlowConfig;
 use crate::provider::{ANTHROPIC_VERSION, MaxTokensField, ScriptedFault, SimFaults, SimOptions};
 use crate::resilience::{BreakerConfig, CallPolicy, RetryBudgetConfig, RetryPolicy, Window};
 
 /// The most attempts a policy may make: more is a config mistake, not resilience.
 const MAX_ATTEMPTS: u32 = 100;
+
+/// The most calls in flight a flow control bound may name.
+const MAX_FLOW_CONCURRENCY: u32 = 100_000;
+
+/// The highest rate limit, per minute, a config may name.
+const MAX_PER_MINUTE: u64 = 1_000_000_000_000;
 
 /// The model a `sim` agent asks for when it names none.
 const SIM_DEFAULT_MODEL: &str = "sim-1";
@@ -119,6 +126,14 @@ impl Validator<'_> {
         let defaults = self.defaults_policy(&raw.defaults);
         let breaker = self.breaker(raw.defaults.breaker);
         let retry_budget = retry_budget(raw.retry_budget);
+        let flow = match raw.defaults.flow {
+            Some(f) => {
+                let span = f.span();
+                self.flow(f.get_ref(), &FlowConfig::default(), "defaults.flow", span)
+            }
+            None => FlowConfig::default(),
+        };
+        let mut provider_flow = BTreeMap::new();
         let server = self.server(raw.server);
         let otlp_endpoint = raw.telemetry.otlp_endpoint.map(|e| {
             let ok = reqwest::Url::parse(e.get_ref())
@@ -133,7 +148,7 @@ impl Validator<'_> {
             }
             e.into_inner()
         });
-        let mut providers = self.providers(raw.providers);
+        let mut providers = self.providers(raw.providers, &flow, &mut provider_flow);
         if let Some(seed) = raw.seed {
             for provider in providers.values_mut() {
                 if let ProviderConfig::Sim(sim) = provider {
@@ -196,6 +211,8 @@ impl Validator<'_> {
             seed: raw.seed,
             breaker,
             retry_budget,
+            flow,
+            provider_flow,
             server,
             otlp_endpoint,
             providers,
@@ -511,6 +528,90 @@ impl Validator<'_> {
         config
     }
 
+    /// Flow control settings: `base` with what `raw` sets, checked. `field` names the
+    /// table in errors (`defaults.flow`, `providers.claude.flow`).
+    fn flow(&mut self, raw: &RawFlow, base: &FlowConfig, field: &str, span: Range<usize>) -> FlowConfig {
+        let mut flow = base.clone();
+        let c = &mut flow.concurrency;
+        if let Some(adaptive) = raw.adaptive {
+            c.enabled = adaptive;
+        }
+        if let Some(learn) = raw.learn_limits {
+            flow.learn_limits = learn;
+        }
+        let mut errors = Vec::new();
+        for (value, name, target) in [
+            (raw.min_concurrency, "min_concurrency", &mut c.min),
+            (raw.max_concurrency, "max_concurrency", &mut c.max),
+            (raw.initial_concurrency, "initial_concurrency", &mut c.initial),
+        ] {
+            match value {
+                Some(n) if (1..=MAX_FLOW_CONCURRENCY).contains(&n) => *target = n,
+                Some(n) => errors.push((
+                    name,
+                    format!("{n} is out of range; expected 1 to {MAX_FLOW_CONCURRENCY} calls in flight"),
+                )),
+                None => {}
+            }
+        }
+        if c.min > c.max {
+            errors.push((
+                "min_concurrency",
+                format!(
+                    "{} is above max_concurrency ({}); expected min_concurrency <= max_concurrency",
+                    c.min, c.max
+                ),
+            ));
+        } else if raw.initial_concurrency.is_some() && !(c.min..=c.max).contains(&c.initial) {
+            errors.push((
+                "initial_concurrency",
+                format!(
+                    "{} is outside min_concurrency..max_concurrency ({}..{}); expected a start within the bounds",
+                    c.initial, c.min, c.max
+                ),
+            ));
+        } else {
+            // Bounds moved by this table carry the inherited start along.
+            c.initial = c.initial.clamp(c.min, c.max);
+        }
+        match raw.decrease_ratio {
+            Some(r) if r > 0.0 && r < 1.0 => c.decrease_ratio = r,
+            Some(r) => errors.push((
+                "decrease_ratio",
+                format!("{r} is out of range; expected a fraction above 0 and below 1, e.g. 0.9 to cut the limit by 10% on overload"),
+            )),
+            None => {}
+        }
+        match raw.latency_factor {
+            Some(f) if f == 0.0 => c.latency_factor = None,
+            Some(f) if f > 1.0 && f <= 100.0 => c.latency_factor = Some(f),
+            Some(f) => errors.push((
+                "latency_factor",
+                format!("{f} is out of range; expected above 1 (e.g. 2.0: latency twice its baseline counts as overload) up to 100, or 0 to ignore latency"),
+            )),
+            None => {}
+        }
+        for (value, name, target) in [
+            (raw.rpm, "rpm", &mut flow.rates.rpm),
+            (raw.tpm, "tpm", &mut flow.rates.tpm),
+            (raw.input_tpm, "input_tpm", &mut flow.rates.input_tpm),
+            (raw.output_tpm, "output_tpm", &mut flow.rates.output_tpm),
+        ] {
+            match value {
+                Some(n) if (1..=MAX_PER_MINUTE).contains(&n) => *target = Some(n),
+                Some(n) => errors.push((
+                    name,
+                    format!("{n} is out of range; expected 1 to {MAX_PER_MINUTE} per minute, or leave the key out for no limit"),
+                )),
+                None => {}
+            }
+        }
+        for (name, message) in errors {
+            self.error(Some(span.clone()), format!("{field}.{name}"), message);
+        }
+        flow
+    }
+
     fn http_provider(&mut self, config: &HttpProviderConfig, name: &str, span: Range<usize>) {
         if let Some(url) = &config.base_url {
             let ok = reqwest::Url::parse(url)
@@ -614,6 +715,8 @@ impl Validator<'_> {
     fn providers(
         &mut self,
         raw: BTreeMap<String, Spanned<RawProvider>>,
+        flow: &FlowConfig,
+        provider_flow: &mut BTreeMap<String, FlowConfig>,
     ) -> BTreeMap<String, ProviderConfig> {
         let mut providers = BTreeMap::new();
         for (name, provider) in raw {
@@ -621,7 +724,17 @@ impl Validator<'_> {
             if let Err(message) = check_name(&name) {
                 self.error(Some(span.clone()), format!("providers.{name}"), message);
             }
-            let config = match provider.into_inner() {
+            let provider = provider.into_inner();
+            let own_flow = match &provider {
+                RawProvider::Sim(p) => p.flow.as_ref(),
+                RawProvider::Anthropic(p) => p.flow.as_ref(),
+                RawProvider::OpenAi(p) => p.flow.as_ref(),
+            };
+            if let Some(own) = own_flow {
+                let config = self.flow(own, flow, &format!("providers.{name}.flow"), span.clone());
+                provider_flow.insert(name.clone(), config);
+            }
+            let config = match provider {
                 RawProvider::Sim(sim) => {
                     let defaults = SimOptions::default();
                     let options = SimOptions {

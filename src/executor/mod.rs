@@ -25,9 +25,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::limits::{Limiter, Permit};
+use crate::limits::{FlowLane, Limiter, Permit};
 use crate::provider::{Completion, CompletionRequest, Provider, Usage};
-use crate::resilience::{Call, CallPolicy, CallReport, CircuitBreaker, Resilience};
+use crate::resilience::{Call, CallPolicy, CallReport, CircuitBreaker, Resilience, RetryBudget};
 
 pub use outcome::{
     AgentOutcome, FailureKind, FallbackRecord, FallbackSource, OutcomeError, OutcomeStatus,
@@ -49,6 +49,12 @@ pub struct AgentTask {
     pub policy: Arc<CallPolicy>,
     /// The provider and model's circuit breaker, shared with every other caller.
     pub breaker: Option<Arc<CircuitBreaker>>,
+    /// The provider and model's flow control (pause, rate limits, adaptive
+    /// concurrency), shared with every other caller; `None` for none.
+    pub lane: Option<Arc<FlowLane>>,
+    /// The provider and model's retry budget; `None` takes it from the executor's
+    /// resilience state.
+    pub budget: Option<Arc<RetryBudget>>,
     /// What to do when the call fails for good.
     pub fallback: Option<Fallback>,
 }
@@ -68,6 +74,8 @@ impl AgentTask {
             request,
             policy: Arc::new(CallPolicy::default()),
             breaker: None,
+            lane: None,
+            budget: None,
             fallback: None,
         }
     }
@@ -81,6 +89,18 @@ impl AgentTask {
     /// Guards the calls with this breaker.
     pub fn with_breaker(mut self, breaker: Arc<CircuitBreaker>) -> Self {
         self.breaker = Some(breaker);
+        self
+    }
+
+    /// Paces the calls through this provider and model's flow control.
+    pub fn with_lane(mut self, lane: Arc<FlowLane>) -> Self {
+        self.lane = Some(lane);
+        self
+    }
+
+    /// Pays for retries from this budget.
+    pub fn with_budget(mut self, budget: Arc<RetryBudget>) -> Self {
+        self.budget = Some(budget);
         self
     }
 
@@ -145,6 +165,8 @@ pub(crate) struct Progress {
     attempts: AtomicU32,
     /// Nanoseconds spent waiting for slots so far.
     queue_wait_nanos: AtomicU64,
+    /// While the agent waits in a provider's queue: since when, and which lane.
+    queued: std::sync::Mutex<Option<(Instant, String)>>,
     /// The agent's id and where its live events go, if anyone listens.
     events: Option<(String, EventSink)>,
 }
@@ -155,6 +177,7 @@ impl Progress {
             dispatched: Instant::now(),
             attempts: AtomicU32::new(0),
             queue_wait_nanos: AtomicU64::new(0),
+            queued: std::sync::Mutex::new(None),
             events,
         }
     }
@@ -172,6 +195,12 @@ impl Progress {
     /// An attempt is about to call the provider.
     pub(crate) fn attempt_started(&self) {
         self.attempts.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The agent starts (`Some`) or stops (`None`) waiting in a lane's queue.
+    pub(crate) fn queued(&self, lane: Option<&FlowLane>) {
+        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        *queued = lane.map(|l| (Instant::now(), format!("{}/{}", l.provider(), l.model())));
     }
 
     /// A wait for a concurrency slot ended.
@@ -394,11 +423,19 @@ struct Pending {
 impl Pending {
     fn base(&self, status: OutcomeStatus, error: OutcomeError) -> AgentOutcome {
         let attempts = self.progress.attempts.load(Ordering::Acquire);
-        let queue_wait = if attempts == 0 {
+        let waited = Duration::from_nanos(self.progress.queue_wait_nanos.load(Ordering::Acquire));
+        let queued = self
+            .progress
+            .queued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(Duration::ZERO, |(since, _)| since.elapsed());
+        let queue_wait = if attempts == 0 && queued.is_zero() && waited.is_zero() {
             // Still waiting for its first slot.
             self.progress.dispatched.elapsed()
         } else {
-            Duration::from_nanos(self.progress.queue_wait_nanos.load(Ordering::Acquire))
+            waited + queued
         };
         AgentOutcome {
             agent_id: self.agent_id.clone(),
@@ -413,20 +450,34 @@ impl Pending {
             fallback: None,
             latency: self.progress.dispatched.elapsed(),
             queue_wait,
+            paused: Duration::ZERO,
             provider_latency: Duration::ZERO,
             usage: Usage::default(),
         }
     }
 
     fn interrupted(&self, stop: Stop) -> AgentOutcome {
-        let (kind, message) = match stop {
-            Stop::Deadline => (
-                FailureKind::DeadlineExceeded,
-                "the request deadline passed before this agent finished",
+        let queued_in = self
+            .progress
+            .queued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (kind, message) = match (stop, queued_in) {
+            (Stop::Deadline, Some((since, lane))) => (
+                FailureKind::DeadlineInQueue,
+                format!(
+                    "the request deadline passed after {:.3} s queued for {lane}; not sent",
+                    since.elapsed().as_secs_f64()
+                ),
             ),
-            Stop::Cancelled => (
+            (Stop::Deadline, None) => (
+                FailureKind::DeadlineExceeded,
+                "the request deadline passed before this agent finished".to_owned(),
+            ),
+            (Stop::Cancelled, _) => (
                 FailureKind::Cancelled,
-                "the request was cancelled before this agent finished",
+                "the request was cancelled before this agent finished".to_owned(),
             ),
         };
         let outcome = self.base(
@@ -434,7 +485,7 @@ impl Pending {
             OutcomeError {
                 kind,
                 status: None,
-                message: message.to_owned(),
+                message,
             },
         );
         log_finish(&outcome);
@@ -520,6 +571,7 @@ async fn run_agent(
         fallback: None,
         latency: Duration::ZERO,
         queue_wait: queued,
+        paused: Duration::ZERO,
         provider_latency: Duration::ZERO,
         usage: Usage::default(),
     };
@@ -628,6 +680,7 @@ fn log_finish(o: &AgentOutcome) {
             model = %o.model,
             latency_ms = millis(o.latency),
             queue_ms = millis(o.queue_wait),
+            pause_ms = (!o.paused.is_zero()).then(|| millis(o.paused)),
             provider_ms = millis(o.provider_latency),
             attempts = o.attempts,
             retries = o.retries.len(),
@@ -646,6 +699,7 @@ fn log_finish(o: &AgentOutcome) {
             error.message = %error.message,
             latency_ms = millis(o.latency),
             queue_ms = millis(o.queue_wait),
+            pause_ms = (!o.paused.is_zero()).then(|| millis(o.paused)),
             provider_ms = millis(o.provider_latency),
             attempts = o.attempts,
             retries = o.retries.len(),
@@ -662,6 +716,7 @@ fn log_finish(o: &AgentOutcome) {
             status = error.status,
             latency_ms = millis(o.latency),
             queue_ms = millis(o.queue_wait),
+            pause_ms = (!o.paused.is_zero()).then(|| millis(o.paused)),
             provider_ms = millis(o.provider_latency),
             attempts = o.attempts,
             retries = o.retries.len(),
@@ -686,6 +741,8 @@ impl Executor {
                 provider_name: &task.provider_name,
                 provider: &*task.provider,
                 breaker: task.breaker.as_ref(),
+                lane: task.lane.as_ref(),
+                budget: task.budget.as_ref(),
                 policy: &task.policy,
                 request: task.request.clone(),
                 limiter: &*self.limiter,
@@ -704,6 +761,7 @@ fn absorb(
     outcome.attempts += report.attempts;
     outcome.retries.extend(report.retries);
     outcome.queue_wait += report.queue_wait;
+    outcome.paused += report.paused;
     outcome.provider_latency += report.provider_time;
     report.result
 }

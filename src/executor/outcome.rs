@@ -44,6 +44,9 @@ pub enum FailureKind {
     Provider(ErrorKind),
     /// The request deadline passed before the agent finished.
     DeadlineExceeded,
+    /// The request deadline came while the call waited to be let through (a pause, a
+    /// rate limit, every slot of its provider taken): it was never sent.
+    DeadlineInQueue,
     /// The request was cancelled (its caller went away or asked to stop).
     Cancelled,
     /// The agent's task panicked; the panic was contained.
@@ -60,6 +63,7 @@ impl FailureKind {
         match self {
             FailureKind::Provider(kind) => kind.as_str(),
             FailureKind::DeadlineExceeded => "deadline_exceeded",
+            FailureKind::DeadlineInQueue => "deadline_in_queue",
             FailureKind::Cancelled => "cancelled",
             FailureKind::Panicked => "panicked",
             FailureKind::CircuitOpen => "circuit_open",
@@ -71,7 +75,9 @@ impl FailureKind {
     /// and cancellation, `failed` for the rest.
     pub fn status(self) -> OutcomeStatus {
         match self {
-            FailureKind::DeadlineExceeded | FailureKind::Cancelled => OutcomeStatus::TimedOut,
+            FailureKind::DeadlineExceeded
+            | FailureKind::DeadlineInQueue
+            | FailureKind::Cancelled => OutcomeStatus::TimedOut,
             _ => OutcomeStatus::Failed,
         }
     }
@@ -153,9 +159,17 @@ pub struct AgentOutcome {
     /// From dispatch to finish, limiter wait included.
     #[serde(rename = "latency_ms", serialize_with = "as_millis")]
     pub latency: Duration,
-    /// Time spent waiting for a concurrency slot.
+    /// Time spent waiting to be let through: flow control (a provider's pause, its
+    /// rate limits, its concurrency limit) and the process-wide concurrency limit.
     #[serde(rename = "queue_ms", serialize_with = "as_millis")]
     pub queue_wait: Duration,
+    /// The part of `queue_wait` spent behind a provider's pause (`Retry-After`).
+    #[serde(
+        rename = "pause_ms",
+        serialize_with = "as_millis",
+        skip_serializing_if = "Duration::is_zero"
+    )]
+    pub paused: Duration,
     /// Time inside provider calls, as the provider measured it.
     #[serde(rename = "provider_ms", serialize_with = "as_millis")]
     pub provider_latency: Duration,

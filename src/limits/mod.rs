@@ -1,15 +1,31 @@
-//! Limits on how many agent calls run at once.
+//! Limits on how many agent calls run at once, and how fast.
 //!
-//! A provider's rate limit is per API key, not per request, so the limiter is shared by
-//! every request in the process: the orchestrator owns one and hands it to each
-//! executor run. [`Limiter`] is a trait so that adaptive concurrency and request/token
-//! rate limits can slot in later without the executor changing.
+//! Two layers, both shared by every request in the process, since a provider's limits
+//! are per account, not per request:
+//!
+//! - the process-wide cap ([`Limiter`], by default a [`ConcurrencyLimit`]): agent calls
+//!   in flight across all providers;
+//! - flow control per provider and model ([`FlowControl`], one [`FlowLane`] each): a
+//!   pause when the provider says `Retry-After`, requests- and tokens-per-minute
+//!   limits, and an adaptive concurrency limit that finds the provider's capacity.
+//!   Calls wait their turn in FIFO order, never past their deadline.
+
+mod adaptive;
+mod flow;
+mod gcra;
+mod lane;
 
 use std::fmt::Debug;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub use adaptive::AdaptiveConfig;
+pub use flow::{FlowConfig, FlowControl, RateConfig};
+pub use lane::{
+    Admitted, Feedback, FlowLane, LanePermit, LaneSnapshot, QueueTimeout, Signal, WaitCause,
+};
 
 /// Grants permission to make one agent call. The permit is held for the call's
 /// duration; dropping it frees the slot.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::{Concat, Inner, Orchestrator, PlannedAgent, Synthesizer};
 use crate::config::{Config, HttpProviderConfig, ProviderConfig};
 use crate::executor::Executor;
-use crate::limits::{ConcurrencyLimit, Limiter};
+use crate::limits::{ConcurrencyLimit, FlowControl, Limiter};
 use crate::provider::{
     ANTHROPIC_BASE_URL, AnthropicOptions, AnthropicProvider, OPENAI_BASE_URL, OpenAiOptions,
     OpenAiProvider, Provider, Secret, SimProvider,
@@ -26,6 +26,7 @@ pub struct OrchestratorBuilder {
     providers: HashMap<String, Arc<dyn Provider>>,
     limiter: Option<Arc<dyn Limiter>>,
     resilience: Option<Arc<Resilience>>,
+    flow: Option<Arc<FlowControl>>,
     synthesizer: Option<Arc<dyn Synthesizer>>,
 }
 
@@ -67,6 +68,7 @@ impl std::fmt::Debug for OrchestratorBuilder {
             .field("providers", &self.providers)
             .field("limiter", &self.limiter)
             .field("resilience", &self.resilience)
+            .field("flow", &self.flow)
             .finish_non_exhaustive()
     }
 }
@@ -107,6 +109,14 @@ impl OrchestratorBuilder {
         self
     }
 
+    /// Shares `flow` (every provider and model's pause, rate limits and adaptive
+    /// concurrency) instead of new flow control built from the config: pass the same
+    /// one to several orchestrators that call the same provider accounts.
+    pub fn flow(mut self, flow: Arc<FlowControl>) -> Self {
+        self.flow = Some(flow);
+        self
+    }
+
     /// Uses this synthesis strategy instead of [`Concat`].
     pub fn synthesizer(mut self, synthesizer: Arc<dyn Synthesizer>) -> Self {
         self.synthesizer = Some(synthesizer);
@@ -142,6 +152,12 @@ impl OrchestratorBuilder {
                 config.seed,
             ))
         });
+        let flow = self.flow.unwrap_or_else(|| {
+            Arc::new(FlowControl::new(
+                config.flow.clone(),
+                config.provider_flow.clone(),
+            ))
+        });
         let mut agents = Vec::with_capacity(config.agents.len());
         for agent in config.agents {
             let Some(provider) = providers.get(&agent.provider) else {
@@ -157,6 +173,8 @@ impl OrchestratorBuilder {
                 provider: Arc::clone(provider),
                 policy: Arc::new(agent.policy.clone()),
                 breaker: resilience.breaker(&agent.provider, &agent.model),
+                budget: resilience.budget(&agent.provider, &agent.model),
+                lane: flow.lane(&agent.provider, &agent.model),
                 config: agent,
             });
         }
@@ -174,6 +192,7 @@ impl OrchestratorBuilder {
                     .collect(),
                 agents,
                 executor: Executor::with_resilience(limiter, resilience),
+                flow,
                 request_timeout: config.request_timeout,
                 min_successes: config.min_successes,
                 synthesizer: self.synthesizer.unwrap_or_else(|| Arc::new(Concat)),

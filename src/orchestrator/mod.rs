@@ -18,8 +18,9 @@ use tracing::Instrument;
 
 use crate::config::{AgentConfig, FallbackConfig};
 use crate::executor::{AgentTask, Executor, Fallback, millis};
+use crate::limits::{FlowControl, FlowLane, LaneSnapshot};
 use crate::provider::{CompletionRequest, Provider, RequestMeta, Usage};
-use crate::resilience::{BreakerSnapshot, BreakerState, CallPolicy, CircuitBreaker};
+use crate::resilience::{BreakerSnapshot, BreakerState, CallPolicy, CircuitBreaker, RetryBudget};
 use crate::telemetry::TraceId;
 
 pub use builder::{BuildError, OrchestratorBuilder};
@@ -77,6 +78,8 @@ struct Inner {
     /// The indexes of the agents that run on every request.
     active: Vec<usize>,
     executor: Executor,
+    /// Every provider and model's flow control.
+    flow: Arc<FlowControl>,
     request_timeout: Duration,
     min_successes: usize,
     synthesizer: Arc<dyn Synthesizer>,
@@ -89,6 +92,8 @@ struct PlannedAgent {
     provider: Arc<dyn Provider>,
     policy: Arc<CallPolicy>,
     breaker: Arc<CircuitBreaker>,
+    budget: Arc<RetryBudget>,
+    lane: Arc<FlowLane>,
 }
 
 impl Orchestrator {
@@ -110,6 +115,17 @@ impl Orchestrator {
     /// The state of every circuit breaker (one per provider and model).
     pub fn breakers(&self) -> Vec<BreakerSnapshot> {
         self.inner.executor.resilience().breakers()
+    }
+
+    /// Every provider and model's flow control, shared by every request.
+    pub fn flow(&self) -> &Arc<FlowControl> {
+        &self.inner.flow
+    }
+
+    /// Every provider and model's flow control state: concurrency limit, calls in
+    /// flight and queued, pause, rate limits in force.
+    pub fn lanes(&self) -> Vec<LaneSnapshot> {
+        self.inner.flow.snapshot()
     }
 
     /// The executor, whose limiter every request shares.
@@ -287,7 +303,9 @@ fn plan(
         },
     )
     .with_policy(Arc::clone(&agent.policy))
-    .with_breaker(Arc::clone(&agent.breaker));
+    .with_breaker(Arc::clone(&agent.breaker))
+    .with_budget(Arc::clone(&agent.budget))
+    .with_lane(Arc::clone(&agent.lane));
     let fallback = match &config.fallback {
         Some(FallbackConfig::Text(text)) => Some(Fallback::Text(text.clone())),
         Some(FallbackConfig::Agent(id)) if depth < agents.len() => agents

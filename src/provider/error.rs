@@ -80,6 +80,8 @@ pub struct ProviderError {
     pub should_retry: Option<bool>,
     /// A human-readable explanation.
     pub message: String,
+    /// The rate limit state the response's headers reported, if any.
+    pub rate_limits: Option<Box<super::RateLimits>>,
 }
 
 impl ProviderError {
@@ -91,6 +93,7 @@ impl ProviderError {
             retry_after: None,
             should_retry: None,
             message: message.into(),
+            rate_limits: None,
         }
     }
 
@@ -103,6 +106,12 @@ impl ProviderError {
     /// Sets the server's `Retry-After` hint.
     pub fn with_retry_after(mut self, retry_after: Duration) -> Self {
         self.retry_after = Some(retry_after);
+        self
+    }
+
+    /// Sets the rate limit state the response reported.
+    pub fn with_rate_limits(mut self, rate_limits: super::RateLimits) -> Self {
+        self.rate_limits = Some(Box::new(rate_limits));
         self
     }
 

@@ -70,7 +70,10 @@ pub(crate) fn client() -> reqwest::Client {
         .unwrap_or_else(|_| reqwest::Client::new())
 }
 
-/// The rate limit state a provider reported with its response, for the limiter layer.
+/// The rate limit state a provider reported with its response, for flow control.
+/// Anthropic reports per-minute limits (`anthropic-ratelimit-*`: requests, input
+/// tokens, output tokens, and their most restrictive combination as `tokens`); OpenAI
+/// reports requests and tokens (input and output together) as `x-ratelimit-*`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RateLimits {
     /// Requests allowed per window.
@@ -82,7 +85,8 @@ pub struct RateLimits {
     /// When the request window resets, as the provider wrote it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requests_reset: Option<String>,
-    /// Tokens allowed per window.
+    /// Tokens allowed per window (Anthropic: the most restrictive of its token
+    /// limits; OpenAI: input and output together).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_limit: Option<u64>,
     /// Tokens left in the window.
@@ -91,6 +95,18 @@ pub struct RateLimits {
     /// When the token window resets, as the provider wrote it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_reset: Option<String>,
+    /// Input tokens allowed per minute (Anthropic).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_tokens_limit: Option<u64>,
+    /// Input tokens left (Anthropic).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_tokens_remaining: Option<u64>,
+    /// Output tokens allowed per minute (Anthropic).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_tokens_limit: Option<u64>,
+    /// Output tokens left (Anthropic).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_tokens_remaining: Option<u64>,
 }
 
 impl RateLimits {
@@ -104,9 +120,10 @@ impl RateLimits {
                 .map(str::to_owned)
         };
         let number = |name: &str| text(name).and_then(|v| v.trim().parse().ok());
-        let limits = if headers.contains_key("anthropic-ratelimit-requests-limit")
-            || headers.contains_key("anthropic-ratelimit-tokens-limit")
-        {
+        let anthropic = headers
+            .keys()
+            .any(|k| k.as_str().starts_with("anthropic-ratelimit-"));
+        let limits = if anthropic {
             RateLimits {
                 requests_limit: number("anthropic-ratelimit-requests-limit"),
                 requests_remaining: number("anthropic-ratelimit-requests-remaining"),
@@ -114,6 +131,10 @@ impl RateLimits {
                 tokens_limit: number("anthropic-ratelimit-tokens-limit"),
                 tokens_remaining: number("anthropic-ratelimit-tokens-remaining"),
                 tokens_reset: text("anthropic-ratelimit-tokens-reset"),
+                input_tokens_limit: number("anthropic-ratelimit-input-tokens-limit"),
+                input_tokens_remaining: number("anthropic-ratelimit-input-tokens-remaining"),
+                output_tokens_limit: number("anthropic-ratelimit-output-tokens-limit"),
+                output_tokens_remaining: number("anthropic-ratelimit-output-tokens-remaining"),
             }
         } else {
             RateLimits {
@@ -123,9 +144,23 @@ impl RateLimits {
                 tokens_limit: number("x-ratelimit-limit-tokens"),
                 tokens_remaining: number("x-ratelimit-remaining-tokens"),
                 tokens_reset: text("x-ratelimit-reset-tokens"),
+                ..RateLimits::default()
             }
         };
         (limits != RateLimits::default()).then_some(limits)
+    }
+
+    /// The account's limits per minute, as flow control takes them: requests, and
+    /// tokens — Anthropic's input and output limits when it states them (its
+    /// combined `tokens` limit only otherwise), OpenAI's combined one.
+    pub fn per_minute(&self) -> crate::limits::RateConfig {
+        let split = self.input_tokens_limit.is_some() || self.output_tokens_limit.is_some();
+        crate::limits::RateConfig {
+            rpm: self.requests_limit.filter(|n| *n > 0),
+            tpm: if split { None } else { self.tokens_limit.filter(|n| *n > 0) },
+            input_tpm: self.input_tokens_limit.filter(|n| *n > 0),
+            output_tpm: self.output_tokens_limit.filter(|n| *n > 0),
+        }
     }
 }
 
@@ -163,6 +198,9 @@ impl ResponseMeta {
     pub(crate) fn apply(&self, mut error: ProviderError) -> ProviderError {
         error.retry_after = error.retry_after.or(self.retry_after);
         error.should_retry = error.should_retry.or(self.should_retry);
+        if error.rate_limits.is_none() {
+            error.rate_limits = self.rate_limits.clone().map(Box::new);
+        }
         if let Some(id) = &self.request_id {
             error.message = format!("{} (request-id {id})", error.message);
         }

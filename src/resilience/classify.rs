@@ -39,9 +39,19 @@ pub fn kind_is_retryable(kind: ErrorKind) -> bool {
 }
 
 /// True when the failure says the provider is unwell (and so counts against its
-/// circuit breaker), rather than that this one request was wrong.
+/// circuit breaker), rather than that this one request was wrong or that the provider
+/// is asking for less traffic (see [`is_flow_control`]).
 pub fn counts_against_provider(error: &ProviderError) -> bool {
-    kind_is_retryable(error.kind) || error.kind == ErrorKind::MalformedResponse
+    !is_flow_control(error)
+        && (kind_is_retryable(error.kind) || error.kind == ErrorKind::MalformedResponse)
+}
+
+/// True for a 429 (the account's rate limit) or a 529 / `overloaded_error` (the
+/// provider over capacity): flow control, not ill health. They slow the caller down
+/// (a lower concurrency limit, a pause) and never count towards a breaker.
+pub fn is_flow_control(error: &ProviderError) -> bool {
+    matches!(error.kind, ErrorKind::RateLimited | ErrorKind::Overloaded)
+        || matches!(error.status, Some(429 | 529))
 }
 
 #[cfg(test)]
@@ -87,6 +97,26 @@ mod tests {
             ErrorKind::Auth,
             "no key"
         )));
+    }
+
+    #[test]
+    fn rate_limits_and_overload_are_flow_control_not_ill_health() {
+        for e in [
+            status(ErrorKind::RateLimited, 429),
+            status(ErrorKind::Overloaded, 529),
+            ProviderError::new(ErrorKind::Overloaded, "overloaded_error in a stream"),
+        ] {
+            assert!(is_flow_control(&e) && !counts_against_provider(&e), "{e}");
+        }
+        for e in [
+            status(ErrorKind::Server, 500),
+            status(ErrorKind::Server, 503),
+            ProviderError::new(ErrorKind::Timeout, "t"),
+            ProviderError::new(ErrorKind::Connection, "reset"),
+        ] {
+            assert!(!is_flow_control(&e) && counts_against_provider(&e), "{e}");
+        }
+        assert!(!counts_against_provider(&status(ErrorKind::BadRequest, 400)));
     }
 
     #[test]

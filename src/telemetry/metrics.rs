@@ -90,6 +90,24 @@ fn describe() {
         "Tokens, by provider, model and direction (input, output)."
     );
     describe_counter!("metaorch_fallbacks_total", "Fallbacks used, by agent.");
+    describe_gauge!(
+        "metaorch_concurrency_limit",
+        "The adaptive concurrency limit, by provider and model."
+    );
+    describe_counter!(
+        "metaorch_provider_paused_seconds_total",
+        Unit::Seconds,
+        "Time a provider and model were paused at the provider's request (Retry-After)."
+    );
+    describe_counter!(
+        "metaorch_rate_limited_total",
+        "Calls the provider refused for capacity or rate (rate_limited, overloaded) or that timed out, by provider, model and reason."
+    );
+    describe_histogram!(
+        "metaorch_queue_wait_seconds",
+        Unit::Seconds,
+        "Time calls waited in a provider and model's queue (pause, rate, concurrency)."
+    );
 }
 
 /// The metric lines of a handle's text, without comments: a summary for a terminal.
@@ -211,4 +229,46 @@ impl Drop for InFlight {
             gauge!("metaorch_in_flight", "provider" => provider).decrement(1.0);
         }
     }
+}
+
+pub(crate) fn concurrency_limit(provider: &str, model: &str, limit: u32) {
+    if !enabled() {
+        return;
+    }
+    gauge!("metaorch_concurrency_limit", "provider" => provider.to_owned(), "model" => model.to_owned())
+        .set(f64::from(limit));
+}
+
+/// A pause grew a lane's total paused time from `before` to `after`. Counters count
+/// whole units, so the counter moves by the whole seconds crossed.
+pub(crate) fn paused(provider: &str, model: &str, before: Duration, after: Duration) {
+    if !enabled() {
+        return;
+    }
+    let crossed = after.as_secs().saturating_sub(before.as_secs());
+    if crossed > 0 {
+        counter!("metaorch_provider_paused_seconds_total", "provider" => provider.to_owned(), "model" => model.to_owned())
+            .increment(crossed);
+    }
+}
+
+pub(crate) fn rate_limited(provider: &str, model: &str, reason: &'static str) {
+    if !enabled() {
+        return;
+    }
+    counter!(
+        "metaorch_rate_limited_total",
+        "provider" => provider.to_owned(),
+        "model" => model.to_owned(),
+        "reason" => reason
+    )
+    .increment(1);
+}
+
+pub(crate) fn queue_wait(provider: &str, model: &str, wait: Duration) {
+    if !enabled() {
+        return;
+    }
+    histogram!("metaorch_queue_wait_seconds", "provider" => provider.to_owned(), "model" => model.to_owned())
+        .record(wait.as_secs_f64());
 }

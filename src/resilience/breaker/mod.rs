@@ -14,7 +14,8 @@
 //! clock, which the deterministic tests need. Every method holds a short
 //! `std::sync::Mutex` and never awaits.
 
-use std::collections::VecDeque;
+mod window;
+
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -23,6 +24,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::executor::millis;
+use window::{Counts, Settled, Ticket};
 
 /// How the breaker's window is measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,8 +246,12 @@ impl CircuitBreaker {
         let mut transition = None;
         let result = {
             let mut inner = self.lock();
+            let mut ticket = None;
             match inner.state {
-                State::Closed => Ok(false),
+                State::Closed => {
+                    ticket = Some(inner.window.start(now));
+                    Ok(false)
+                }
                 State::Open { until } if now < until => Err(Rejected {
                     state: BreakerState::Open,
                     retry_in: until - now,
@@ -278,6 +284,7 @@ impl CircuitBreaker {
                 breaker: Some(Arc::clone(self)),
                 generation: inner.generation,
                 probe,
+                ticket,
                 started: now,
                 recorded: false,
             })
@@ -319,14 +326,14 @@ impl CircuitBreaker {
             State::Open { until } if now < until => (BreakerState::Open, Some(until - now)),
             State::Open { .. } | State::HalfOpen { .. } => (BreakerState::HalfOpen, None),
         };
-        let (calls, failure_rate, slow_call_rate) = inner.window.rates(now);
+        let rates = inner.window.rates(now);
         BreakerSnapshot {
             provider: self.provider.clone(),
             model: self.model.clone(),
             state,
-            calls,
-            failure_rate,
-            slow_call_rate,
+            calls: rates.finished,
+            failure_rate: rates.failure_rate,
+            slow_call_rate: rates.slow_call_rate,
             retry_in,
         }
     }
@@ -345,10 +352,27 @@ impl CircuitBreaker {
                 return; // admitted under an earlier state
             }
             match (inner.state, result) {
-                (State::Closed, CallResult::Ignored) | (State::Open { .. }, _) => None,
+                (State::Open { .. }, _) => None,
                 (State::Closed, result) => {
-                    inner.window.push(now, result == CallResult::Failure, slow);
-                    let (calls, failure_rate, slow_rate) = inner.window.rates(now);
+                    let Some(ticket) = permit.ticket else {
+                        return;
+                    };
+                    inner.window.settle(
+                        ticket,
+                        match result {
+                            CallResult::Ignored => Settled::Ignored,
+                            result => Settled::Done {
+                                failed: result == CallResult::Failure,
+                                slow,
+                            },
+                        },
+                    );
+                    if result == CallResult::Ignored {
+                        return;
+                    }
+                    let rates = inner.window.rates(now);
+                    let (calls, failure_rate, slow_rate) =
+                        (rates.finished, rates.failure_rate, rates.slow_call_rate);
                     let reason = if calls < self.config.minimum_calls {
                         None
                     } else if failure_rate >= self.config.failure_rate_threshold {
@@ -478,6 +502,8 @@ pub struct BreakerPermit {
     breaker: Option<Arc<CircuitBreaker>>,
     generation: u64,
     probe: bool,
+    /// Its place in the closed breaker's window.
+    ticket: Option<Ticket>,
     started: Instant,
     recorded: bool,
 }
@@ -489,6 +515,7 @@ impl BreakerPermit {
             breaker: None,
             generation: 0,
             probe: false,
+            ticket: None,
             started: Instant::now(),
             recorded: true,
         }
@@ -517,168 +544,6 @@ impl Drop for BreakerPermit {
             self.recorded = true;
             breaker.record(self, CallResult::Ignored);
         }
-    }
-}
-
-/// The sliding window's counts.
-#[derive(Debug)]
-enum Counts {
-    /// The last `size` calls: bit 0 failed, bit 1 slow.
-    Count {
-        size: usize,
-        calls: VecDeque<u8>,
-        failures: u32,
-        slow: u32,
-    },
-    /// One bucket per second of the window, indexed by second mod length.
-    Time {
-        origin: Instant,
-        buckets: Vec<Bucket>,
-        totals: Bucket,
-    },
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Bucket {
-    second: u64,
-    calls: u32,
-    failures: u32,
-    slow: u32,
-}
-
-const FAILED: u8 = 1;
-const SLOW: u8 = 2;
-
-impl Counts {
-    fn new(window: Window) -> Self {
-        match window {
-            Window::Count(size) => Counts::Count {
-                size: size.max(1) as usize,
-                calls: VecDeque::with_capacity(size.max(1) as usize),
-                failures: 0,
-                slow: 0,
-            },
-            Window::Time(period) => Counts::Time {
-                origin: Instant::now(),
-                buckets: vec![Bucket::default(); period.as_secs().clamp(1, 3600) as usize],
-                totals: Bucket::default(),
-            },
-        }
-    }
-
-    fn clear(&mut self) {
-        match self {
-            Counts::Count {
-                calls,
-                failures,
-                slow,
-                ..
-            } => {
-                calls.clear();
-                *failures = 0;
-                *slow = 0;
-            }
-            Counts::Time {
-                buckets, totals, ..
-            } => {
-                buckets.fill(Bucket::default());
-                *totals = Bucket::default();
-            }
-        }
-    }
-
-    fn push(&mut self, now: Instant, failed: bool, is_slow: bool) {
-        match self {
-            Counts::Count {
-                size,
-                calls,
-                failures,
-                slow,
-            } => {
-                if calls.len() == *size
-                    && let Some(old) = calls.pop_front()
-                {
-                    *failures -= u32::from(old & FAILED != 0);
-                    *slow -= u32::from(old & SLOW != 0);
-                }
-                calls.push_back(if failed { FAILED } else { 0 } | if is_slow { SLOW } else { 0 });
-                *failures += u32::from(failed);
-                *slow += u32::from(is_slow);
-            }
-            Counts::Time { .. } => {
-                self.expire(now);
-                if let Counts::Time {
-                    origin,
-                    buckets,
-                    totals,
-                } = self
-                {
-                    let second = now.saturating_duration_since(*origin).as_secs();
-                    let len = buckets.len() as u64;
-                    let bucket = &mut buckets[(second % len) as usize];
-                    bucket.second = second;
-                    bucket.calls += 1;
-                    bucket.failures += u32::from(failed);
-                    bucket.slow += u32::from(is_slow);
-                    totals.calls += 1;
-                    totals.failures += u32::from(failed);
-                    totals.slow += u32::from(is_slow);
-                }
-            }
-        }
-    }
-
-    /// Drops the buckets that have slid out of a time window.
-    fn expire(&mut self, now: Instant) {
-        if let Counts::Time {
-            origin,
-            buckets,
-            totals,
-        } = self
-        {
-            let second = now.saturating_duration_since(*origin).as_secs();
-            let len = buckets.len() as u64;
-            for bucket in buckets.iter_mut() {
-                if bucket.calls > 0 && bucket.second + len <= second {
-                    totals.calls -= bucket.calls;
-                    totals.failures -= bucket.failures;
-                    totals.slow -= bucket.slow;
-                    *bucket = Bucket::default();
-                }
-            }
-        }
-    }
-
-    /// (calls, failure rate, slow-call rate) over the window as of `now`.
-    fn rates(&self, now: Instant) -> (u32, f64, f64) {
-        let (calls, failures, slow) = match self {
-            Counts::Count {
-                calls,
-                failures,
-                slow,
-                ..
-            } => (calls.len() as u32, *failures, *slow),
-            Counts::Time {
-                origin, buckets, ..
-            } => {
-                let second = now.saturating_duration_since(*origin).as_secs();
-                let len = buckets.len() as u64;
-                buckets
-                    .iter()
-                    .filter(|b| b.second + len > second)
-                    .fold((0, 0, 0), |(c, f, s), b| {
-                        (c + b.calls, f + b.failures, s + b.slow)
-                    })
-            }
-        };
-        if calls == 0 {
-            return (0, 0.0, 0.0);
-        }
-        (
-            calls,
-            f64::from(failures) / f64::from(calls),
-            f64::from(slow) / f64::from(calls),
-        )
     }
 }
 

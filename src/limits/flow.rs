@@ -1,0 +1,133 @@
+//! Flow control's settings, and the registry that gives every caller of the same
+//! provider and model the same [`FlowLane`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use super::adaptive::AdaptiveConfig;
+use super::lane::{FlowLane, LaneSnapshot};
+
+/// Requests and tokens per minute; `None` for no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RateConfig {
+    /// Requests per minute.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u64>,
+    /// Tokens per minute, input and output together (OpenAI's TPM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u64>,
+    /// Input tokens per minute (Anthropic's ITPM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_tpm: Option<u64>,
+    /// Output tokens per minute (Anthropic's OTPM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_tpm: Option<u64>,
+}
+
+impl RateConfig {
+    /// True when no limit is set.
+    pub fn is_empty(&self) -> bool {
+        *self == RateConfig::default()
+    }
+}
+
+impl fmt::Display for RateConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        for (value, unit) in [
+            (self.rpm, "requests/min"),
+            (self.tpm, "tokens/min"),
+            (self.input_tpm, "input tokens/min"),
+            (self.output_tpm, "output tokens/min"),
+        ] {
+            if let Some(v) = value {
+                parts.push(format!("{v} {unit}"));
+            }
+        }
+        if parts.is_empty() {
+            f.write_str("no rate limit")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
+/// How calls to one provider and model are paced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowConfig {
+    /// The concurrency limit: adaptive between bounds, or fixed.
+    pub concurrency: AdaptiveConfig,
+    /// Rate limits set in the config.
+    pub rates: RateConfig,
+    /// Lower the rate limits to what the provider's rate-limit headers report.
+    pub learn_limits: bool,
+}
+
+impl Default for FlowConfig {
+    /// Adaptive concurrency ([`AdaptiveConfig::default`]), no configured rate limit,
+    /// limits learned from the provider's headers.
+    fn default() -> Self {
+        FlowConfig {
+            concurrency: AdaptiveConfig::default(),
+            rates: RateConfig::default(),
+            learn_limits: true,
+        }
+    }
+}
+
+/// Every lane of the process, one per provider and model, created on first use.
+/// Share it behind an `Arc`: lanes must be shared by every request, since a
+/// provider's limits are per account, not per request.
+#[derive(Debug, Default)]
+pub struct FlowControl {
+    defaults: FlowConfig,
+    providers: BTreeMap<String, FlowConfig>,
+    lanes: Mutex<BTreeMap<(String, String), Arc<FlowLane>>>,
+}
+
+impl FlowControl {
+    /// Lanes configured with `defaults`, or a provider's own settings where given.
+    pub fn new(defaults: FlowConfig, providers: BTreeMap<String, FlowConfig>) -> Self {
+        FlowControl {
+            defaults,
+            providers,
+            lanes: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The settings for `provider`'s lanes.
+    pub fn config(&self, provider: &str) -> &FlowConfig {
+        self.providers.get(provider).unwrap_or(&self.defaults)
+    }
+
+    /// The lane of `provider` / `model`.
+    pub fn lane(&self, provider: &str, model: &str) -> Arc<FlowLane> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            lanes
+                .entry((provider.to_owned(), model.to_owned()))
+                .or_insert_with(|| {
+                    Arc::new(FlowLane::new(
+                        provider,
+                        model,
+                        self.config(provider).clone(),
+                    ))
+                }),
+        )
+    }
+
+    /// Every lane's state, ordered by provider and model.
+    pub fn snapshot(&self) -> Vec<LaneSnapshot> {
+        let lanes: Vec<_> = self
+            .lanes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        lanes.iter().map(|l| l.snapshot()).collect()
+    }
+}

@@ -1,0 +1,768 @@
+//! One provider and model's flow control — a *lane*: the pause gate (`Retry-After`),
+//! the rate limits (requests and tokens per minute) and the adaptive concurrency limit,
+//! with one FIFO queue in front of all three.
+//!
+//! A call waits its turn in the queue (a fair mutex: first come, first served), then,
+//! at the head, waits for whatever holds it back — a pause, a free slot, the rate —
+//! and goes. It never waits past its deadline: a wait whose end is known (a pause, the
+//! rate's next opening) and comes after the deadline is refused at once, without
+//! waiting and without sending; a wait for a slot ends at the deadline. After the call,
+//! its [`LanePermit`] reports what came back ([`Feedback`]): successes let the limit
+//! grow, overloads cut it, reported usage corrects the token estimate, and the
+//! provider's rate-limit headers tell the account's real limits.
+//!
+//! State changes are logged once each (`flow.limit`, `flow.pause`, `flow.resume`,
+//! `flow.limits_learned`); calls that wait are counted in metrics and in their own
+//! outcome, never logged one by one.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::adaptive::{Aimd, Decrease};
+use super::flow::{FlowConfig, RateConfig};
+use super::gcra::Gcra;
+use crate::telemetry::metrics;
+
+/// What held a call back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitCause {
+    /// The provider asked every caller to wait (`Retry-After`).
+    Pause,
+    /// Every concurrency slot of the lane was taken.
+    Concurrency,
+    /// A requests- or tokens-per-minute limit.
+    Rate,
+}
+
+impl WaitCause {
+    /// The stable snake_case name used in outcomes and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitCause::Pause => "pause",
+            WaitCause::Concurrency => "concurrency",
+            WaitCause::Rate => "rate",
+        }
+    }
+}
+
+impl fmt::Display for WaitCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a call through the lane ended, as far as flow control cares.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Signal {
+    /// The provider answered in this long.
+    Success(Duration),
+    /// The provider said it is over capacity or over the account's limit (429, 529),
+    /// or the call timed out; the reason names which.
+    Overload(&'static str),
+    /// Anything else: says nothing about capacity.
+    Neutral,
+}
+
+/// What came back from a call, for the lane to learn from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Feedback {
+    /// How it ended.
+    pub signal: Signal,
+    /// Input tokens the provider reported, to correct the estimate charged.
+    pub input_tokens: Option<u64>,
+    /// Output tokens the provider reported, charged to the token limits now.
+    pub output_tokens: u64,
+    /// The account's limits, per minute, as the response's headers stated them.
+    pub reported: Option<RateConfig>,
+}
+
+impl Feedback {
+    /// Feedback with only a signal.
+    pub fn signal(signal: Signal) -> Self {
+        Feedback {
+            signal,
+            input_tokens: None,
+            output_tokens: 0,
+            reported: None,
+        }
+    }
+}
+
+/// A call let through, and how long it waited.
+#[derive(Debug)]
+pub struct Admitted {
+    /// Holds the call's slot; report the result with [`LanePermit::finish`].
+    pub permit: LanePermit,
+    /// From joining the queue to admission.
+    pub waited: Duration,
+    /// The part of `waited` during which the lane was paused.
+    pub paused: Duration,
+}
+
+/// A call that could not be let through before its deadline. Nothing was sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueTimeout {
+    /// What held it back.
+    pub cause: WaitCause,
+    /// How long it waited before giving up.
+    pub waited: Duration,
+    /// The part of `waited` during which the lane was paused.
+    pub paused: Duration,
+    /// What happened, for the outcome.
+    pub message: String,
+}
+
+/// A lane's state at one moment, for status pages and charts.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LaneSnapshot {
+    /// The provider's configured name.
+    pub provider: String,
+    /// The model.
+    pub model: String,
+    /// Calls allowed in flight now.
+    pub limit: u32,
+    /// Calls in flight now.
+    pub in_flight: u32,
+    /// Calls waiting in the queue.
+    pub queued: u32,
+    /// While paused: how long until the pause ends.
+    #[serde(
+        rename = "paused_for_ms",
+        serialize_with = "crate::executor::as_opt_millis",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub paused_for: Option<Duration>,
+    /// The rate limits in force (configured, or learned from the provider, whichever
+    /// is lower).
+    pub rates: RateConfig,
+}
+
+/// One provider and model's flow control. Share it behind an `Arc`.
+pub struct FlowLane {
+    provider: String,
+    model: String,
+    config: FlowConfig,
+    /// The FIFO queue: the head holds it while it waits for what holds it back.
+    turnstile: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+    /// Wakes the head when a slot frees, the limit grows or the rates change.
+    wake: Notify,
+}
+
+impl fmt::Debug for FlowLane {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlowLane")
+            .field("provider", &self.provider)
+            .field("model", &self.model)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    aimd: Aimd,
+    in_flight: u32,
+    queued: u32,
+    pause: Pause,
+    rates: Rates,
+}
+
+/// What the head of the queue does next.
+enum Step {
+    Admit { epoch: u64 },
+    WaitUntil(Instant, WaitCause),
+    WaitForSlot,
+}
+
+impl FlowLane {
+    /// A lane for `provider` / `model` with nothing in flight.
+    pub fn new(provider: impl Into<String>, model: impl Into<String>, config: FlowConfig) -> Self {
+        let (provider, model) = (provider.into(), model.into());
+        let now = Instant::now();
+        let aimd = Aimd::new(config.concurrency.clone());
+        metrics::concurrency_limit(&provider, &model, aimd.limit());
+        FlowLane {
+            state: Mutex::new(State {
+                aimd,
+                in_flight: 0,
+                queued: 0,
+                pause: Pause::default(),
+                rates: Rates::new(config.rates, config.learn_limits, now),
+            }),
+            provider,
+            model,
+            config,
+            turnstile: tokio::sync::Mutex::new(()),
+            wake: Notify::new(),
+        }
+    }
+
+    /// The provider's configured name.
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    /// The model.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &FlowConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is counters and instants; a panic mid-update loses little.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lane's state now.
+    pub fn snapshot(&self) -> LaneSnapshot {
+        let now = Instant::now();
+        let s = self.lock();
+        LaneSnapshot {
+            provider: self.provider.clone(),
+            model: self.model.clone(),
+            limit: s.aimd.limit(),
+            in_flight: s.in_flight,
+            queued: s.queued,
+            paused_for: s
+                .pause
+                .until
+                .filter(|u| *u > now)
+                .map(|u| u.duration_since(now)),
+            rates: s.rates.effective(),
+        }
+    }
+
+    /// Lets a call through at once if nothing holds it back and nobody is queued
+    /// ahead of it; `estimate` is its input tokens, charged to the token limits.
+    pub fn try_admit(self: &Arc<Self>, estimate: u64) -> Option<LanePermit> {
+        let _turn = self.turnstile.try_lock().ok()?;
+        let now = Instant::now();
+        match self.lock().step(self, now, estimate) {
+            Step::Admit { epoch } => Some(LanePermit::new(self, epoch, estimate, now)),
+            _ => None,
+        }
+    }
+
+    /// Waits in the queue until the call may go, or refuses it when that cannot happen
+    /// before `deadline`. Cancel-safe: dropping the future leaves the queue.
+    pub async fn admit(
+        self: &Arc<Self>,
+        estimate: u64,
+        deadline: Instant,
+    ) -> Result<Admitted, QueueTimeout> {
+        let joined = Instant::now();
+        let _queued = Queued::join(self);
+        let paused_before = self.lock().pause.total(joined);
+        let turn = tokio::select! {
+            biased;
+            turn = self.turnstile.lock() => turn,
+            () = tokio::time::sleep_until(deadline) => {
+                return Err(self.refuse(None, joined, paused_before, None));
+            }
+        };
+        loop {
+            let now = Instant::now();
+            let step = self.lock().step(self, now, estimate);
+            match step {
+                Step::Admit { epoch } => {
+                    drop(turn);
+                    let waited = now.duration_since(joined);
+                    let paused = self.lock().pause.total(now).saturating_sub(paused_before);
+                    metrics::queue_wait(&self.provider, &self.model, waited);
+                    return Ok(Admitted {
+                        permit: LanePermit::new(self, epoch, estimate, now),
+                        waited,
+                        paused,
+                    });
+                }
+                Step::WaitUntil(until, cause) if until >= deadline => {
+                    return Err(self.refuse(Some(cause), joined, paused_before, Some(until)));
+                }
+                Step::WaitUntil(until, _) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => {}
+                        () = self.wake.notified() => {}
+                    }
+                }
+                Step::WaitForSlot => {
+                    tokio::select! {
+                        () = self.wake.notified() => {}
+                        () = tokio::time::sleep_until(deadline) => {
+                            return Err(self.refuse(
+                                Some(WaitCause::Concurrency),
+                                joined,
+                                paused_before,
+                                None,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pauses every caller of the lane for `wait` (a provider's `Retry-After`), or
+    /// extends the pause in force to then.
+    pub fn pause(&self, wait: Duration, reason: &'static str) {
+        let now = Instant::now();
+        let Some(until) = now.checked_add(wait) else {
+            return;
+        };
+        let mut s = self.lock();
+        let previous = s.pause.until.filter(|u| *u > now);
+        match previous {
+            Some(current) if current >= until => {}
+            Some(current) => {
+                s.pause.until = Some(until);
+                s.pause.schedule(&self.provider, &self.model, until - current);
+                tracing::debug!(
+                    event = "flow.pause",
+                    provider = %self.provider,
+                    model = %self.model,
+                    pause_ms = crate::executor::millis(wait),
+                    reason,
+                    extended = true,
+                    "{}/{} pause extended to {:.3} s from now ({reason})",
+                    self.provider,
+                    self.model,
+                    wait.as_secs_f64()
+                );
+            }
+            None => {
+                s.pause.start(now, until);
+                s.pause.schedule(&self.provider, &self.model, wait);
+                tracing::info!(
+                    event = "flow.pause",
+                    provider = %self.provider,
+                    model = %self.model,
+                    pause_ms = crate::executor::millis(wait),
+                    reason,
+                    queued = s.queued,
+                    in_flight = s.in_flight,
+                    "{}/{} paused for {:.3} s ({reason}): every call to it waits",
+                    self.provider,
+                    self.model,
+                    wait.as_secs_f64()
+                );
+            }
+        }
+    }
+
+    /// The refusal of a call that cannot go before its deadline.
+    fn refuse(
+        &self,
+        cause: Option<WaitCause>,
+        joined: Instant,
+        paused_before: Duration,
+        opens: Option<Instant>,
+    ) -> QueueTimeout {
+        let now = Instant::now();
+        let waited = now.duration_since(joined);
+        let s = self.lock();
+        let paused = s.pause.total(now).saturating_sub(paused_before);
+        let limit = s.aimd.limit();
+        let rates = s.rates.effective();
+        let queued = s.queued.saturating_sub(1);
+        // A call still behind others in the queue waits for what holds the head back.
+        let cause = cause.unwrap_or_else(|| {
+            if s.pause.until.is_some_and(|u| u > now) {
+                WaitCause::Pause
+            } else if s.in_flight >= limit {
+                WaitCause::Concurrency
+            } else {
+                WaitCause::Rate
+            }
+        });
+        drop(s);
+        let lane = format!("{}/{}", self.provider, self.model);
+        let opens_in = opens.map(|o| o.saturating_duration_since(now).as_secs_f64());
+        let message = match (cause, opens_in) {
+            (WaitCause::Pause, Some(secs)) => format!(
+                "{lane} is paused for another {secs:.3} s at the provider's request (Retry-After), past the request deadline; not sent"
+            ),
+            (WaitCause::Rate, Some(secs)) => format!(
+                "the rate limit of {lane} ({rates}) lets the next call go in {secs:.3} s, past the request deadline; not sent"
+            ),
+            (cause, _) => format!(
+                "the request deadline passed after {:.3} s queued for {lane} ({}; limit {limit} in flight, {queued} others queued); not sent",
+                waited.as_secs_f64(),
+                match cause {
+                    WaitCause::Pause => "paused at the provider's request",
+                    WaitCause::Concurrency => "every concurrency slot taken",
+                    WaitCause::Rate => "held by its rate limit",
+                },
+            ),
+        };
+        QueueTimeout {
+            cause,
+            waited,
+            paused,
+            message,
+        }
+    }
+}
+
+impl State {
+    /// What the head of the queue does now; admits it when nothing holds it back.
+    fn step(&mut self, lane: &FlowLane, now: Instant, estimate: u64) -> Step {
+        if let Some(until) = self.pause.until {
+            if until > now {
+                return Step::WaitUntil(until, WaitCause::Pause);
+            }
+            let lasted = self.pause.end();
+            tracing::info!(
+                event = "flow.resume",
+                provider = %lane.provider,
+                model = %lane.model,
+                paused_ms = crate::executor::millis(lasted),
+                limit = self.aimd.limit(),
+                queued = self.queued,
+                "{}/{} resumed after a {:.3} s pause",
+                lane.provider,
+                lane.model,
+                lasted.as_secs_f64()
+            );
+        }
+        if self.in_flight >= self.aimd.limit() {
+            return Step::WaitForSlot;
+        }
+        let ready = self.rates.ready_at(now);
+        if ready > now {
+            return Step::WaitUntil(ready, WaitCause::Rate);
+        }
+        self.rates.admit(estimate, now);
+        self.in_flight += 1;
+        Step::Admit {
+            epoch: self.aimd.epoch(),
+        }
+    }
+}
+
+/// Counts a caller in the queue until dropped.
+struct Queued<'a>(&'a FlowLane);
+
+impl<'a> Queued<'a> {
+    fn join(lane: &'a FlowLane) -> Self {
+        lane.lock().queued += 1;
+        Queued(lane)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.queued = s.queued.saturating_sub(1);
+    }
+}
+
+/// A call's place in the lane while it is in flight. Report its result with
+/// [`LanePermit::finish`]; dropped unreported (the call was aborted), it only frees the
+/// slot.
+#[derive(Debug)]
+pub struct LanePermit {
+    lane: Arc<FlowLane>,
+    epoch: u64,
+    estimate: u64,
+    admitted: Instant,
+    done: bool,
+}
+
+impl LanePermit {
+    fn new(lane: &Arc<FlowLane>, epoch: u64, estimate: u64, admitted: Instant) -> Self {
+        LanePermit {
+            lane: Arc::clone(lane),
+            epoch,
+            estimate,
+            admitted,
+            done: false,
+        }
+    }
+
+    /// The lane it belongs to.
+    pub fn lane(&self) -> &Arc<FlowLane> {
+        &self.lane
+    }
+
+    /// When the call was let through.
+    pub fn admitted(&self) -> Instant {
+        self.admitted
+    }
+
+    /// Reports how the call ended and frees its slot.
+    pub fn finish(mut self, feedback: Feedback) {
+        self.done = true;
+        self.release(Some(feedback));
+    }
+
+    fn release(&self, feedback: Option<Feedback>) {
+        let lane = &*self.lane;
+        let now = Instant::now();
+        {
+            let mut s = lane.lock();
+            s.in_flight = s.in_flight.saturating_sub(1);
+            if let Some(feedback) = feedback {
+                let before = s.aimd.limit();
+                // The limit was in use: others waited, or this call had the last slot.
+                let saturated = s.queued > 0 || s.in_flight + 1 >= before;
+                let decrease = match feedback.signal {
+                    Signal::Success(latency) => s.aimd.on_success(self.epoch, latency, saturated),
+                    Signal::Overload(reason) => {
+                        metrics::rate_limited(&lane.provider, &lane.model, reason);
+                        s.aimd.on_overload(self.epoch, reason)
+                    }
+                    Signal::Neutral => None,
+                };
+                let after = s.aimd.limit();
+                if let Some(d) = decrease {
+                    log_decrease(lane, d, &s);
+                } else if after != before {
+                    tracing::debug!(
+                        event = "flow.limit",
+                        provider = %lane.provider,
+                        model = %lane.model,
+                        limit = after,
+                        previous = before,
+                        reason = "success",
+                        "{}/{} concurrency limit {before} → {after}",
+                        lane.provider,
+                        lane.model
+                    );
+                }
+                if after != before {
+                    metrics::concurrency_limit(&lane.provider, &lane.model, after);
+                }
+                s.rates.settle(
+                    self.estimate,
+                    feedback.input_tokens,
+                    feedback.output_tokens,
+                    now,
+                );
+                if let Some(reported) = feedback.reported
+                    && s.rates.learn(reported, now)
+                {
+                    let rates = s.rates.effective();
+                    tracing::info!(
+                        event = "flow.limits_learned",
+                        provider = %lane.provider,
+                        model = %lane.model,
+                        rpm = rates.rpm,
+                        tpm = rates.tpm,
+                        input_tpm = rates.input_tpm,
+                        output_tpm = rates.output_tpm,
+                        "{}/{} rate limits from the provider's headers: {rates}",
+                        lane.provider,
+                        lane.model
+                    );
+                }
+            }
+        }
+        lane.wake.notify_one();
+    }
+}
+
+impl Drop for LanePermit {
+    fn drop(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.release(None);
+        }
+    }
+}
+
+fn log_decrease(lane: &FlowLane, d: Decrease, s: &State) {
+    tracing::info!(
+        event = "flow.limit",
+        provider = %lane.provider,
+        model = %lane.model,
+        limit = d.to,
+        previous = d.from,
+        reason = d.reason,
+        in_flight = s.in_flight,
+        queued = s.queued,
+        "{}/{} concurrency limit {} → {} ({})",
+        lane.provider,
+        lane.model,
+        d.from,
+        d.to,
+        d.reason
+    );
+}
+
+/// The pause gate, and how long it has been shut in all (for each call's `pause_ms`).
+#[derive(Debug, Default)]
+struct Pause {
+    until: Option<Instant>,
+    started: Option<Instant>,
+    /// Time paused by pauses that have ended.
+    closed: Duration,
+    /// Pause time ever scheduled, for the metric.
+    scheduled: Duration,
+}
+
+impl Pause {
+    fn schedule(&mut self, provider: &str, model: &str, added: Duration) {
+        let before = self.scheduled;
+        self.scheduled += added;
+        metrics::paused(provider, model, before, self.scheduled);
+    }
+
+    fn start(&mut self, now: Instant, until: Instant) {
+        // A pause that ended unobserved is closed first.
+        if self.until.is_some() {
+            self.end();
+        }
+        self.started = Some(now);
+        self.until = Some(until);
+    }
+
+    /// Ends the pause in force (its time has come); returns how long it lasted.
+    fn end(&mut self) -> Duration {
+        let lasted = match (self.started.take(), self.until.take()) {
+            (Some(started), Some(until)) => until.saturating_duration_since(started),
+            _ => Duration::ZERO,
+        };
+        self.closed += lasted;
+        lasted
+    }
+
+    /// Time paused in all, up to `now`.
+    fn total(&self, now: Instant) -> Duration {
+        let current = match (self.started, self.until) {
+            (Some(started), Some(until)) => now.min(until).saturating_duration_since(started),
+            _ => Duration::ZERO,
+        };
+        self.closed + current
+    }
+}
+
+/// The lane's rate limits: configured ones, lowered by what the provider reports.
+#[derive(Debug)]
+struct Rates {
+    configured: RateConfig,
+    learned: RateConfig,
+    learn: bool,
+    requests: Option<Gcra>,
+    tokens: Option<Gcra>,
+    input_tokens: Option<Gcra>,
+    output_tokens: Option<Gcra>,
+}
+
+impl Rates {
+    fn new(configured: RateConfig, learn: bool, now: Instant) -> Self {
+        let mut rates = Rates {
+            configured,
+            learned: RateConfig::default(),
+            learn,
+            requests: None,
+            tokens: None,
+            input_tokens: None,
+            output_tokens: None,
+        };
+        rates.apply(now);
+        rates
+    }
+
+    /// The limits in force: the lower of configured and learned, for each.
+    fn effective(&self) -> RateConfig {
+        fn lower(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        RateConfig {
+            rpm: lower(self.configured.rpm, self.learned.rpm),
+            tpm: lower(self.configured.tpm, self.learned.tpm),
+            input_tpm: lower(self.configured.input_tpm, self.learned.input_tpm),
+            output_tpm: lower(self.configured.output_tpm, self.learned.output_tpm),
+        }
+    }
+
+    /// Brings each limit's state in line with [`Rates::effective`].
+    fn apply(&mut self, now: Instant) {
+        let effective = self.effective();
+        for (limit, gcra) in [
+            (effective.rpm, &mut self.requests),
+            (effective.tpm, &mut self.tokens),
+            (effective.input_tpm, &mut self.input_tokens),
+            (effective.output_tpm, &mut self.output_tokens),
+        ] {
+            match (limit.filter(|l| *l > 0), gcra.as_mut()) {
+                (None, _) => *gcra = None,
+                (Some(l), Some(g)) => g.set_per_minute(l, now),
+                (Some(l), None) => *gcra = Some(Gcra::new(l, now)),
+            }
+        }
+    }
+
+    /// Takes what the provider reported; true when the limits in force changed.
+    fn learn(&mut self, reported: RateConfig, now: Instant) -> bool {
+        if !self.learn {
+            return false;
+        }
+        let before = self.effective();
+        let merged = RateConfig {
+            rpm: reported.rpm.or(self.learned.rpm),
+            tpm: reported.tpm.or(self.learned.tpm),
+            input_tpm: reported.input_tpm.or(self.learned.input_tpm),
+            output_tpm: reported.output_tpm.or(self.learned.output_tpm),
+        };
+        if merged == self.learned {
+            return false;
+        }
+        self.learned = merged;
+        self.apply(now);
+        self.effective() != before
+    }
+
+    fn ready_at(&self, now: Instant) -> Instant {
+        [
+            &self.requests,
+            &self.tokens,
+            &self.input_tokens,
+            &self.output_tokens,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|g| g.ready_at(now))
+        .max()
+        .unwrap_or(now)
+    }
+
+    fn admit(&mut self, estimate: u64, now: Instant) {
+        if let Some(g) = &mut self.requests {
+            g.admit(1, now);
+        }
+        for g in [&mut self.tokens, &mut self.input_tokens].into_iter().flatten() {
+            g.admit(estimate, now);
+        }
+    }
+
+    /// Charges what the call really used: input corrected against the estimate,
+    /// output added.
+    fn settle(&mut self, estimate: u64, input: Option<u64>, output: u64, now: Instant) {
+        if let Some(input) = input {
+            let delta = i64::try_from(input)
+                .unwrap_or(i64::MAX)
+                .saturating_sub(i64::try_from(estimate).unwrap_or(i64::MAX));
+            for g in [&mut self.tokens, &mut self.input_tokens].into_iter().flatten() {
+                g.correct(delta, now);
+            }
+        }
+        if output > 0 {
+            let output = i64::try_from(output).unwrap_or(i64::MAX);
+            for g in [&mut self.tokens, &mut self.output_tokens].into_iter().flatten() {
+                g.correct(output, now);
+            }
+        }
+    }
+}
