@@ -192,13 +192,28 @@ pub fn render(t: &Timeline) -> String {
             b.reason
         );
     }
+    for f in &t.flow {
+        let _ = writeln!(
+            out,
+            "flow {}/{} {} at {}: {}",
+            f.provider,
+            f.model,
+            f.change,
+            secs(f.at_ms),
+            f.detail
+        );
+    }
     if let Some(c) = &t.critical_path {
         let mut why = Vec::new();
         if c.retry_wait_ms > 0.0 {
             why.push(format!("{} waiting to retry", secs(c.retry_wait_ms)));
         }
-        if let Some(q) = c.queue_ms.filter(|q| *q >= 1.0) {
-            why.push(format!("{} waiting for a slot", secs(q)));
+        let pause = c.pause_ms.unwrap_or(0.0);
+        if let Some(q) = c.queue_ms.filter(|q| *q - pause >= 1.0) {
+            why.push(format!("{} waiting for a slot", secs(q - pause)));
+        }
+        if pause >= 1.0 {
+            why.push(format!("{} behind a provider's pause", secs(pause)));
         }
         let why = if why.is_empty() {
             String::new()
@@ -231,6 +246,9 @@ fn notes(a: &AgentRow) -> Vec<String> {
         let mut s = format!("{p}/{m}");
         if let Some(q) = a.queue_ms.filter(|q| *q >= 1.0) {
             let _ = write!(s, ", queued {}", secs(q));
+            if let Some(p) = a.pause_ms.filter(|p| *p >= 1.0) {
+                let _ = write!(s, " ({} behind a pause at the provider's request)", secs(p));
+            }
         }
         notes.push(s);
     }

@@ -31,8 +31,9 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 /// The name `origin` takes for the embedded default.
 pub const EMBEDDED_ORIGIN: &str = "<embedded default>";
 
-/// Agent calls in flight at once across all requests, unless configured.
-pub const DEFAULT_CONCURRENCY_LIMIT: usize = 6;
+/// Agent calls in flight at once across all requests, unless configured: a ceiling
+/// over flow control, which finds each provider's own limit below it.
+pub const DEFAULT_CONCURRENCY_LIMIT: usize = 256;
 /// A request's deadline, unless configured.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Successful agents a request needs, unless configured.

@@ -163,6 +163,10 @@ pub struct Timeline {
     pub agents: Vec<AgentRow>,
     /// Circuit breaker transitions during the request.
     pub breakers: Vec<BreakerRow>,
+    /// Flow control changes this request's calls caused: pauses, resumes, concurrency
+    /// limits cut, rate limits learned.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flow: Vec<FlowRow>,
     /// The agent the request waited for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub critical_path: Option<CriticalPath>,
@@ -203,9 +207,12 @@ pub struct AgentRow {
     pub end_ms: f64,
     /// Provider calls made.
     pub attempts: u64,
-    /// Time waiting for concurrency slots.
+    /// Time waiting to be let through (flow control and concurrency slots).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_ms: Option<f64>,
+    /// The part of `queue_ms` spent behind a provider's pause (`Retry-After`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<f64>,
     /// Time inside provider calls.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provider_ms: Option<f64>,
@@ -281,6 +288,22 @@ pub struct BreakerRow {
     pub reason: String,
 }
 
+/// A flow control change: `pause`, `resume`, `limit` (the concurrency limit cut) or
+/// `limits_learned`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FlowRow {
+    /// When it happened.
+    pub at_ms: f64,
+    /// Which change.
+    pub change: String,
+    /// The provider.
+    pub provider: String,
+    /// The model.
+    pub model: String,
+    /// What it came to: the pause's length, the new limit, the limits learned.
+    pub detail: String,
+}
+
 /// The agent the request waited for, and where its time went.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CriticalPath {
@@ -292,9 +315,25 @@ pub struct CriticalPath {
     pub share: f64,
     /// Time it spent waiting between retries.
     pub retry_wait_ms: f64,
-    /// Time it spent waiting for slots.
+    /// Time it spent waiting to be let through.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_ms: Option<f64>,
+    /// The part of `queue_ms` spent behind a provider's pause.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<f64>,
+}
+
+/// Time an agent spent waiting to retry, not counting a `Retry-After` wait spent in
+/// its provider's queue behind a pause (that is in `pause_ms` already).
+fn retry_wait(a: &AgentRow) -> f64 {
+    let total: f64 = a.retries.iter().map(|r| r.delay_ms).sum();
+    let retry_after: f64 = a
+        .retries
+        .iter()
+        .filter(|r| r.source == "retry_after")
+        .map(|r| r.delay_ms)
+        .sum();
+    total - retry_after.min(a.pause_ms.unwrap_or(0.0))
 }
 
 impl Timeline {
@@ -321,6 +360,7 @@ impl Timeline {
         let mut agents: BTreeMap<String, AgentRow> = BTreeMap::new();
         let mut order: Vec<String> = Vec::new();
         let mut breakers = Vec::new();
+        let mut flow = Vec::new();
         let mut finish = None;
         for line in &lines {
             let event = line["event"].as_str().unwrap_or("");
@@ -334,6 +374,28 @@ impl Timeline {
                     provider: text(&line["provider"]),
                     model: text(&line["model"]),
                     reason: text(&line["reason"]),
+                });
+                continue;
+            }
+            if let Some(change) = event.strip_prefix("flow.") {
+                let ms = |name: &str| line[name].as_f64().map_or(0.0, |v| v / 1000.0);
+                let detail = match change {
+                    "pause" => format!("{:.3}s ({})", ms("pause_ms"), text(&line["reason"])),
+                    "resume" => format!("after {:.3}s", ms("paused_ms")),
+                    "limit" => format!(
+                        "{} → {} ({})",
+                        line["previous"],
+                        line["limit"],
+                        text(&line["reason"])
+                    ),
+                    _ => text(&line["message"]),
+                };
+                flow.push(FlowRow {
+                    at_ms: t,
+                    change: change.to_owned(),
+                    provider: text(&line["provider"]),
+                    model: text(&line["model"]),
+                    detail,
                 });
                 continue;
             }
@@ -355,6 +417,7 @@ impl Timeline {
                     end_ms: t,
                     attempts: 0,
                     queue_ms: None,
+                    pause_ms: None,
                     provider_ms: None,
                     retries: Vec::new(),
                     refused: Vec::new(),
@@ -402,6 +465,7 @@ impl Timeline {
                         row.start_ms = (t - latency).max(0.0);
                     }
                     row.queue_ms = line["queue_ms"].as_f64();
+                    row.pause_ms = line["pause_ms"].as_f64();
                     row.provider_ms = line["provider_ms"].as_f64();
                     if let Some(n) = line["attempts"].as_u64() {
                         row.attempts = n;
@@ -446,8 +510,9 @@ impl Timeline {
                 } else {
                     1.0
                 },
-                retry_wait_ms: a.retries.iter().map(|r| r.delay_ms).sum(),
+                retry_wait_ms: retry_wait(a),
                 queue_ms: a.queue_ms,
+                pause_ms: a.pause_ms,
             });
         Timeline {
             trace_id,
@@ -463,6 +528,7 @@ impl Timeline {
             }),
             agents,
             breakers,
+            flow,
             critical_path,
             finished: finish.is_some(),
             lines: stats,
