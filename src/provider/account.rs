@@ -144,9 +144,10 @@ fn describe(limited_by: LimitedBy, retry_after: Option<Duration>) -> String {
 /// use std::time::Duration;
 /// use metaorch::provider::{Account, AccountLimits, LimitedBy};
 ///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
 /// let account = Arc::new(Account::new(AccountLimits { rpm: Some(120), ..AccountLimits::default() }));
-/// // 120 RPM is 2 per second, with a bucket of one second's worth.
+/// // 120 RPM is 2 per second, with a bucket of one second's worth. (The clock is
+/// // tokio's, paused here, so the wait below is exact.)
 /// let first = account.admit(100).unwrap();
 /// let second = account.admit(100).unwrap();
 /// let refused = account.admit(100).unwrap_err();
