@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::faults::{self, MockFault};
 use super::{RequestRecord, Shared, hash, now_rfc3339, ratelimit, unit};
-use crate::provider::AccountState;
+use crate::provider::{AccountRejection, AccountState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Api {
@@ -122,22 +122,7 @@ pub(crate) async fn handle(
     // as seen, so it does not use up a scripted fault.
     let permit = match shared.account.admit(record.input_tokens) {
         Ok(permit) => permit,
-        Err(rejection) => {
-            record.limited_by = Some(rejection.limited_by.as_str());
-            record.fault = Some(match rejection.retry_after {
-                Some(_) => MockFault::RateLimited.as_str(),
-                None => MockFault::Overloaded.as_str(),
-            });
-            let response = ratelimit::refused(
-                api,
-                &rejection,
-                shared.account.limits(),
-                record.input_tokens,
-                &model,
-                &request_id,
-            );
-            return finish(shared, api, record, &rejection.state, response);
-        }
+        Err(rejection) => return refuse(shared, api, record, &rejection, &model),
     };
     let limits = permit.state;
 
@@ -270,6 +255,30 @@ pub(crate) async fn handle(
         }
     };
     finish(shared, api, record, &limits, response)
+}
+
+/// The answer to a request the account refused, logged with the limit that refused it.
+fn refuse(
+    shared: &Shared,
+    api: Api,
+    mut record: RequestRecord,
+    rejection: &AccountRejection,
+    model: &str,
+) -> Response {
+    record.limited_by = Some(rejection.limited_by.as_str());
+    record.fault = Some(match rejection.retry_after {
+        Some(_) => MockFault::RateLimited.as_str(),
+        None => MockFault::Overloaded.as_str(),
+    });
+    let response = ratelimit::refused(
+        api,
+        rejection,
+        shared.account.limits(),
+        record.input_tokens,
+        model,
+        &record.request_id,
+    );
+    finish(shared, api, record, &rejection.state, response)
 }
 
 /// Adds the rate-limit headers and logs the request.
