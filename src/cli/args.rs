@@ -280,6 +280,30 @@ pub struct MockUpstreamArgs {
     /// Append one JSON line per request to this file.
     #[arg(long, value_name = "FILE")]
     pub request_log: Option<PathBuf>,
+
+    /// Requests per second the fake account allows (a fraction such as 0.5 is fine): a
+    /// bucket of one second's worth (at least 1), refilled continuously. Past it: 429
+    /// rate_limit_error with retry-after and retry-after-ms. Default: no limit.
+    #[arg(long, value_name = "N", value_parser = parse_per_second)]
+    pub rps: Option<f64>,
+
+    /// Requests per minute the fake account allows, enforced as N/60 a second with a
+    /// bucket of one second's worth, as Anthropic does (60 RPM is one request a
+    /// second). Past it: 429. Default: no limit.
+    #[arg(long, value_name = "N", value_parser = parse_limit::<u64>)]
+    pub rpm: Option<u64>,
+
+    /// Input tokens per minute the fake account allows: a bucket of N tokens refilled at
+    /// N/60 a second (a request larger than N waits for a full bucket). Past it: 429.
+    /// Default: no limit.
+    #[arg(long, value_name = "N", value_parser = parse_limit::<u64>)]
+    pub tpm: Option<u64>,
+
+    /// Requests in progress at once (a stream until its last event). Past it: 529
+    /// overloaded_error (503 on the OpenAI endpoint), without retry-after. Default: no
+    /// limit.
+    #[arg(long, value_name = "N", value_parser = parse_limit::<usize>)]
+    pub max_concurrent: Option<usize>,
 }
 
 fn parse_range(text: &str) -> Result<(Duration, Duration), String> {
@@ -310,6 +334,24 @@ fn parse_rate(text: &str) -> Result<(metaorch::mock_upstream::MockFault, f64), S
         return Err(format!("{rate} is out of range; expected 0 to 1"));
     }
     Ok((fault.parse()?, rate))
+}
+
+fn parse_per_second(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(n) if n.is_finite() && n > 0.0 => Ok(n),
+        _ => Err(format!(
+            "\"{text}\" is not a rate above 0; expected e.g. 5 or 0.5 (leave the flag out for no limit)"
+        )),
+    }
+}
+
+fn parse_limit<T: std::str::FromStr + Default + PartialEq>(text: &str) -> Result<T, String> {
+    match text.trim().parse::<T>() {
+        Ok(n) if n != T::default() => Ok(n),
+        _ => Err(format!(
+            "\"{text}\" is not a whole number above 0; expected e.g. 60 (leave the flag out for no limit)"
+        )),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -7,8 +7,15 @@
 //! same prompt gets the same latency from any client. Faults come by script (the first
 //! N times a body containing some text is seen) or by rate (drawn under the seed, keyed
 //! on the body and how often it has been seen, so retries draw afresh).
+//!
+//! Limits are those of a real account ([`AccountLimits`]: requests per second or
+//! minute, input tokens per minute, requests in progress), checked after the request
+//! is authenticated and validated and before any fault: a refused request gets the
+//! API's 429 or 529, and every response carries the rate-limit headers of the limits
+//! that are set (and none when none are).
 
 mod faults;
+mod ratelimit;
 mod wire;
 
 use std::collections::HashMap;
@@ -33,6 +40,8 @@ use tokio::task::JoinHandle;
 pub use faults::{MockFault, MockScript};
 use wire::Api;
 
+use crate::provider::{Account, AccountLimits};
+
 /// How the mock behaves.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MockOptions {
@@ -50,10 +59,13 @@ pub struct MockOptions {
     pub retry_after: Duration,
     /// Appends one JSON line per request here.
     pub request_log: Option<PathBuf>,
+    /// The account's rate and concurrency limits (none by default).
+    pub limits: AccountLimits,
 }
 
 impl Default for MockOptions {
-    /// 0.5–2.0 s latency (the report's mock agents), no faults, 1 s `retry-after`.
+    /// 0.5–2.0 s latency (the report's mock agents), no faults, 1 s `retry-after`, no
+    /// limits.
     fn default() -> Self {
         MockOptions {
             latency_min: Duration::from_millis(500),
@@ -63,6 +75,7 @@ impl Default for MockOptions {
             script: Vec::new(),
             retry_after: Duration::from_secs(1),
             request_log: None,
+            limits: AccountLimits::default(),
         }
     }
 }
@@ -95,8 +108,13 @@ pub struct RequestRecord {
     /// The `traceparent` received.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
-    /// How many times this exact body has been seen, this one included.
+    /// How many times this exact body has been seen, this one included (0 when the
+    /// account refused it before it was counted).
     pub seen: u32,
+    /// The account limit that refused it (`rps`, `rpm`, `tpm`, `max_concurrent`), if one
+    /// did; `fault` is then `rate_limited` or `overloaded`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limited_by: Option<&'static str>,
 }
 
 /// Most records kept in memory for [`MockUpstream::requests`].
@@ -104,6 +122,7 @@ const MAX_RECORDS: usize = 100_000;
 
 pub(crate) struct Shared {
     options: MockOptions,
+    account: Arc<Account>,
     seen: Mutex<HashMap<u64, u32>>,
     records: Mutex<Vec<RequestRecord>>,
     log: Option<Mutex<File>>,
@@ -156,6 +175,7 @@ impl MockUpstream {
             None => None,
         };
         let shared = Arc::new(Shared {
+            account: Arc::new(Account::new(options.limits)),
             options,
             seen: Mutex::new(HashMap::new()),
             records: Mutex::new(Vec::new()),
@@ -201,6 +221,12 @@ impl MockUpstream {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Requests the account has admitted that are still in progress (a stream until its
+    /// last event).
+    pub fn in_flight(&self) -> usize {
+        self.shared.account.in_flight()
     }
 
     /// Stops accepting and waits for requests in progress (a hanging one is cut off

@@ -11,7 +11,8 @@ use futures_util::stream;
 use serde_json::{Value, json};
 
 use super::faults::{self, MockFault};
-use super::{RequestRecord, Shared, hash, now_rfc3339, unit};
+use super::{RequestRecord, Shared, hash, now_rfc3339, ratelimit, unit};
+use crate::provider::{AccountRejection, AccountState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Api {
@@ -54,6 +55,7 @@ pub(crate) async fn handle(
         request_id: request_id.clone(),
         traceparent: header(headers, "traceparent").map(str::to_owned),
         seen: 0,
+        limited_by: None,
     };
 
     // Authentication comes first, as on the real APIs.
@@ -76,7 +78,9 @@ pub(crate) async fn handle(
         };
         return finish(
             shared,
+            api,
             record,
+            &shared.account.state(),
             error(api, 401, "authentication_error", message, &request_id),
         );
     }
@@ -86,7 +90,9 @@ pub(crate) async fn handle(
         _ => {
             return finish(
                 shared,
+                api,
                 record,
+                &shared.account.state(),
                 error(
                     api,
                     400,
@@ -100,7 +106,9 @@ pub(crate) async fn handle(
     if let Err(message) = validate(api, &request) {
         return finish(
             shared,
+            api,
             record,
+            &shared.account.state(),
             error(api, 400, "invalid_request_error", &message, &request_id),
         );
     }
@@ -109,6 +117,14 @@ pub(crate) async fn handle(
     record.stream = request["stream"].as_bool().unwrap_or(false);
     let prompt = prompt_text(&request);
     record.input_tokens = tokens(&prompt);
+
+    // The account's limits come before faults, and a refused request is not counted
+    // as seen, so it does not use up a scripted fault.
+    let permit = match shared.account.admit(record.input_tokens) {
+        Ok(permit) => permit,
+        Err(rejection) => return refuse(shared, api, record, &rejection, &model),
+    };
+    let limits = permit.state;
 
     let key = hash(options.seed, &[body]);
     let seen = shared.seen(key);
@@ -202,11 +218,21 @@ pub(crate) async fn handle(
                     ),
                 };
                 let gap = (latency - latency / 3) / (events.len().max(1) as u32);
-                let body = stream::unfold(events.into_iter(), move |mut events| async move {
-                    let event = events.next()?;
-                    tokio::time::sleep(gap).await;
-                    Some((Ok::<_, io::Error>(Bytes::from(event)), events))
-                });
+                // The permit rides with the stream and is let go with its last event,
+                // before the client can see the end: the request is in progress until
+                // then, and no longer once the client knows it is over.
+                let events = events.into_iter().peekable();
+                let body = stream::unfold(
+                    (events, Some(permit)),
+                    move |(mut events, mut permit)| async move {
+                        let event = events.next()?;
+                        tokio::time::sleep(gap).await;
+                        if events.peek().is_none() {
+                            permit.take();
+                        }
+                        Some((Ok::<_, io::Error>(Bytes::from(event)), (events, permit)))
+                    },
+                );
                 raw(
                     200,
                     "text/event-stream",
@@ -228,10 +254,42 @@ pub(crate) async fn handle(
             }
         }
     };
-    finish(shared, record, response)
+    finish(shared, api, record, &limits, response)
 }
 
-fn finish(shared: &Shared, mut record: RequestRecord, response: Response) -> Response {
+/// The answer to a request the account refused, logged with the limit that refused it.
+fn refuse(
+    shared: &Shared,
+    api: Api,
+    mut record: RequestRecord,
+    rejection: &AccountRejection,
+    model: &str,
+) -> Response {
+    record.limited_by = Some(rejection.limited_by.as_str());
+    record.fault = Some(match rejection.retry_after {
+        Some(_) => MockFault::RateLimited.as_str(),
+        None => MockFault::Overloaded.as_str(),
+    });
+    let response = ratelimit::refused(
+        api,
+        rejection,
+        shared.account.limits(),
+        record.input_tokens,
+        model,
+        &record.request_id,
+    );
+    finish(shared, api, record, &rejection.state, response)
+}
+
+/// Adds the rate-limit headers and logs the request.
+fn finish(
+    shared: &Shared,
+    api: Api,
+    mut record: RequestRecord,
+    limits: &AccountState,
+    mut response: Response,
+) -> Response {
+    ratelimit::insert_headers(api, limits, response.headers_mut());
     record.status = response.status().as_u16();
     shared.record(record);
     response
@@ -511,7 +569,12 @@ fn openai_events(
 }
 
 /// The response a status fault gets, with each API's error body.
-fn fault_response(api: Api, fault: MockFault, retry_after: Duration, request_id: &str) -> Response {
+pub(super) fn fault_response(
+    api: Api,
+    fault: MockFault,
+    retry_after: Duration,
+    request_id: &str,
+) -> Response {
     let (status, kind, message) = match (api, fault) {
         (_, MockFault::RateLimited | MockFault::RateLimitedBare) => (
             429,
@@ -542,7 +605,13 @@ fn fault_response(api: Api, fault: MockFault, retry_after: Duration, request_id:
 }
 
 /// An error response with the API's exact body shape.
-fn error(api: Api, status: u16, kind: &str, message: &str, request_id: &str) -> Response {
+pub(super) fn error(
+    api: Api,
+    status: u16,
+    kind: &str,
+    message: &str,
+    request_id: &str,
+) -> Response {
     let body = match api {
         Api::Anthropic => json!({
             "type": "error",
@@ -562,7 +631,7 @@ fn error(api: Api, status: u16, kind: &str, message: &str, request_id: &str) -> 
     json_response(status, &body, request_id, api)
 }
 
-fn json_response(status: u16, body: &Value, request_id: &str, api: Api) -> Response {
+pub(super) fn json_response(status: u16, body: &Value, request_id: &str, api: Api) -> Response {
     raw(
         status,
         "application/json",
@@ -590,23 +659,6 @@ fn raw(
     };
     if let Ok(v) = HeaderValue::from_str(request_id) {
         headers.insert(id_header, v);
-    }
-    let limits: [(&str, &str); 4] = match api {
-        Api::Anthropic => [
-            ("anthropic-ratelimit-requests-limit", "4000"),
-            ("anthropic-ratelimit-requests-remaining", "3999"),
-            ("anthropic-ratelimit-tokens-limit", "400000"),
-            ("anthropic-ratelimit-tokens-remaining", "399000"),
-        ],
-        Api::OpenAi => [
-            ("x-ratelimit-limit-requests", "5000"),
-            ("x-ratelimit-remaining-requests", "4999"),
-            ("x-ratelimit-limit-tokens", "800000"),
-            ("x-ratelimit-remaining-tokens", "799000"),
-        ],
-    };
-    for (name, value) in limits {
-        headers.insert(name, HeaderValue::from_static(value));
     }
     response
 }

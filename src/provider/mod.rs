@@ -5,6 +5,7 @@
 //! deadlines: those belong to the layers above it, so a provider never retries on its
 //! own and never sleeps except to do its job (the `sim` provider's simulated latency).
 
+mod account;
 mod anthropic;
 mod error;
 mod http;
@@ -18,6 +19,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Serialize;
 
+pub use account::{
+    Account, AccountLimits, AccountPermit, AccountRejection, AccountState, BucketState, LimitedBy,
+};
 pub use anthropic::{ANTHROPIC_BASE_URL, ANTHROPIC_VERSION, AnthropicOptions, AnthropicProvider};
 pub use error::{ErrorKind, ProviderError};
 pub use http::{MAX_RESPONSE_BYTES, RateLimits, Secret};
