@@ -176,7 +176,19 @@ pub(crate) struct RawSim {
     pub seed: Option<u64>,
     #[serde(default)]
     pub faults: RawFaults,
+    #[serde(default)]
+    pub limits: RawSimLimits,
     pub flow: Option<RawFlow>,
+}
+
+/// `[providers.NAME.limits]` on `sim`: the account limits the simulator enforces.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSimLimits {
+    pub rps: Option<f64>,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub max_concurrent: Option<usize>,
 }
 
 /// Inside the internally tagged provider table, so no `Spanned` fields: serde buffers

@@ -663,6 +663,47 @@ impl Validator<'_> {
         }
     }
 
+    /// The account limits a `sim` provider enforces; each must be above zero.
+    fn sim_limits(
+        &mut self,
+        raw: &super::raw::RawSimLimits,
+        name: &str,
+        span: Range<usize>,
+    ) -> crate::provider::AccountLimits {
+        let mut bad = |key: &str, value: String| {
+            self.error(
+                Some(span.clone()),
+                format!("providers.{name}.limits.{key}"),
+                format!("{value} is out of range; expected a number above 0, or leave the key out for no limit"),
+            );
+        };
+        let rps = raw.rps.filter(|r| {
+            let ok = r.is_finite() && *r > 0.0;
+            if !ok {
+                bad("rps", r.to_string());
+            }
+            ok
+        });
+        let mut positive = |key: &str, value: Option<u64>| {
+            value.filter(|v| {
+                if *v == 0 {
+                    bad(key, "0".into());
+                }
+                *v > 0
+            })
+        };
+        let rpm = positive("rpm", raw.rpm);
+        let tpm = positive("tpm", raw.tpm);
+        let max_concurrent = positive("max_concurrent", raw.max_concurrent.map(|n| n as u64))
+            .map(|n| n as usize);
+        crate::provider::AccountLimits {
+            rps,
+            rpm,
+            tpm,
+            max_concurrent,
+        }
+    }
+
     fn faults(&mut self, raw: RawFaults, name: &str, span: Range<usize>) -> SimFaults {
         let mut faults = SimFaults {
             retry_after: Some(
@@ -742,6 +783,7 @@ impl Validator<'_> {
                         latency_max: sim.latency_max.map_or(defaults.latency_max, |d| d.0),
                         seed: sim.seed,
                         faults: self.faults(sim.faults, &name, span.clone()),
+                        limits: self.sim_limits(&sim.limits, &name, span.clone()),
                     };
                     if options.latency_min > options.latency_max {
                         self.error(

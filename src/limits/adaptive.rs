@@ -14,7 +14,7 @@
 //! - **recovery**: after a decrease the limit climbs back by one per success to just
 //!   under the level where the overload happened (`w_max`);
 //! - **probe**: above that it creeps up by `probe / limit` per success. An overload at
-//!   the same level halves the probe (down to 1/4), so against a fixed capacity it
+//!   the same level halves the probe (down to 1/8), so against a fixed capacity it
 //!   touches the ceiling rarely and sits just under it; passing the old level without
 //!   an overload doubles the probe, so when capacity grows the limit follows quickly.
 //!   An overload below `w_max` means capacity shrank: `w_max` is lowered too (CUBIC's
@@ -64,8 +64,9 @@ impl Default for AdaptiveConfig {
     }
 }
 
-/// Smallest probe gain: against a fixed ceiling, one overload per ~4 × limit calls.
-const MIN_PROBE: f64 = 0.25;
+/// Smallest probe gain: against a fixed ceiling, one probe past it per ~8 × limit
+/// calls (three refusals each).
+const MIN_PROBE: f64 = 0.125;
 /// Weight of a new sample in the short-term latency average (~20 calls).
 const SHORT_WEIGHT: f64 = 0.1;
 /// Weight of a new sample in the long-term latency average (~200 calls).
@@ -93,6 +94,17 @@ pub(crate) struct Aimd {
     probe: f64,
     /// Bumped on every decrease; calls carry the epoch they were admitted in.
     epoch: u64,
+    /// The most calls in flight at which a call was recently let through and
+    /// succeeded — over the last one to two limits' worth of successes, kept as two
+    /// rotating maxima: overloads at or below it are noise, not capacity.
+    proven: u32,
+    proven_previous: u32,
+    /// Successes counted into `proven` since it last rotated.
+    proven_count: u32,
+    /// Calls let through above `proven`, and how many of them were refused, since it
+    /// last changed.
+    above_admitted: u32,
+    above_refused: u32,
     short: f64,
     long: f64,
     samples: u64,
@@ -114,10 +126,27 @@ impl Aimd {
             w_max: 0.0,
             probe: 1.0,
             epoch: 0,
+            proven: 0,
+            proven_previous: 0,
+            proven_count: 0,
+            above_admitted: 0,
+            above_refused: 0,
             short: 0.0,
             long: 0.0,
             samples: 0,
         }
+    }
+
+    /// A call is let through as the `level`-th in flight.
+    pub(crate) fn on_admit(&mut self, level: u32) {
+        if level > self.proven() {
+            self.above_admitted += 1;
+        }
+    }
+
+    /// The level at which calls recently succeeded.
+    fn proven(&self) -> u32 {
+        self.proven.max(self.proven_previous)
     }
 
     /// Calls allowed in flight now.
@@ -130,16 +159,29 @@ impl Aimd {
         self.epoch
     }
 
-    /// A call admitted in `epoch` succeeded after `latency`. `saturated`: the limit was
-    /// in use (calls waiting, or every slot taken), so it may grow.
+    /// A call admitted in `epoch` as the `level`-th in flight succeeded after
+    /// `latency`. `saturated`: the limit was in use (calls waiting, or every slot
+    /// taken), so it may grow.
     pub(crate) fn on_success(
         &mut self,
         epoch: u64,
+        level: u32,
         latency: Duration,
         saturated: bool,
     ) -> Option<Decrease> {
         if !self.config.enabled {
             return None;
+        }
+        let before = self.proven();
+        self.proven = self.proven.max(level);
+        self.proven_count += 1;
+        // About a round trip's worth of successes: as many as were in flight.
+        if self.proven_count >= level.max(8) {
+            self.proven_previous = std::mem::take(&mut self.proven);
+            self.proven_count = 0;
+        }
+        if self.proven() != before {
+            (self.above_admitted, self.above_refused) = (0, 0);
         }
         if let Some(decrease) = self.track_latency(epoch, latency.as_secs_f64()) {
             return Some(decrease);
@@ -163,9 +205,41 @@ impl Aimd {
         None
     }
 
-    /// A call admitted in `epoch` was told the provider is over capacity.
-    pub(crate) fn on_overload(&mut self, epoch: u64, reason: &'static str) -> Option<Decrease> {
-        if !self.config.enabled || epoch < self.epoch {
+    /// A call admitted in `epoch` as the `level`-th in flight was told the provider
+    /// is over capacity (or timed out).
+    ///
+    /// Only an overload *above* the level at which calls recently succeeded says the
+    /// limit is too high: a provider that turns away calls at a level it has just
+    /// served is refusing at random (or for its rate, which the pause and the rate
+    /// limits handle), and cutting concurrency for that would grind the limit down to
+    /// its minimum for nothing. (When capacity really shrinks, calls stop succeeding at
+    /// the higher levels, and within a limit or two of successes the proven level
+    /// falls and overloads rise above it.) Above it, the first overload is a warning and the second (with no success above the proven
+    /// level between them) the ceiling: a full provider refuses every call past its
+    /// capacity, a random refusal rarely strikes twice in a row.
+    pub(crate) fn on_overload(
+        &mut self,
+        epoch: u64,
+        level: u32,
+        reason: &'static str,
+    ) -> Option<Decrease> {
+        if !self.config.enabled {
+            return None;
+        }
+        if level <= self.proven() {
+            return None;
+        }
+        self.above_refused += 1;
+        if self.above_refused < 3 || self.above_refused * 2 < self.above_admitted {
+            return None;
+        }
+        (self.above_admitted, self.above_refused) = (0, 0);
+        self.decrease(epoch, reason)
+    }
+
+    /// Cuts the limit, once per epoch.
+    fn decrease(&mut self, epoch: u64, reason: &'static str) -> Option<Decrease> {
+        if epoch < self.epoch {
             return None;
         }
         let from = self.limit;
@@ -209,7 +283,7 @@ impl Aimd {
         if self.samples >= LATENCY_WARMUP && self.short > factor * self.long {
             // One decrease per shift: the new level becomes the baseline.
             self.long = self.short;
-            return self.on_overload(epoch, "latency");
+            return self.decrease(epoch, "latency");
         }
         None
     }
@@ -233,8 +307,8 @@ mod tests {
     /// once past its cap; callers always have more to send.
     struct Upstream {
         now: f64,
-        /// (finish time, epoch) of calls in progress.
-        running: Vec<(f64, u64)>,
+        /// (finish time, epoch, level) of calls in progress.
+        running: Vec<(f64, u64, u32)>,
         seed: u64,
         admitted: u64,
         overloads: u64,
@@ -253,32 +327,51 @@ mod tests {
             }
         }
 
-        fn latency(&mut self) -> f64 {
+        fn unit(&mut self) -> f64 {
             self.seed = self.seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-            0.5 + 1.5 * ((self.seed >> 11) as f64 / (1u64 << 53) as f64)
+            (self.seed >> 11) as f64 / (1u64 << 53) as f64
         }
 
-        /// Runs `secs` of simulated time in 10 ms steps.
+        fn latency(&mut self) -> f64 {
+            0.5 + 1.5 * self.unit()
+        }
+
+        /// Whether this call is refused at random (`rate` of all calls).
+        fn noise(&mut self, rate: f64) -> bool {
+            rate > 0.0 && self.unit() < rate
+        }
+
+        /// Runs `secs` of simulated time in 10 ms steps; `noise` of the calls are
+        /// refused at random whatever the load.
         fn run(&mut self, a: &mut Aimd, cap: usize, secs: f64) {
+            self.run_noisy(a, cap, secs, 0.0);
+        }
+
+        fn run_noisy(&mut self, a: &mut Aimd, cap: usize, secs: f64, noise: f64) {
             let end = self.now + secs;
             while self.now < end {
                 self.now += 0.01;
                 let now = self.now;
                 let (done, running): (Vec<_>, Vec<_>) =
-                    self.running.iter().partition(|(t, _)| *t <= now);
+                    self.running.iter().partition(|(t, _, _)| *t <= now);
                 self.running = running;
-                for (_, epoch) in done {
-                    a.on_success(epoch, L, true);
+                for (_, epoch, level) in done {
+                    a.on_success(epoch, level, L, true);
                 }
-                while self.running.len() < a.limit() as usize {
+                // Refused calls come back after a backoff; a few new ones a step.
+                let mut tries = 0;
+                while self.running.len() < a.limit() as usize && tries < 20 {
+                    tries += 1;
                     self.admitted += 1;
-                    if self.running.len() >= cap {
+                    let level = self.running.len() as u32 + 1;
+                    a.on_admit(level);
+                    if self.running.len() >= cap || self.noise(noise) {
                         self.overloads += 1;
-                        a.on_overload(a.epoch(), "overloaded");
+                        a.on_overload(a.epoch(), level, "overloaded");
                         continue;
                     }
                     let finish = now + self.latency();
-                    self.running.push((finish, a.epoch()));
+                    self.running.push((finish, a.epoch(), level));
                 }
                 self.busy += self.running.len().min(cap) as f64 * 0.01;
             }
@@ -298,11 +391,11 @@ mod tests {
     fn slow_start_doubles_until_the_first_overload() {
         let mut a = aimd(4);
         for _ in 0..4 {
-            a.on_success(0, L, true);
+            a.on_success(0, 4, L, true);
         }
         assert_eq!(a.limit(), 8);
         for _ in 0..8 {
-            a.on_success(0, L, true);
+            a.on_success(0, 8, L, true);
         }
         assert_eq!(a.limit(), 16);
     }
@@ -311,18 +404,27 @@ mod tests {
     fn one_decrease_per_epoch_and_no_growth_from_before_it() {
         let mut a = aimd(40);
         let e = a.epoch();
+        a.on_admit(41);
+        a.on_admit(41);
+        a.on_admit(41);
+        assert_eq!(a.on_overload(e, 41, "overloaded"), None, "a warning");
+        assert_eq!(a.on_overload(e, 41, "overloaded"), None, "a warning");
         assert_eq!(
-            a.on_overload(e, "overloaded"),
+            a.on_overload(e, 41, "overloaded"),
             Some(Decrease {
                 from: 40,
                 to: 36,
                 reason: "overloaded"
             })
         );
-        assert_eq!(a.on_overload(e, "overloaded"), None, "same epoch");
-        a.on_success(e, L, true);
+        for _ in 0..3 {
+            a.on_admit(41);
+            a.on_overload(e, 41, "overloaded");
+        }
+        assert_eq!(a.limit(), 36, "same epoch");
+        a.on_success(e, 30, L, true);
         assert_eq!(a.limit(), 36, "a call from before the decrease");
-        a.on_success(a.epoch(), L, true);
+        a.on_success(a.epoch(), 30, L, true);
         assert_eq!(a.limit(), 37);
     }
 
@@ -332,7 +434,6 @@ mod tests {
         let mut up = Upstream::new();
         up.run(&mut a, 40, 10.0);
         let (used, overloads) = up.measure(&mut a, 40, 120.0);
-        eprintln!("used {used:.4} overloads {overloads:.4}");
         assert!(used > 0.97, "used {used:.3} of the ceiling");
         assert!(overloads < 0.01, "overloads {overloads:.4} of calls");
     }
@@ -349,9 +450,22 @@ mod tests {
             "limit {} used {used:.3} overloads {overloads:.4}",
             a.limit()
         );
-        up.run(&mut a, 40, 15.0);
+        up.run(&mut a, 40, 45.0);
         let (used, _) = up.measure(&mut a, 40, 30.0);
         assert!(a.limit() >= 39 && used > 0.95, "back up to {} (used {used:.3})", a.limit());
+    }
+
+    #[test]
+    fn random_refusals_at_served_levels_do_not_grind_the_limit_down() {
+        let mut a = aimd(32);
+        let mut up = Upstream::new();
+        // A fifth of the calls refused at random, whatever the load; capacity ample.
+        up.run_noisy(&mut a, 1000, 60.0, 0.2);
+        assert!(a.limit() >= 64, "limit {}", a.limit());
+        // With a real ceiling as well, it still finds the ceiling.
+        up.run_noisy(&mut a, 40, 30.0, 0.2);
+        let limit = a.limit();
+        assert!((40..=44).contains(&limit), "limit {limit}");
     }
 
     #[test]
@@ -363,15 +477,18 @@ mod tests {
             latency_factor: None,
             ..AdaptiveConfig::default()
         });
-        a.on_success(0, L, false);
+        a.on_success(0, 1, L, false);
         assert_eq!(a.limit(), 4, "not saturated: no growth");
         for _ in 0..10 {
-            a.on_success(0, L, true);
+            a.on_success(0, 1, L, true);
         }
         assert_eq!(a.limit(), 6);
         for _ in 0..20 {
             let e = a.epoch();
-            a.on_overload(e, "overloaded");
+            for _ in 0..3 {
+                a.on_admit(7);
+                a.on_overload(e, 7, "overloaded");
+            }
         }
         assert_eq!(a.limit(), 2);
     }
@@ -384,8 +501,8 @@ mod tests {
             ..AdaptiveConfig::default()
         });
         assert_eq!(a.limit(), 8);
-        assert_eq!(a.on_overload(0, "overloaded"), None);
-        a.on_success(0, L, true);
+        assert_eq!(a.on_overload(0, 9, "overloaded"), None);
+        a.on_success(0, 8, L, true);
         assert_eq!(a.limit(), 8);
     }
 
@@ -396,11 +513,11 @@ mod tests {
             ..AdaptiveConfig::default()
         });
         for _ in 0..100 {
-            assert_eq!(a.on_success(a.epoch(), L, false), None);
+            assert_eq!(a.on_success(a.epoch(), 1, L, false), None);
         }
         let mut decreases = 0;
         for _ in 0..100 {
-            if a.on_success(a.epoch(), L * 4, false).is_some() {
+            if a.on_success(a.epoch(), 1, L * 4, false).is_some() {
                 decreases += 1;
             }
         }

@@ -174,7 +174,8 @@ struct State {
 
 /// What the head of the queue does next.
 enum Step {
-    Admit { epoch: u64 },
+    /// Let through, as the `level`-th call in flight.
+    Admit { epoch: u64, level: u32 },
     WaitUntil(Instant, WaitCause),
     WaitForSlot,
 }
@@ -247,7 +248,9 @@ impl FlowLane {
         let _turn = self.turnstile.try_lock().ok()?;
         let now = Instant::now();
         match self.lock().step(self, now, estimate) {
-            Step::Admit { epoch } => Some(LanePermit::new(self, epoch, estimate, now)),
+            Step::Admit { epoch, level } => {
+                Some(LanePermit::new(self, epoch, level, estimate, now))
+            }
             _ => None,
         }
     }
@@ -273,13 +276,13 @@ impl FlowLane {
             let now = Instant::now();
             let step = self.lock().step(self, now, estimate);
             match step {
-                Step::Admit { epoch } => {
+                Step::Admit { epoch, level } => {
                     drop(turn);
                     let waited = now.duration_since(joined);
                     let paused = self.lock().pause.total(now).saturating_sub(paused_before);
                     metrics::queue_wait(&self.provider, &self.model, waited);
                     return Ok(Admitted {
-                        permit: LanePermit::new(self, epoch, estimate, now),
+                        permit: LanePermit::new(self, epoch, level, estimate, now),
                         waited,
                         paused,
                     });
@@ -441,8 +444,10 @@ impl State {
         }
         self.rates.admit(estimate, now);
         self.in_flight += 1;
+        self.aimd.on_admit(self.in_flight);
         Step::Admit {
             epoch: self.aimd.epoch(),
+            level: self.in_flight,
         }
     }
 }
@@ -471,16 +476,25 @@ impl Drop for Queued<'_> {
 pub struct LanePermit {
     lane: Arc<FlowLane>,
     epoch: u64,
+    /// Calls in flight in the lane when it was let through, itself included.
+    level: u32,
     estimate: u64,
     admitted: Instant,
     done: bool,
 }
 
 impl LanePermit {
-    fn new(lane: &Arc<FlowLane>, epoch: u64, estimate: u64, admitted: Instant) -> Self {
+    fn new(
+        lane: &Arc<FlowLane>,
+        epoch: u64,
+        level: u32,
+        estimate: u64,
+        admitted: Instant,
+    ) -> Self {
         LanePermit {
             lane: Arc::clone(lane),
             epoch,
+            level,
             estimate,
             admitted,
             done: false,
@@ -514,10 +528,13 @@ impl LanePermit {
                 // The limit was in use: others waited, or this call had the last slot.
                 let saturated = s.queued > 0 || s.in_flight + 1 >= before;
                 let decrease = match feedback.signal {
-                    Signal::Success(latency) => s.aimd.on_success(self.epoch, latency, saturated),
+                    Signal::Success(latency) => {
+                        s.aimd
+                            .on_success(self.epoch, self.level, latency, saturated)
+                    }
                     Signal::Overload(reason) => {
                         metrics::rate_limited(&lane.provider, &lane.model, reason);
-                        s.aimd.on_overload(self.epoch, reason)
+                        s.aimd.on_overload(self.epoch, self.level, reason)
                     }
                     Signal::Neutral => None,
                 };

@@ -6,8 +6,11 @@
 //! prompt, attempt), so a run is repeatable however the calls interleave; a retry
 //! (a higher attempt number) draws afresh.
 //!
-//! It can also inject faults, so retries, breakers and fallbacks can be watched without
-//! a network: per-kind rates drawn under the same seed, and scripts that fail the first
+//! It can enforce a provider account's limits ([`AccountLimits`]: requests per second
+//! or minute, input tokens per minute, calls at once), answering 429 with `Retry-After`
+//! and 529 past them and reporting its limits as a real API's rate-limit headers do, so
+//! flow control can be watched and tested without a network. It can also inject faults,
+//! so retries, breakers and fallbacks can be watched too: per-kind rates drawn under the same seed, and scripts that fail the first
 //! N attempts of an agent with a given kind. A `timeout` fault never answers (the
 //! attempt timeout or the deadline ends it); the others answer after a tenth of the
 //! drawn latency (a quick rejection), except `server`, which takes all of it.
@@ -20,7 +23,12 @@ use rand::{Rng, SeedableRng};
 
 use serde::Deserialize;
 
-use super::{Completion, CompletionRequest, ErrorKind, Provider, ProviderError, Usage};
+use std::sync::Arc;
+
+use super::{
+    Account, AccountLimits, AccountRejection, AccountState, Completion, CompletionRequest,
+    ErrorKind, LimitedBy, Provider, ProviderError, RateLimits, Usage,
+};
 
 /// How a [`SimProvider`] behaves.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +41,8 @@ pub struct SimOptions {
     pub seed: Option<u64>,
     /// Faults to inject.
     pub faults: SimFaults,
+    /// The account limits to enforce (none by default).
+    pub limits: AccountLimits,
 }
 
 /// A failure the simulator can inject, as an HTTP provider would see it.
@@ -163,6 +173,7 @@ impl Default for SimOptions {
             latency_max: Duration::from_millis(2000),
             seed: None,
             faults: SimFaults::default(),
+            limits: AccountLimits::default(),
         }
     }
 }
@@ -201,13 +212,20 @@ impl Default for SimOptions {
 pub struct SimProvider {
     options: SimOptions,
     seed: u64,
+    /// The account every call is admitted by, when limits are set. Clones share it.
+    account: Option<Arc<Account>>,
 }
 
 impl SimProvider {
     /// Builds a simulator. `latency_max` below `latency_min` is treated as equal to it.
     pub fn new(options: SimOptions) -> Self {
         let seed = options.seed.unwrap_or_else(rand::random);
-        SimProvider { options, seed }
+        let account = (!options.limits.is_empty()).then(|| Arc::new(Account::new(options.limits)));
+        SimProvider {
+            options,
+            seed,
+            account,
+        }
     }
 
     /// The seed in use (drawn at random when none was configured).
@@ -246,6 +264,13 @@ impl Provider for SimProvider {
     async fn complete(&self, request: &CompletionRequest) -> Result<Completion, ProviderError> {
         let mut rng = self.rng_for(request);
         let started = tokio::time::Instant::now();
+        let input_tokens = estimate_tokens(request.system.as_deref().unwrap_or(""))
+            + estimate_tokens(&request.prompt);
+        // Held until the reply: the account counts the call in progress.
+        let admitted = match &self.account {
+            Some(account) => Some(account.admit(input_tokens).map_err(refused)?),
+            None => None,
+        };
         let latency = self.draw_latency(&mut rng);
         let roll: f64 = rng.random();
         if let Some(fault) = self.options.faults.pick(request, roll) {
@@ -261,8 +286,6 @@ impl Provider for SimProvider {
 
         let text = reply_text(request, &mut rng);
         let output_tokens = estimate_tokens(&text).min(u64::from(request.max_tokens));
-        let input_tokens = estimate_tokens(request.system.as_deref().unwrap_or(""))
-            + estimate_tokens(&request.prompt);
         Ok(Completion {
             text,
             stop_reason: Some("end_turn".to_owned()),
@@ -272,8 +295,39 @@ impl Provider for SimProvider {
                 ..Usage::default()
             },
             latency,
+            rate_limits: admitted.map(|permit| rate_limits(&permit.state)),
             ..Completion::default()
         })
+    }
+}
+
+/// The error a real API answers a refused call with: 429 with `Retry-After` for a rate
+/// limit, 529 `overloaded_error` past the concurrency limit; with its rate-limit state.
+fn refused(rejection: AccountRejection) -> ProviderError {
+    let error = match rejection.limited_by {
+        LimitedBy::MaxConcurrent => {
+            ProviderError::new(ErrorKind::Overloaded, format!("overloaded_error: {rejection}"))
+                .with_status(529)
+        }
+        _ => ProviderError::new(ErrorKind::RateLimited, format!("rate_limit_error: {rejection}"))
+            .with_status(429),
+    };
+    let error = match rejection.retry_after {
+        Some(wait) => error.with_retry_after(wait),
+        None => error,
+    };
+    error.with_rate_limits(rate_limits(&rejection.state))
+}
+
+/// An account's state as Anthropic's rate-limit headers state it (per minute; the
+/// token limit counts input tokens).
+fn rate_limits(state: &AccountState) -> RateLimits {
+    RateLimits {
+        requests_limit: state.requests.map(|b| b.limit_per_minute),
+        requests_remaining: state.requests.map(|b| b.remaining),
+        input_tokens_limit: state.tokens.map(|b| b.limit_per_minute),
+        input_tokens_remaining: state.tokens.map(|b| b.remaining),
+        ..RateLimits::default()
     }
 }
 
