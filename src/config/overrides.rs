@@ -254,7 +254,8 @@ mod tests {
         let err = config.apply(&o).unwrap_err();
         assert_eq!(err.errors().len(), 3, "{err}");
         assert_eq!(
-            config.concurrency_limit, 6,
+            config.concurrency_limit,
+            crate::config::DEFAULT_CONCURRENCY_LIMIT,
             "a rejected override changes nothing"
         );
     }
