@@ -229,3 +229,40 @@ async fn the_api_key_never_appears() {
         "Debug shows the key"
     );
 }
+
+/// Logs stay proportional to requests while the breaker is open: a call it refuses is
+/// counted and shown in its agent's outcome line, never logged on its own at the
+/// levels a log file keeps.
+#[tokio::test(start_paused = true)]
+async fn lines_per_request_stay_bounded_while_the_breaker_is_open() {
+    let capture = Capture::global();
+    let provider = Arc::new(common::Toggle::default());
+    provider
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let orchestrator = Orchestrator::builder()
+        .provider("sim", provider)
+        .build()
+        .unwrap();
+    orchestrator.process("opens the breaker").await.unwrap();
+    assert_eq!(
+        orchestrator.breakers()[0].state,
+        metaorch::resilience::BreakerState::Open
+    );
+    let mut ids = Vec::new();
+    for n in 0..50 {
+        let response = orchestrator.process(&format!("q{n}")).await.unwrap();
+        ids.push(response.trace_id.to_string());
+    }
+    let lines = capture.lines();
+    for id in ids {
+        let mine: Vec<_> = lines.iter().filter(|l| l["trace_id"] == *id).collect();
+        let kept = mine
+            .iter()
+            .filter(|l| matches!(l["level"].as_str(), Some("INFO" | "WARN" | "ERROR")))
+            .count();
+        // request.start, one agent.failure per agent (six), request.finish.
+        assert!(kept <= 8, "{kept} lines at info or above for one request");
+        assert!(mine.len() <= 30, "{} lines in all for one request", mine.len());
+    }
+}
