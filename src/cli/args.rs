@@ -177,6 +177,71 @@ pub enum BenchMode {
     Load(LoadArgs),
     /// The same against a near-zero-latency upstream: the orchestrator's own cost.
     Throughput(LoadArgs),
+    /// Keep N requests in flight against an upstream with an account's limits (by
+    /// default a mock-upstream started in-process): the share of the allowed rate
+    /// served, 429 and 529 answers, failed agents, latency, and the concurrency limit
+    /// over time.
+    Limits(LimitsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LimitsArgs {
+    /// `mock` (a mock-upstream started in-process with the limits below), `sim` (the
+    /// in-process simulator with those limits), or the URL of a server whose limits
+    /// the flags below describe.
+    #[arg(long, value_name = "mock|sim|URL", default_value = "mock")]
+    pub upstream: String,
+
+    /// The wire format of a mock or URL upstream.
+    #[arg(long, value_enum, default_value_t = ApiArg::Anthropic)]
+    pub api: ApiArg,
+
+    /// The upstream's latency range.
+    #[arg(long, value_name = "MIN..MAX", default_value = "500ms..2000ms", value_parser = parse_range)]
+    pub latency: (Duration, Duration),
+
+    /// The upstream account's limits.
+    #[command(flatten)]
+    pub limits: AccountArgs,
+
+    /// A fault by rate on the in-process mock, FAULT=FRACTION (repeatable), as
+    /// `mock-upstream --fault`.
+    #[arg(long = "fault", value_name = "FAULT=RATE", value_parser = parse_rate)]
+    pub faults: Vec<(metaorch::mock_upstream::MockFault, f64)>,
+
+    /// Requests kept in flight at once.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub in_flight: u64,
+
+    /// How long to measure, after the warm-up.
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Run this long first without measuring: the limit finds the capacity, the rate
+    /// limits are learned.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = metaorch::config::parse_duration)]
+    pub warmup: Duration,
+
+    /// A fixed concurrency limit of N per provider and model, limits not learned from
+    /// headers (flow control as a plain semaphore), instead of adaptive concurrency.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub fixed: Option<u32>,
+
+    /// Seed for latencies and fault draws.
+    #[arg(long, value_name = "N", default_value_t = 42)]
+    pub seed: u64,
+
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Also draw the concurrency limit and calls in flight over time as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub chart: Option<PathBuf>,
+
+    /// Print the Prometheus counters of the run on stderr at the end.
+    #[arg(long)]
+    pub metrics: bool,
 }
 
 #[derive(Debug, Args)]
@@ -281,6 +346,15 @@ pub struct MockUpstreamArgs {
     #[arg(long, value_name = "FILE")]
     pub request_log: Option<PathBuf>,
 
+    /// The fake account's limits.
+    #[command(flatten)]
+    pub limits: AccountArgs,
+}
+
+/// The limits of a fake provider account (mock-upstream's, or the in-process upstream
+/// of `bench limits`).
+#[derive(Debug, Clone, Args)]
+pub struct AccountArgs {
     /// Requests per second the fake account allows (a fraction such as 0.5 is fine): a
     /// bucket of one second's worth (at least 1), refilled continuously. Past it: 429
     /// rate_limit_error with retry-after and retry-after-ms. Default: no limit.
@@ -304,6 +378,18 @@ pub struct MockUpstreamArgs {
     /// limit.
     #[arg(long, value_name = "N", value_parser = parse_limit::<usize>)]
     pub max_concurrent: Option<usize>,
+}
+
+impl AccountArgs {
+    /// The limits as the fake account takes them.
+    pub fn limits(&self) -> metaorch::provider::AccountLimits {
+        metaorch::provider::AccountLimits {
+            rps: self.rps,
+            rpm: self.rpm,
+            tpm: self.tpm,
+            max_concurrent: self.max_concurrent,
+        }
+    }
 }
 
 fn parse_range(text: &str) -> Result<(Duration, Duration), String> {

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use metaorch::mock_upstream::{MockOptions, MockUpstream};
-use metaorch::provider::AccountLimits;
 
 use super::args::{Cli, MockUpstreamArgs};
 
@@ -22,12 +21,7 @@ pub fn run(_cli: &Cli, args: &MockUpstreamArgs) -> anyhow::Result<ExitCode> {
         script: args.scripts.clone(),
         retry_after: args.retry_after,
         request_log: args.request_log.clone(),
-        limits: AccountLimits {
-            rps: args.rps,
-            rpm: args.rpm,
-            tpm: args.tpm,
-            max_concurrent: args.max_concurrent,
-        },
+        limits: args.limits.limits(),
     };
     let options_limits = options.limits;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -44,28 +38,11 @@ pub fn run(_cli: &Cli, args: &MockUpstreamArgs) -> anyhow::Result<ExitCode> {
             mock.url()
         );
         if !options_limits.is_empty() {
-            eprintln!("mock-upstream: account limits {}", describe(&options_limits));
+            eprintln!("mock-upstream: account limits {options_limits}");
         }
         super::shutdown_signal().await;
         eprintln!("mock-upstream: stopping after {} requests", mock.requests().len());
         mock.stop().await;
         Ok(ExitCode::SUCCESS)
     })
-}
-
-/// `rps 5, tpm 10000`: the limits that are set, as the flags name them.
-fn describe(limits: &AccountLimits) -> String {
-    let set = [
-        ("rps", limits.rps.map(|n| n.to_string())),
-        ("rpm", limits.rpm.map(|n| n.to_string())),
-        ("tpm", limits.tpm.map(|n| n.to_string())),
-        (
-            "max_concurrent",
-            limits.max_concurrent.map(|n| n.to_string()),
-        ),
-    ];
-    set.into_iter()
-        .filter_map(|(name, value)| Some(format!("{name} {}", value?)))
-        .collect::<Vec<_>>()
-        .join(", ")
 }

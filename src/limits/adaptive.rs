@@ -65,7 +65,7 @@ impl Default for AdaptiveConfig {
 }
 
 /// Smallest probe gain: against a fixed ceiling, one probe past it per ~8 × limit
-/// calls (three refusals each).
+/// calls (two refusals each).
 const MIN_PROBE: f64 = 0.125;
 /// Weight of a new sample in the short-term latency average (~20 calls).
 const SHORT_WEIGHT: f64 = 0.1;
@@ -230,7 +230,7 @@ impl Aimd {
             return None;
         }
         self.above_refused += 1;
-        if self.above_refused < 3 || self.above_refused * 2 < self.above_admitted {
+        if self.above_refused < 2 || self.above_refused * 2 < self.above_admitted {
             return None;
         }
         (self.above_admitted, self.above_refused) = (0, 0);
@@ -406,8 +406,6 @@ mod tests {
         let e = a.epoch();
         a.on_admit(41);
         a.on_admit(41);
-        a.on_admit(41);
-        assert_eq!(a.on_overload(e, 41, "overloaded"), None, "a warning");
         assert_eq!(a.on_overload(e, 41, "overloaded"), None, "a warning");
         assert_eq!(
             a.on_overload(e, 41, "overloaded"),

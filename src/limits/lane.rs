@@ -247,7 +247,7 @@ impl FlowLane {
     pub fn try_admit(self: &Arc<Self>, estimate: u64) -> Option<LanePermit> {
         let _turn = self.turnstile.try_lock().ok()?;
         let now = Instant::now();
-        match self.lock().step(self, now, estimate) {
+        match self.lock().step(self, now, None, estimate) {
             Step::Admit { epoch, level } => {
                 Some(LanePermit::new(self, epoch, level, estimate, now))
             }
@@ -286,9 +286,12 @@ impl FlowLane {
                 return Err(self.refuse(None, joined, paused_before, None));
             }
         };
+        // The rate's opening the head last slept for: admitted then, however late the
+        // timer woke it, so timer lag does not eat into the rate.
+        let mut scheduled = None;
         loop {
             let now = Instant::now();
-            let step = self.lock().step(self, now, estimate);
+            let step = self.lock().step(self, now, scheduled, estimate);
             match step {
                 Step::Admit { epoch, level } => {
                     drop(turn);
@@ -304,7 +307,8 @@ impl FlowLane {
                 Step::WaitUntil(until, cause) if until >= deadline => {
                     return Err(self.refuse(Some(cause), joined, paused_before, Some(until)));
                 }
-                Step::WaitUntil(until, _) => {
+                Step::WaitUntil(until, cause) => {
+                    scheduled = (cause == WaitCause::Rate).then_some(until);
                     tokio::select! {
                         () = tokio::time::sleep_until(until) => {}
                         () = self.wake.notified() => {}
@@ -430,7 +434,14 @@ impl FlowLane {
 
 impl State {
     /// What the head of the queue does now; admits it when nothing holds it back.
-    fn step(&mut self, lane: &FlowLane, now: Instant, estimate: u64) -> Step {
+    /// `scheduled`: the rate's opening it waited for, if it did.
+    fn step(
+        &mut self,
+        lane: &FlowLane,
+        now: Instant,
+        scheduled: Option<Instant>,
+        estimate: u64,
+    ) -> Step {
         if let Some(until) = self.pause.until {
             if until > now {
                 return Step::WaitUntil(until, WaitCause::Pause);
@@ -456,7 +467,11 @@ impl State {
         if ready > now {
             return Step::WaitUntil(ready, WaitCause::Rate);
         }
-        self.rates.admit(estimate, now);
+        // Charged from the opening it waited for, when that opening still stands.
+        let at = scheduled
+            .filter(|s| *s <= now && self.rates.ready_at(*s) <= *s)
+            .unwrap_or(now);
+        self.rates.admit(estimate, at);
         self.in_flight += 1;
         self.aimd.on_admit(self.in_flight);
         Step::Admit {

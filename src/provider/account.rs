@@ -57,6 +57,27 @@ impl AccountLimits {
     }
 }
 
+impl fmt::Display for AccountLimits {
+    /// The limits that are set, as `mock-upstream`'s flags name them: `rps 5, tpm
+    /// 10000`, or `none`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let set: Vec<String> = [
+            ("rps", self.rps.map(|n| n.to_string())),
+            ("rpm", self.rpm.map(|n| n.to_string())),
+            ("tpm", self.tpm.map(|n| n.to_string())),
+            ("max_concurrent", self.max_concurrent.map(|n| n.to_string())),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some(format!("{name} {}", value?)))
+        .collect();
+        if set.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&set.join(", "))
+        }
+    }
+}
+
 /// Which limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitedBy {

@@ -8,6 +8,7 @@
 //! by the client: nothing is asserted, and nothing is tuned to the machine.
 
 mod chart;
+mod limits;
 mod stats;
 
 use std::io::{IsTerminal, Write as _};
@@ -52,6 +53,7 @@ pub fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         None => runtime.block_on(table(args)),
         Some(BenchMode::Load(load_args)) => runtime.block_on(load(load_args, false)),
         Some(BenchMode::Throughput(load_args)) => runtime.block_on(load(load_args, true)),
+        Some(BenchMode::Limits(limits_args)) => runtime.block_on(limits::run(limits_args)),
     }
 }
 
