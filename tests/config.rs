@@ -232,6 +232,9 @@ fn the_example_config_is_valid_and_matches_the_defaults() {
     assert_eq!(config.log_filter(), defaults.log_filter());
     assert_eq!(config.log_file, defaults.log_file);
     assert_eq!(config.providers, defaults.providers);
+    assert_eq!(config.flow, defaults.flow);
+    assert_eq!(config.breaker, defaults.breaker);
+    assert_eq!(config.retry_budget, defaults.retry_budget);
     assert_eq!(config.agents[0], defaults.agents[0]);
 }
 
@@ -578,6 +581,110 @@ fn server_settings_are_read_and_tokens_never_printed() {
     let e = one_error("[server]\nbind = \"localhost\"\n");
     assert!(
         e.contains("server.bind: \"localhost\" is not an IP address"),
+        "{e}"
+    );
+}
+
+#[test]
+fn flow_settings_are_read_and_a_provider_overrides_the_defaults() {
+    let config = Config::from_toml_str(
+        r#"
+        [defaults.flow]
+        initial_concurrency = 8
+        max_concurrency = 64
+        latency_factor = 0
+        rpm = 4000
+
+        [providers.claude]
+        kind = "anthropic"
+        [providers.claude.flow]
+        adaptive = false
+        input_tpm = 100000
+        learn_limits = false
+        "#,
+        "test.toml",
+    )
+    .unwrap();
+    let flow = &config.flow;
+    assert!(flow.concurrency.enabled && flow.learn_limits);
+    assert_eq!(
+        (
+            flow.concurrency.initial,
+            flow.concurrency.min,
+            flow.concurrency.max
+        ),
+        (8, 1, 64)
+    );
+    assert_eq!(flow.concurrency.latency_factor, None);
+    assert_eq!(flow.rates.rpm, Some(4000));
+    let claude = &config.provider_flow["claude"];
+    assert!(!claude.concurrency.enabled && !claude.learn_limits);
+    assert_eq!(claude.concurrency.max, 64, "inherited from [defaults.flow]");
+    assert_eq!(
+        (claude.rates.rpm, claude.rates.input_tpm),
+        (Some(4000), Some(100_000))
+    );
+    assert!(!config.provider_flow.contains_key("sim"));
+}
+
+#[test]
+fn flow_bounds_out_of_order_are_an_error() {
+    let e = one_error("[defaults.flow]\nmin_concurrency = 50\nmax_concurrency = 10\n");
+    assert!(
+        e.contains("defaults.flow.min_concurrency: 50 is above max_concurrency (10)"),
+        "{e}"
+    );
+    let e = one_error("[defaults.flow]\ninitial_concurrency = 500\nmax_concurrency = 100\n");
+    assert!(
+        e.contains("defaults.flow.initial_concurrency: 500 is outside min_concurrency..max_concurrency (1..100)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn flow_values_out_of_range_are_errors_that_name_the_provider() {
+    let errors = errors(
+        "[providers.claude]\nkind = \"anthropic\"\n[providers.claude.flow]\nrpm = 0\ndecrease_ratio = 1.5\nlatency_factor = 0.5\nmax_concurrency = 0\n",
+    );
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+    for field in ["rpm", "decrease_ratio", "latency_factor", "max_concurrency"] {
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains(&format!("providers.claude.flow.{field}: "))),
+            "{field}: {errors:#?}"
+        );
+    }
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("leave the key out for no limit"))
+    );
+}
+
+#[test]
+fn an_unknown_flow_key_is_an_error() {
+    let e = one_error("[defaults.flow]\nburst = 5\n");
+    assert!(e.contains("unknown field `burst`"), "{e}");
+}
+
+#[test]
+fn sim_account_limits_are_read_and_checked() {
+    let config = Config::from_toml_str(
+        "[providers.sim]\nkind = \"sim\"\n[providers.sim.limits]\nrps = 2.5\nmax_concurrent = 4\n",
+        "test.toml",
+    )
+    .unwrap();
+    let ProviderConfig::Sim(sim) = &config.providers["sim"] else {
+        panic!("sim is a sim")
+    };
+    assert_eq!(
+        (sim.limits.rps, sim.limits.max_concurrent),
+        (Some(2.5), Some(4))
+    );
+    let e = one_error("[providers.sim]\nkind = \"sim\"\n[providers.sim.limits]\nrpm = 0\n");
+    assert!(
+        e.contains("providers.sim.limits.rpm: 0 is out of range"),
         "{e}"
     );
 }

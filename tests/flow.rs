@@ -81,7 +81,8 @@ impl Log {
 
     /// (calls, refusals) from `since` on.
     fn counts_since(&self, since: Instant) -> (usize, usize) {
-        let count = |v: &Mutex<Vec<Instant>>| v.lock().unwrap().iter().filter(|t| **t >= since).count();
+        let count =
+            |v: &Mutex<Vec<Instant>>| v.lock().unwrap().iter().filter(|t| **t >= since).count();
         (count(&self.starts), count(&self.refused))
     }
 }
@@ -157,7 +158,7 @@ impl Provider for Capped {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             self.log.refuse();
             return Err(
-                ProviderError::new(ErrorKind::Overloaded, "overloaded_error").with_status(529)
+                ProviderError::new(ErrorKind::Overloaded, "overloaded_error").with_status(529),
             );
         }
         let took = latency(request);
@@ -271,7 +272,10 @@ async fn storms_of_429_and_529_never_open_a_breaker() {
     );
     let responses = load(&orchestrator, 10, secs(30)).await;
     let (calls, refused) = upstream.log.counts_since(Instant::now() - secs(3600));
-    assert!(calls > 1000 && refused * 10 > calls * 8, "{refused} of {calls}");
+    assert!(
+        calls > 1000 && refused * 10 > calls * 8,
+        "{refused} of {calls}"
+    );
     assert!(
         outcomes(&responses).all(|o| o
             .error
@@ -417,7 +421,11 @@ async fn twenty_percent_instant_faults_keep_the_breaker_closed_and_recover() {
         );
         // Random refusals do not grind the concurrency limit down.
         let lane = &orchestrator.lanes()[0];
-        assert!(lane.limit >= 32, "{in_flight} in flight: limit {}", lane.limit);
+        assert!(
+            lane.limit >= 32,
+            "{in_flight} in flight: limit {}",
+            lane.limit
+        );
     }
 }
 
@@ -438,9 +446,11 @@ async fn one_retry_after_pauses_every_caller() {
         async fn complete(&self, r: &CompletionRequest) -> Result<Completion, ProviderError> {
             self.log.start();
             if !self.told.swap(true, Ordering::SeqCst) {
-                return Err(ProviderError::new(ErrorKind::RateLimited, "rate_limit_error")
-                    .with_status(429)
-                    .with_retry_after(secs(5)));
+                return Err(
+                    ProviderError::new(ErrorKind::RateLimited, "rate_limit_error")
+                        .with_status(429)
+                        .with_retry_after(secs(5)),
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
             Ok(reply(r, Duration::from_millis(100)))
@@ -460,15 +470,13 @@ async fn one_retry_after_pauses_every_caller() {
     // Again, with other requests arriving during the pause.
     upstream.told.store(false, Ordering::SeqCst);
     let t1 = Instant::now();
-    let trigger = orchestrator.process_request(
-        metaorch::Request::new("trigger").with_agents(vec!["critic".into()]),
-    );
+    let trigger = orchestrator
+        .process_request(metaorch::Request::new("trigger").with_agents(vec!["critic".into()]));
     let during = async {
         tokio::time::sleep(Duration::from_millis(10)).await;
         let patient = orchestrator.process("patient");
-        let hurried = orchestrator.process_request(
-            metaorch::Request::new("hurried").with_timeout(secs(2)),
-        );
+        let hurried =
+            orchestrator.process_request(metaorch::Request::new("hurried").with_timeout(secs(2)));
         tokio::join!(patient, hurried)
     };
     let (_, (patient, hurried)) = tokio::join!(trigger, during);
@@ -507,7 +515,10 @@ async fn the_limit_converges_under_a_fixed_cap_and_recovers_when_it_rises() {
     let warm = Instant::now() + secs(10);
     let responses = load(&orchestrator, 10, secs(60)).await;
     let limit = orchestrator.lanes()[0].limit;
-    assert!((20..=22).contains(&limit), "limit {limit} against a cap of 20");
+    assert!(
+        (20..=22).contains(&limit),
+        "limit {limit} against a cap of 20"
+    );
     let (calls, refused) = upstream.log.counts_since(warm);
     eprintln!("cap 20: limit {limit}, {refused} of {calls} calls refused after warm-up");
     assert!(
@@ -532,7 +543,12 @@ async fn a_limited_upstream_serves_every_agent_for_a_minute() {
     let warm = Instant::now() + secs(5);
     let responses = load(&orchestrator, 10, secs(60)).await;
     let failed: Vec<_> = outcomes(&responses).filter(|o| !o.succeeded()).collect();
-    assert!(failed.is_empty(), "{} failed agents: {:?}", failed.len(), failed.first());
+    assert!(
+        failed.is_empty(),
+        "{} failed agents: {:?}",
+        failed.len(),
+        failed.first()
+    );
     let (calls, refused) = upstream.log.counts_since(warm);
     eprintln!("limited upstream: {refused} of {calls} calls refused after warm-up");
     assert!(
@@ -570,12 +586,18 @@ async fn rate_limits_hold_in_every_minute_window() {
         let upstream = Arc::new(Quick::default());
         let orchestrator = orchestrator(
             upstream.clone(),
-            &format!("request_timeout = \"10m\"\n[providers.sim]\nkind = \"sim\"\n[providers.sim.flow]\n{limits}\n"),
+            &format!(
+                "request_timeout = \"10m\"\n[providers.sim]\nkind = \"sim\"\n[providers.sim.flow]\n{limits}\n"
+            ),
         );
         let responses = load(&orchestrator, 10, secs(180)).await;
         assert!(outcomes(&responses).all(|o| o.succeeded()));
         let starts = upstream.0.starts.lock().unwrap().clone();
-        assert!(starts.len() >= 60 / per_call, "{limits}: {} calls", starts.len());
+        assert!(
+            starts.len() >= 60 / per_call,
+            "{limits}: {} calls",
+            starts.len()
+        );
         for (i, t) in starts.iter().enumerate() {
             let in_window = starts[i..]
                 .iter()

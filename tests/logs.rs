@@ -263,6 +263,10 @@ async fn lines_per_request_stay_bounded_while_the_breaker_is_open() {
             .count();
         // request.start, one agent.failure per agent (six), request.finish.
         assert!(kept <= 8, "{kept} lines at info or above for one request");
-        assert!(mine.len() <= 30, "{} lines in all for one request", mine.len());
+        assert!(
+            mine.len() <= 30,
+            "{} lines in all for one request",
+            mine.len()
+        );
     }
 }

@@ -530,7 +530,13 @@ impl Validator<'_> {
 
     /// Flow control settings: `base` with what `raw` sets, checked. `field` names the
     /// table in errors (`defaults.flow`, `providers.claude.flow`).
-    fn flow(&mut self, raw: &RawFlow, base: &FlowConfig, field: &str, span: Range<usize>) -> FlowConfig {
+    fn flow(
+        &mut self,
+        raw: &RawFlow,
+        base: &FlowConfig,
+        field: &str,
+        span: Range<usize>,
+    ) -> FlowConfig {
         let mut flow = base.clone();
         let c = &mut flow.concurrency;
         if let Some(adaptive) = raw.adaptive {
@@ -543,13 +549,19 @@ impl Validator<'_> {
         for (value, name, target) in [
             (raw.min_concurrency, "min_concurrency", &mut c.min),
             (raw.max_concurrency, "max_concurrency", &mut c.max),
-            (raw.initial_concurrency, "initial_concurrency", &mut c.initial),
+            (
+                raw.initial_concurrency,
+                "initial_concurrency",
+                &mut c.initial,
+            ),
         ] {
             match value {
                 Some(n) if (1..=MAX_FLOW_CONCURRENCY).contains(&n) => *target = n,
                 Some(n) => errors.push((
                     name,
-                    format!("{n} is out of range; expected 1 to {MAX_FLOW_CONCURRENCY} calls in flight"),
+                    format!(
+                        "{n} is out of range; expected 1 to {MAX_FLOW_CONCURRENCY} calls in flight"
+                    ),
                 )),
                 None => {}
             }
@@ -583,7 +595,7 @@ impl Validator<'_> {
             None => {}
         }
         match raw.latency_factor {
-            Some(f) if f == 0.0 => c.latency_factor = None,
+            Some(0.0) => c.latency_factor = None,
             Some(f) if f > 1.0 && f <= 100.0 => c.latency_factor = Some(f),
             Some(f) => errors.push((
                 "latency_factor",
@@ -694,8 +706,8 @@ impl Validator<'_> {
         };
         let rpm = positive("rpm", raw.rpm);
         let tpm = positive("tpm", raw.tpm);
-        let max_concurrent = positive("max_concurrent", raw.max_concurrent.map(|n| n as u64))
-            .map(|n| n as usize);
+        let max_concurrent =
+            positive("max_concurrent", raw.max_concurrent.map(|n| n as u64)).map(|n| n as usize);
         crate::provider::AccountLimits {
             rps,
             rpm,

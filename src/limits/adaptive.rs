@@ -450,7 +450,11 @@ mod tests {
         );
         up.run(&mut a, 40, 45.0);
         let (used, _) = up.measure(&mut a, 40, 30.0);
-        assert!(a.limit() >= 39 && used > 0.95, "back up to {} (used {used:.3})", a.limit());
+        assert!(
+            a.limit() >= 39 && used > 0.95,
+            "back up to {} (used {used:.3})",
+            a.limit()
+        );
     }
 
     #[test]

@@ -65,7 +65,8 @@ impl Gcra {
         if per_minute == self.per_minute {
             return;
         }
-        let debt_units = self.tat.saturating_duration_since(now).as_nanos() as f64 / self.interval_nanos;
+        let debt_units =
+            self.tat.saturating_duration_since(now).as_nanos() as f64 / self.interval_nanos;
         self.per_minute = per_minute;
         self.interval_nanos = 60e9 / per_minute as f64;
         self.tat = now + Duration::from_nanos((debt_units * self.interval_nanos) as u64);

@@ -175,7 +175,10 @@ struct State {
 /// What the head of the queue does next.
 enum Step {
     /// Let through, as the `level`-th call in flight.
-    Admit { epoch: u64, level: u32 },
+    Admit {
+        epoch: u64,
+        level: u32,
+    },
     WaitUntil(Instant, WaitCause),
     WaitForSlot,
 }
@@ -344,7 +347,8 @@ impl FlowLane {
             Some(current) if current >= until => {}
             Some(current) => {
                 s.pause.until = Some(until);
-                s.pause.schedule(&self.provider, &self.model, until - current);
+                s.pause
+                    .schedule(&self.provider, &self.model, until - current);
                 tracing::debug!(
                     event = "flow.pause",
                     provider = %self.provider,
@@ -513,13 +517,7 @@ pub struct LanePermit {
 }
 
 impl LanePermit {
-    fn new(
-        lane: &Arc<FlowLane>,
-        epoch: u64,
-        level: u32,
-        estimate: u64,
-        admitted: Instant,
-    ) -> Self {
+    fn new(lane: &Arc<FlowLane>, epoch: u64, level: u32, estimate: u64, admitted: Instant) -> Self {
         LanePermit {
             lane: Arc::clone(lane),
             epoch,
@@ -557,10 +555,9 @@ impl LanePermit {
                 // The limit was in use: others waited, or this call had the last slot.
                 let saturated = s.queued > 0 || s.in_flight + 1 >= before;
                 let decrease = match feedback.signal {
-                    Signal::Success(latency) => {
-                        s.aimd
-                            .on_success(self.epoch, self.level, latency, saturated)
-                    }
+                    Signal::Success(latency) => s
+                        .aimd
+                        .on_success(self.epoch, self.level, latency, saturated),
                     Signal::Overload(reason) => {
                         metrics::rate_limited(&lane.provider, &lane.model, reason);
                         s.aimd.on_overload(self.epoch, self.level, reason)
@@ -788,7 +785,10 @@ impl Rates {
         if let Some(g) = &mut self.requests {
             g.admit(1, now);
         }
-        for g in [&mut self.tokens, &mut self.input_tokens].into_iter().flatten() {
+        for g in [&mut self.tokens, &mut self.input_tokens]
+            .into_iter()
+            .flatten()
+        {
             g.admit(estimate, now);
         }
     }
@@ -800,13 +800,19 @@ impl Rates {
             let delta = i64::try_from(input)
                 .unwrap_or(i64::MAX)
                 .saturating_sub(i64::try_from(estimate).unwrap_or(i64::MAX));
-            for g in [&mut self.tokens, &mut self.input_tokens].into_iter().flatten() {
+            for g in [&mut self.tokens, &mut self.input_tokens]
+                .into_iter()
+                .flatten()
+            {
                 g.correct(delta, now);
             }
         }
         if output > 0 {
             let output = i64::try_from(output).unwrap_or(i64::MAX);
-            for g in [&mut self.tokens, &mut self.output_tokens].into_iter().flatten() {
+            for g in [&mut self.tokens, &mut self.output_tokens]
+                .into_iter()
+                .flatten()
+            {
                 g.correct(output, now);
             }
         }

@@ -157,7 +157,11 @@ impl RateLimits {
         let split = self.input_tokens_limit.is_some() || self.output_tokens_limit.is_some();
         crate::limits::RateConfig {
             rpm: self.requests_limit.filter(|n| *n > 0),
-            tpm: if split { None } else { self.tokens_limit.filter(|n| *n > 0) },
+            tpm: if split {
+                None
+            } else {
+                self.tokens_limit.filter(|n| *n > 0)
+            },
             input_tpm: self.input_tokens_limit.filter(|n| *n > 0),
             output_tpm: self.output_tokens_limit.filter(|n| *n > 0),
         }

@@ -305,12 +305,16 @@ impl Provider for SimProvider {
 /// limit, 529 `overloaded_error` past the concurrency limit; with its rate-limit state.
 fn refused(rejection: AccountRejection) -> ProviderError {
     let error = match rejection.limited_by {
-        LimitedBy::MaxConcurrent => {
-            ProviderError::new(ErrorKind::Overloaded, format!("overloaded_error: {rejection}"))
-                .with_status(529)
-        }
-        _ => ProviderError::new(ErrorKind::RateLimited, format!("rate_limit_error: {rejection}"))
-            .with_status(429),
+        LimitedBy::MaxConcurrent => ProviderError::new(
+            ErrorKind::Overloaded,
+            format!("overloaded_error: {rejection}"),
+        )
+        .with_status(529),
+        _ => ProviderError::new(
+            ErrorKind::RateLimited,
+            format!("rate_limit_error: {rejection}"),
+        )
+        .with_status(429),
     };
     let error = match rejection.retry_after {
         Some(wait) => error.with_retry_after(wait),

@@ -172,7 +172,9 @@ impl Resilience {
             let (delay, source) = match error.retry_after {
                 // A rate limit that lasts longer than the caller will wait: give up
                 // now (the lane stays paused for the others). Other failures clamp.
-                Some(wait) if wait > retry.retry_after_max && error.kind == ErrorKind::RateLimited => {
+                Some(wait)
+                    if wait > retry.retry_after_max && error.kind == ErrorKind::RateLimited =>
+                {
                     refused(attempt, "retry_after_beyond_max", &error);
                     let mut outcome: OutcomeError = error.into();
                     outcome.message = format!(

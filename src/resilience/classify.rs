@@ -116,7 +116,10 @@ mod tests {
         ] {
             assert!(!is_flow_control(&e) && counts_against_provider(&e), "{e}");
         }
-        assert!(!counts_against_provider(&status(ErrorKind::BadRequest, 400)));
+        assert!(!counts_against_provider(&status(
+            ErrorKind::BadRequest,
+            400
+        )));
     }
 
     #[test]

@@ -115,51 +115,57 @@ pub(super) async fn run(args: &LimitsArgs) -> anyhow::Result<ExitCode> {
     }
     let limits = args.limits.limits();
     let (min, max) = args.latency;
-    let (inner, upstream, mock): (Arc<dyn Provider>, String, Option<MockUpstream>) =
-        match args.upstream.as_str() {
-            "sim" => {
-                if !args.faults.is_empty() {
-                    bail!("--fault applies to the mock upstream; the sim has its own faults in a config");
-                }
-                let sim = SimProvider::new(SimOptions {
+    let (inner, upstream, mock): (Arc<dyn Provider>, String, Option<MockUpstream>) = match args
+        .upstream
+        .as_str()
+    {
+        "sim" => {
+            if !args.faults.is_empty() {
+                bail!(
+                    "--fault applies to the mock upstream; the sim has its own faults in a config"
+                );
+            }
+            let sim = SimProvider::new(SimOptions {
+                latency_min: min,
+                latency_max: max,
+                seed: Some(args.seed),
+                limits,
+                ..SimOptions::default()
+            });
+            (Arc::new(sim), "sim (in-process)".to_owned(), None)
+        }
+        "mock" => {
+            let mock = MockUpstream::start(
+                std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                MockOptions {
                     latency_min: min,
                     latency_max: max,
-                    seed: Some(args.seed),
+                    seed: args.seed,
+                    rates: args.faults.clone(),
                     limits,
-                    ..SimOptions::default()
-                });
-                (Arc::new(sim), "sim (in-process)".to_owned(), None)
+                    ..MockOptions::default()
+                },
+            )
+            .await
+            .context("cannot start the in-process mock upstream")?;
+            let provider = http_provider(args.api, &mock.url());
+            let name = format!("mock-upstream on {} ({:?})", mock.url(), args.api);
+            (provider, name, Some(mock))
+        }
+        url => {
+            if !args.faults.is_empty() {
+                bail!(
+                    "--fault applies to the in-process mock; start the server at {url} with its own faults"
+                );
             }
-            "mock" => {
-                let mock = MockUpstream::start(
-                    std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-                    MockOptions {
-                        latency_min: min,
-                        latency_max: max,
-                        seed: args.seed,
-                        rates: args.faults.clone(),
-                        limits,
-                        ..MockOptions::default()
-                    },
-                )
-                .await
-                .context("cannot start the in-process mock upstream")?;
-                let provider = http_provider(args.api, &mock.url());
-                let name = format!("mock-upstream on {} ({:?})", mock.url(), args.api);
-                (provider, name, Some(mock))
-            }
-            url => {
-                if !args.faults.is_empty() {
-                    bail!("--fault applies to the in-process mock; start the server at {url} with its own faults");
-                }
-                let url = super::reqwest_url(url)?;
-                (
-                    http_provider(args.api, &url),
-                    format!("{url} ({:?})", args.api),
-                    None,
-                )
-            }
-        };
+            let url = super::reqwest_url(url)?;
+            (
+                http_provider(args.api, &url),
+                format!("{url} ({:?})", args.api),
+                None,
+            )
+        }
+    };
     let counter = Arc::new(Counter {
         inner,
         calls: Mutex::new(Vec::new()),
@@ -221,7 +227,9 @@ pub(super) async fn run(args: &LimitsArgs) -> anyhow::Result<ExitCode> {
         mock.stop().await;
     }
 
-    let report = report(args, &limits, upstream, &counter, &requests, samples, warm, end);
+    let report = report(
+        args, &limits, upstream, &counter, &requests, samples, warm, end,
+    );
     print!("{}", render(&report));
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
@@ -324,9 +332,15 @@ fn report(
     let measured_s = args.duration.as_secs_f64();
     let served_per_s = served as f64 / measured_s;
     let (allowed_per_s, allowed_by) = allowed(limits, args.latency);
-    let (answered_429, answered_529) = (count(Answer::TooMany, true), count(Answer::Overloaded, true));
+    let (answered_429, answered_529) = (
+        count(Answer::TooMany, true),
+        count(Answer::Overloaded, true),
+    );
     let measured: Vec<_> = requests.iter().filter(|r| r.0 >= warm).collect();
-    let mut e2e: Vec<f64> = measured.iter().map(|r| r.1.as_secs_f64() * 1000.0).collect();
+    let mut e2e: Vec<f64> = measured
+        .iter()
+        .map(|r| r.1.as_secs_f64() * 1000.0)
+        .collect();
     e2e.sort_by(f64::total_cmp);
     let window_samples: Vec<&Sample> = samples
         .iter()
@@ -335,7 +349,11 @@ fn report(
     let limit_mean = if window_samples.is_empty() {
         0.0
     } else {
-        window_samples.iter().map(|s| f64::from(s.limit)).sum::<f64>() / window_samples.len() as f64
+        window_samples
+            .iter()
+            .map(|s| f64::from(s.limit))
+            .sum::<f64>()
+            / window_samples.len() as f64
     };
     LimitsReport {
         upstream,

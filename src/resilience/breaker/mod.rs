@@ -1,13 +1,15 @@
 //! A circuit breaker per provider and model, shared by every agent and request that
 //! calls it (DESIGN.md invariant 7).
 //!
-//! closed → open when, over a sliding window of at least `minimum_calls` calls, the
-//! failure rate reaches `failure_rate_threshold` or the slow-call rate reaches
-//! `slow_call_rate`; open fails fast without calling the provider; after `open_for` the
-//! next call finds it half-open and is let through as a probe, with at most
-//! `half_open_probes` probes; when that many probes succeed it closes, and a failed
-//! probe opens it again. A 429 asking for a longer wait than the retry clamp allows
-//! opens it until then ([`CircuitBreaker::open_until`]).
+//! closed → open when, over a sliding window once `minimum_calls` calls in it have
+//! finished, the failure rate reaches `failure_rate_threshold` or the slow-call rate
+//! reaches `slow_call_rate`; open fails fast without calling the provider; after
+//! `open_for` the next call finds it half-open and is let through as a probe, with at
+//! most `half_open_probes` probes; when that many probes succeed it closes, and a failed
+//! probe opens it again. The window keeps calls in the order they started (see
+//! `window.rs` for why). What counts as a failure is the caller's verdict
+//! ([`CallResult`]): the resilience layer counts only signs of ill health, never 429s
+//! or 529s. [`CircuitBreaker::open_until`] opens it from outside.
 //!
 //! Written here rather than taken from a crate: the ones on crates.io (failsafe,
 //! circuitbreaker-rs) lack slow-call rates, externally forced opening, or tokio's

@@ -323,7 +323,11 @@ mod tests {
         assert_eq!(w.rates(Instant::now()).failure_rate, 0.5);
         tokio::time::advance(Duration::from_secs(4)).await;
         let r = w.rates(Instant::now());
-        assert_eq!((r.finished, r.failure_rate), (1, 0.0), "the early call slid out");
+        assert_eq!(
+            (r.finished, r.failure_rate),
+            (1, 0.0),
+            "the early call slid out"
+        );
         // A result for a second that has slid out is dropped.
         w.settle(early, done(true));
         assert_eq!(w.rates(Instant::now()).failure_rate, 0.0);
