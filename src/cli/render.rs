@@ -39,6 +39,21 @@ pub fn response(response: &Response, config: &Config) -> String {
             o.model
         );
         let mut notes = Vec::new();
+        // Waits worth a mention: a tenth of a second or more.
+        if o.queue_wait >= Duration::from_millis(100) {
+            let pause = if o.paused >= Duration::from_millis(100) {
+                format!(
+                    " ({} behind a pause at the provider's request)",
+                    seconds(o.paused)
+                )
+            } else {
+                String::new()
+            };
+            notes.push(format!(
+                "waited {} to be let through{pause}",
+                seconds(o.queue_wait)
+            ));
+        }
         for r in &o.retries {
             let status = r.status.map(|s| format!(" (HTTP {s})")).unwrap_or_default();
             notes.push(format!(
