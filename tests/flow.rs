@@ -610,3 +610,33 @@ async fn rate_limits_hold_in_every_minute_window() {
         }
     }
 }
+
+/// At 50 % failed attempts the default retry budget drains (a failure costs five
+/// tokens, a success pays back one), so recovery settles below what four attempts
+/// alone would give (93.75 %) — deliberately — and the agents it gives up on say why.
+#[tokio::test(start_paused = true)]
+async fn fifty_percent_faults_are_capped_by_the_retry_budget_and_say_so() {
+    let upstream = Arc::new(Flaky {
+        rate: 0.5,
+        log: Log::default(),
+    });
+    let orchestrator = orchestrator(upstream.clone(), "");
+    let responses = load(&orchestrator, 10, secs(120)).await;
+    let total = outcomes(&responses).count();
+    let succeeded = outcomes(&responses).filter(|o| o.succeeded()).count();
+    let exhausted = outcomes(&responses)
+        .filter(|o| o.error.as_ref().map(|e| e.kind) == Some(FailureKind::RetryBudgetExhausted))
+        .count();
+    let recovery = succeeded as f64 / total as f64;
+    eprintln!(
+        "50 % faults: {succeeded} of {total} agents ({recovery:.4}), {exhausted} retry_budget_exhausted"
+    );
+    assert!((0.55..0.9375).contains(&recovery), "recovery {recovery:.4}");
+    assert!(exhausted > 0);
+    assert_eq!(
+        succeeded + exhausted,
+        total - outcomes(&responses)
+            .filter(|o| o.error.as_ref().is_some_and(|e| e.kind != FailureKind::RetryBudgetExhausted))
+            .count()
+    );
+}
