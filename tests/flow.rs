@@ -635,8 +635,12 @@ async fn fifty_percent_faults_are_capped_by_the_retry_budget_and_say_so() {
     assert!(exhausted > 0);
     assert_eq!(
         succeeded + exhausted,
-        total - outcomes(&responses)
-            .filter(|o| o.error.as_ref().is_some_and(|e| e.kind != FailureKind::RetryBudgetExhausted))
-            .count()
+        total
+            - outcomes(&responses)
+                .filter(|o| o
+                    .error
+                    .as_ref()
+                    .is_some_and(|e| e.kind != FailureKind::RetryBudgetExhausted))
+                .count()
     );
 }

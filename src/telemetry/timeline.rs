@@ -607,6 +607,50 @@ mod tests {
     }
 
     #[test]
+    fn shows_the_wait_behind_a_pause_and_the_flow_changes() {
+        let lines = vec![
+            line(A, "00.000", "request.start", ""),
+            line(
+                A,
+                "00.050",
+                "flow.pause",
+                r#","provider":"claude","model":"m","pause_ms":5000.0,"reason":"rate_limited""#,
+            ),
+            line(
+                A,
+                "00.050",
+                "agent.retry",
+                r#","agent_id":"x","attempt":1,"error.kind":"rate_limited","status":429,"delay_ms":5000.0,"delay_source":"retry_after""#,
+            ),
+            line(
+                A,
+                "05.100",
+                "flow.resume",
+                r#","provider":"claude","model":"m","paused_ms":5000.0"#,
+            ),
+            line(
+                A,
+                "05.200",
+                "agent.success",
+                r#","agent_id":"x","latency_ms":5200.0,"queue_ms":5000.0,"pause_ms":4950.0,"attempts":2"#,
+            ),
+            line(A, "05.200", "request.finish", r#","duration_ms":5200.0"#),
+        ];
+        let mut s = Scanner::new(Select::Trace(A.into()));
+        feed(&mut s, &lines);
+        let t = s.finish().unwrap();
+        let x = &t.agents[0];
+        assert_eq!((x.queue_ms, x.pause_ms), (Some(5000.0), Some(4950.0)));
+        let changes: Vec<_> = t.flow.iter().map(|f| f.change.as_str()).collect();
+        assert_eq!(changes, ["pause", "resume"]);
+        assert_eq!(t.flow[0].detail, "5.000s (rate_limited)");
+        let c = t.critical_path.unwrap();
+        // The Retry-After wait was spent behind the pause: not counted twice.
+        assert_eq!(c.retry_wait_ms, 50.0);
+        assert_eq!(c.pause_ms, Some(4950.0));
+    }
+
+    #[test]
     fn last_picks_the_request_that_started_last() {
         let lines = vec![
             line(A, "00.000", "request.start", ""),
