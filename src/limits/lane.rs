@@ -267,19 +267,17 @@ impl FlowLane {
     ) -> Result<Admitted, QueueTimeout> {
         let joined = Instant::now();
         let _queued = Queued::join(self);
-        let (paused_before, known) = {
+        let (paused_before, (opens, cause)) = {
             let s = self.lock();
             // What holds every call back, whatever its place in the queue: a call
             // cannot go before the pause ends or the rate next opens.
             let known = match s.pause.until.filter(|u| *u > joined) {
-                Some(until) => Some((until, WaitCause::Pause)),
-                None => Some((s.rates.ready_at(joined), WaitCause::Rate)),
+                Some(until) => (until, WaitCause::Pause),
+                None => (s.rates.ready_at(joined), WaitCause::Rate),
             };
             (s.pause.total(joined), known)
         };
-        if let Some((opens, cause)) = known
-            && opens >= deadline
-        {
+        if opens >= deadline {
             return Err(self.refuse(Some(cause), joined, paused_before, Some(opens)));
         }
         let turn = tokio::select! {
@@ -318,6 +316,7 @@ impl FlowLane {
                     }
                 }
                 Step::WaitForSlot => {
+                    scheduled = None;
                     tokio::select! {
                         () = self.wake.notified() => {}
                         () = tokio::time::sleep_until(deadline) => {

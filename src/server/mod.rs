@@ -209,6 +209,7 @@ async fn readyz(State(state): State<Arc<ServerState>>) -> Response {
 
 async fn agents(State(state): State<Arc<ServerState>>) -> Json<serde_json::Value> {
     let breakers = state.orchestrator.breakers();
+    let lanes = state.orchestrator.lanes();
     let agents: Vec<_> = state
         .orchestrator
         .agents()
@@ -216,6 +217,9 @@ async fn agents(State(state): State<Arc<ServerState>>) -> Json<serde_json::Value
             let breaker = breakers
                 .iter()
                 .find(|b| b.provider == a.provider && b.model == a.model);
+            let flow = lanes
+                .iter()
+                .find(|l| l.provider == a.provider && l.model == a.model);
             json!({
                 "id": a.id,
                 "role": a.role,
@@ -223,6 +227,7 @@ async fn agents(State(state): State<Arc<ServerState>>) -> Json<serde_json::Value
                 "model": a.model,
                 "stream": a.stream,
                 "breaker": breaker,
+                "flow": flow,
             })
         })
         .collect();
