@@ -67,6 +67,8 @@ impl Default for AdaptiveConfig {
 /// Smallest probe gain: against a fixed ceiling, one probe past it per ~8 × limit
 /// calls (two refusals each).
 const MIN_PROBE: f64 = 0.125;
+/// Weight of a new answer in the share of refusals (~20 answers).
+const REFUSED_WEIGHT: f64 = 0.05;
 /// Weight of a new sample in the short-term latency average (~20 calls).
 const SHORT_WEIGHT: f64 = 0.1;
 /// Weight of a new sample in the long-term latency average (~200 calls).
@@ -105,6 +107,9 @@ pub(crate) struct Aimd {
     /// last changed.
     above_admitted: u32,
     above_refused: u32,
+    /// The share of recent answers that were overloads (a moving average over about
+    /// twenty): when most answers are refusals, they are not noise, whatever the level.
+    refused_share: f64,
     short: f64,
     long: f64,
     samples: u64,
@@ -131,6 +136,7 @@ impl Aimd {
             proven_count: 0,
             above_admitted: 0,
             above_refused: 0,
+            refused_share: 0.0,
             short: 0.0,
             long: 0.0,
             samples: 0,
@@ -172,6 +178,7 @@ impl Aimd {
         if !self.config.enabled {
             return None;
         }
+        self.refused_share *= 1.0 - REFUSED_WEIGHT;
         let before = self.proven();
         self.proven = self.proven.max(level);
         self.proven_count += 1;
@@ -225,6 +232,13 @@ impl Aimd {
     ) -> Option<Decrease> {
         if !self.config.enabled {
             return None;
+        }
+        self.refused_share += REFUSED_WEIGHT * (1.0 - self.refused_share);
+        if self.refused_share >= 0.5 {
+            // Most answers are refusals: a slot freed by a refusal is refilled at once
+            // and refused again. Whatever the proven level says, the limit is too high.
+            (self.above_admitted, self.above_refused) = (0, 0);
+            return self.decrease(epoch, reason);
         }
         if level <= self.proven() {
             return None;
@@ -468,6 +482,27 @@ mod tests {
         up.run_noisy(&mut a, 40, 30.0, 0.2);
         let limit = a.limit();
         assert!((40..=44).contains(&limit), "limit {limit}");
+    }
+
+    #[test]
+    fn a_storm_of_refusals_cuts_the_limit_whatever_the_level() {
+        let mut a = aimd(45);
+        // Calls once succeeded at 45 in flight; now the provider takes only 40.
+        for _ in 0..45 {
+            a.on_admit(45);
+            a.on_success(0, 45, L, false);
+        }
+        let mut cut = None;
+        for n in 0..40 {
+            let e = a.epoch();
+            a.on_admit(45);
+            if let Some(d) = a.on_overload(e, 45, "overloaded") {
+                cut = Some((n, d.to));
+                break;
+            }
+        }
+        let (n, to) = cut.expect("the storm cut the limit");
+        assert!(n < 20 && to < 45, "cut to {to} after {n} refusals");
     }
 
     #[test]
