@@ -272,10 +272,9 @@ async fn storms_of_429_and_529_never_open_a_breaker() {
     );
     let responses = load(&orchestrator, 10, secs(30)).await;
     let (calls, refused) = upstream.log.counts_since(Instant::now() - secs(3600));
-    assert!(
-        calls > 1000 && refused * 10 > calls * 8,
-        "{refused} of {calls}"
-    );
+    // Refused nine times in ten, flow control backs off to its minimum; the breaker
+    // never opens.
+    assert!(calls > 100 && refused * 10 > calls * 8, "{refused} of {calls}");
     assert!(
         outcomes(&responses).all(|o| o
             .error
