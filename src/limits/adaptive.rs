@@ -67,6 +67,9 @@ impl Default for AdaptiveConfig {
 /// Smallest probe gain: against a fixed ceiling, one probe past it per ~8 × limit
 /// calls (two refusals each).
 const MIN_PROBE: f64 = 0.125;
+/// Refusals in a row, with no success between, that make a storm whatever the level:
+/// a provider refusing a fifth of calls at random does that once in 15,000 answers.
+const STORM: u32 = 6;
 /// Weight of a new answer in the share of refusals (~20 answers).
 const REFUSED_WEIGHT: f64 = 0.05;
 /// Weight of a new sample in the short-term latency average (~20 calls).
@@ -110,6 +113,8 @@ pub(crate) struct Aimd {
     /// The share of recent answers that were overloads (a moving average over about
     /// twenty): when most answers are refusals, they are not noise, whatever the level.
     refused_share: f64,
+    /// Overloads since the last success.
+    refused_in_a_row: u32,
     short: f64,
     long: f64,
     samples: u64,
@@ -137,6 +142,7 @@ impl Aimd {
             above_admitted: 0,
             above_refused: 0,
             refused_share: 0.0,
+            refused_in_a_row: 0,
             short: 0.0,
             long: 0.0,
             samples: 0,
@@ -179,6 +185,7 @@ impl Aimd {
             return None;
         }
         self.refused_share *= 1.0 - REFUSED_WEIGHT;
+        self.refused_in_a_row = 0;
         let before = self.proven();
         self.proven = self.proven.max(level);
         self.proven_count += 1;
@@ -234,7 +241,8 @@ impl Aimd {
             return None;
         }
         self.refused_share += REFUSED_WEIGHT * (1.0 - self.refused_share);
-        if self.refused_share >= 0.5 {
+        self.refused_in_a_row += 1;
+        if self.refused_share >= 0.5 || self.refused_in_a_row >= STORM {
             // Most answers are refusals: a slot freed by a refusal is refilled at once
             // and refused again. Whatever the proven level says, the limit is too high.
             (self.above_admitted, self.above_refused) = (0, 0);
@@ -502,7 +510,8 @@ mod tests {
             }
         }
         let (n, to) = cut.expect("the storm cut the limit");
-        assert!(n < 20 && to < 45, "cut to {to} after {n} refusals");
+        assert_eq!(n + 1, STORM as usize, "six refusals in a row");
+        assert!(to < 45, "cut to {to}");
     }
 
     #[test]

@@ -551,8 +551,11 @@ impl LanePermit {
             s.in_flight = s.in_flight.saturating_sub(1);
             if let Some(feedback) = feedback {
                 let before = s.aimd.limit();
-                // The limit was in use: others waited, or this call had the last slot.
-                let saturated = s.queued > 0 || s.in_flight + 1 >= before;
+                // The limit was what held calls back: every slot was taken. (Calls
+                // waiting while slots are free wait for something else — a pause, the
+                // rate, or refusals that keep emptying slots — and more slots would
+                // not help.)
+                let saturated = s.in_flight + 1 >= before;
                 let decrease = match feedback.signal {
                     Signal::Success(latency) => s
                         .aimd
@@ -815,5 +818,118 @@ impl Rates {
                 g.correct(output, now);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::AdaptiveConfig;
+
+    fn lane(initial: u32) -> Arc<FlowLane> {
+        Arc::new(FlowLane::new(
+            "p",
+            "m",
+            FlowConfig {
+                concurrency: AdaptiveConfig {
+                    initial,
+                    latency_factor: None,
+                    ..AdaptiveConfig::default()
+                },
+                ..FlowConfig::default()
+            },
+        ))
+    }
+
+    fn ok() -> Feedback {
+        Feedback::signal(Signal::Success(Duration::from_secs(1)))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_limit_grows_only_when_every_slot_was_taken() {
+        let lane = lane(4);
+        let a = lane.try_admit(10).unwrap();
+        let _b = lane.try_admit(10).unwrap();
+        a.finish(ok());
+        assert_eq!(lane.snapshot().limit, 4, "half the slots were free");
+        let full: Vec<_> = (0..3).map(|_| lane.try_admit(10).unwrap()).collect();
+        assert!(lane.try_admit(10).is_none(), "all four taken");
+        full.into_iter().next().unwrap().finish(ok());
+        assert_eq!(lane.snapshot().limit, 5, "slow start: one more per success");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_holds_every_caller_and_refuses_those_it_would_outlast() {
+        let lane = lane(4);
+        lane.pause(Duration::from_secs(5), "rate_limited");
+        assert!(lane.try_admit(10).is_none());
+        let t0 = Instant::now();
+        let refused = lane
+            .admit(10, t0 + Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.cause, WaitCause::Pause);
+        assert_eq!(t0.elapsed(), Duration::ZERO, "refused at once");
+        let admitted = lane.admit(10, t0 + Duration::from_secs(60)).await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::from_secs(5));
+        assert_eq!(admitted.paused, Duration::from_secs(5));
+        assert_eq!(lane.snapshot().paused_for, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_are_let_through_in_the_order_they_came() {
+        let lane = lane(1);
+        let first = lane.try_admit(1).unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for n in 0..5 {
+            let (lane, order) = (Arc::clone(&lane), Arc::clone(&order));
+            waiters.push(tokio::spawn(async move {
+                let admitted = lane
+                    .admit(1, Instant::now() + Duration::from_secs(60))
+                    .await
+                    .unwrap();
+                order.lock().unwrap().push(n);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                admitted.permit.finish(Feedback::signal(Signal::Neutral));
+            }));
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(lane.snapshot().queued, 5);
+        first.finish(Feedback::signal(Signal::Neutral));
+        for w in waiters {
+            w.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3, 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn learned_limits_pace_the_calls_and_never_raise_a_configured_one() {
+        let lane = Arc::new(FlowLane::new(
+            "p",
+            "m",
+            FlowConfig {
+                rates: RateConfig {
+                    rpm: Some(600),
+                    ..RateConfig::default()
+                },
+                ..FlowConfig::default()
+            },
+        ));
+        let p = lane.try_admit(1).unwrap();
+        p.finish(Feedback {
+            reported: Some(RateConfig {
+                rpm: Some(6000),
+                input_tpm: Some(1000),
+                ..RateConfig::default()
+            }),
+            ..ok()
+        });
+        let rates = lane.snapshot().rates;
+        assert_eq!((rates.rpm, rates.input_tpm), (Some(600), Some(1000)));
+        // 600 a minute: the next call goes 100 ms after the first.
+        let t0 = Instant::now();
+        lane.admit(1, t0 + Duration::from_secs(1)).await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::from_millis(100));
     }
 }
