@@ -18,6 +18,7 @@ pub mod executor;
 pub mod limits;
 pub mod mock_upstream;
 pub mod orchestrator;
+mod per_model;
 pub mod provider;
 pub mod resilience;
 pub mod server;

@@ -3,12 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use super::adaptive::AdaptiveConfig;
 use super::lane::{FlowLane, LaneSnapshot};
+use crate::per_model::PerModel;
 
 /// Requests and tokens per minute; `None` for no limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -85,7 +86,7 @@ impl Default for FlowConfig {
 pub struct FlowControl {
     defaults: FlowConfig,
     providers: BTreeMap<String, FlowConfig>,
-    lanes: Mutex<BTreeMap<(String, String), Arc<FlowLane>>>,
+    lanes: PerModel<FlowLane>,
 }
 
 impl FlowControl {
@@ -94,7 +95,7 @@ impl FlowControl {
         FlowControl {
             defaults,
             providers,
-            lanes: Mutex::new(BTreeMap::new()),
+            lanes: PerModel::default(),
         }
     }
 
@@ -105,29 +106,13 @@ impl FlowControl {
 
     /// The lane of `provider` / `model`.
     pub fn lane(&self, provider: &str, model: &str) -> Arc<FlowLane> {
-        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(
-            lanes
-                .entry((provider.to_owned(), model.to_owned()))
-                .or_insert_with(|| {
-                    Arc::new(FlowLane::new(
-                        provider,
-                        model,
-                        self.config(provider).clone(),
-                    ))
-                }),
-        )
+        self.lanes.get(provider, model, || {
+            FlowLane::new(provider, model, self.config(provider).clone())
+        })
     }
 
     /// Every lane's state, ordered by provider and model.
     pub fn snapshot(&self) -> Vec<LaneSnapshot> {
-        let lanes: Vec<_> = self
-            .lanes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        lanes.iter().map(|l| l.snapshot()).collect()
+        self.lanes.all().iter().map(|l| l.snapshot()).collect()
     }
 }

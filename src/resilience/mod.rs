@@ -15,7 +15,6 @@ mod budget;
 mod call;
 mod classify;
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +23,7 @@ use rand::rngs::SmallRng;
 use serde::Serialize;
 
 use crate::executor::as_millis;
+use crate::per_model::PerModel;
 use crate::provider::ErrorKind;
 
 pub use backoff::{Jitter, RetryPolicy};
@@ -113,9 +113,9 @@ pub struct RetryRecord {
 #[derive(Debug)]
 pub struct Resilience {
     budget_config: RetryBudgetConfig,
-    budgets: Mutex<BTreeMap<(String, String), Arc<RetryBudget>>>,
+    budgets: PerModel<RetryBudget>,
     breaker_config: BreakerConfig,
-    breakers: Mutex<BTreeMap<(String, String), Arc<CircuitBreaker>>>,
+    breakers: PerModel<CircuitBreaker>,
     rng: Mutex<SmallRng>,
 }
 
@@ -136,9 +136,9 @@ impl Resilience {
         };
         Resilience {
             budget_config: budget,
-            budgets: Mutex::new(BTreeMap::new()),
+            budgets: PerModel::default(),
             breaker_config: breaker,
-            breakers: Mutex::new(BTreeMap::new()),
+            breakers: PerModel::default(),
             rng: Mutex::new(rng),
         }
     }
@@ -146,40 +146,21 @@ impl Resilience {
     /// The retry budget of `provider` / `model`, full on first use. Each provider and
     /// model has its own, so a failing one cannot spend another's retries.
     pub fn budget(&self, provider: &str, model: &str) -> Arc<RetryBudget> {
-        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(
-            budgets
-                .entry((provider.to_owned(), model.to_owned()))
-                .or_insert_with(|| Arc::new(RetryBudget::new(self.budget_config.clone()))),
-        )
+        self.budgets.get(provider, model, || {
+            RetryBudget::new(self.budget_config.clone())
+        })
     }
 
     /// The breaker for `provider` / `model`, created closed on first use.
     pub fn breaker(&self, provider: &str, model: &str) -> Arc<CircuitBreaker> {
-        let mut breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(
-            breakers
-                .entry((provider.to_owned(), model.to_owned()))
-                .or_insert_with(|| {
-                    Arc::new(CircuitBreaker::new(
-                        provider,
-                        model,
-                        self.breaker_config.clone(),
-                    ))
-                }),
-        )
+        self.breakers.get(provider, model, || {
+            CircuitBreaker::new(provider, model, self.breaker_config.clone())
+        })
     }
 
     /// Every breaker's state, ordered by provider and model.
     pub fn breakers(&self) -> Vec<BreakerSnapshot> {
-        let breakers: Vec<_> = self
-            .breakers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        breakers.iter().map(|b| b.snapshot()).collect()
+        self.breakers.all().iter().map(|b| b.snapshot()).collect()
     }
 
     fn draw_delay(&self, policy: &RetryPolicy, retry: u32, previous: Duration) -> Duration {

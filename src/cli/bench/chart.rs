@@ -55,16 +55,7 @@ pub fn draw(path: &Path, modes: &[ModeResult], title: &str) -> anyhow::Result<()
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1))
             });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present()
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("cannot write the chart {}", path.display()))
+    finish(&mut chart, &root, path)
 }
 
 /// Sorted latencies (ms) as CDF points (seconds, fraction).
@@ -125,6 +116,19 @@ pub fn draw_limits(path: &Path, samples: &[(f64, u32, u32)], title: &str) -> any
         .legend(move |(x, y)| {
             PathElement::new(vec![(x, y), (x + 20, y)], in_flight.stroke_width(1))
         });
+    finish(&mut chart, &root, path)
+}
+
+/// Draws the legend and writes the file.
+fn finish<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    root: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+    path: &Path,
+) -> anyhow::Result<()>
+where
+    X: Ranged,
+    Y: Ranged,
+{
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::LowerRight)
