@@ -134,7 +134,7 @@ async fn orchestrate_plain_and_traceparent() {
         .unwrap();
     assert_eq!(agents["agents"].as_array().unwrap().len(), 6);
     assert_eq!(agents["agents"][0]["breaker"]["state"], "closed");
-    assert_eq!(agents["agents"][0]["flow"]["limit"], 32);
+    assert_eq!(agents["agents"][0]["flow"]["limit"], 64);
     assert_eq!(agents["agents"][0]["flow"]["in_flight"], 0);
     server.stop().await;
 }

@@ -6,7 +6,7 @@
 //! explicit losses (429, 529, timeouts), not queueing delay:
 //!
 //! - **slow start**: until the first overload, each success that found the limit full
-//!   raises it by one — it doubles every round trip;
+//!   raises it by two — it triples every round trip;
 //! - **decrease**: an overload multiplies it by `decrease_ratio` (0.9), once per round
 //!   trip — calls admitted under the old, higher limit can neither cut it again nor
 //!   raise it; an overload at the same ceiling as the last one (the probe went one
@@ -50,12 +50,12 @@ pub struct AdaptiveConfig {
 }
 
 impl Default for AdaptiveConfig {
-    /// Adaptive, from 32 between 1 and 1024, ×0.9 on overload, latency above 2× its
+    /// Adaptive, from 64 between 1 and 1024, ×0.9 on overload, latency above 2× its
     /// baseline counts as overload.
     fn default() -> Self {
         AdaptiveConfig {
             enabled: true,
-            initial: 32,
+            initial: 64,
             min: 1,
             max: 1024,
             decrease_ratio: 0.9,
@@ -205,7 +205,11 @@ impl Aimd {
         if !saturated || epoch < self.epoch {
             return None;
         }
-        if self.slow_start || self.limit < self.w_max - 1.0 {
+        if self.slow_start {
+            // Two more per success: the limit triples each round trip until the
+            // provider first pushes back, so a cold start opens up in a few seconds.
+            self.limit += 2.0;
+        } else if self.limit < self.w_max - 1.0 {
             self.limit += 1.0;
         } else {
             self.limit += self.probe / self.limit;
@@ -410,16 +414,16 @@ mod tests {
     }
 
     #[test]
-    fn slow_start_doubles_until_the_first_overload() {
+    fn slow_start_triples_until_the_first_overload() {
         let mut a = aimd(4);
         for _ in 0..4 {
             a.on_success(0, 4, L, true);
         }
-        assert_eq!(a.limit(), 8);
-        for _ in 0..8 {
-            a.on_success(0, 8, L, true);
+        assert_eq!(a.limit(), 12);
+        for _ in 0..12 {
+            a.on_success(0, 12, L, true);
         }
-        assert_eq!(a.limit(), 16);
+        assert_eq!(a.limit(), 36);
     }
 
     #[test]

@@ -148,9 +148,16 @@ pub struct FlowLane {
     config: FlowConfig,
     /// The FIFO queue: the head holds it while it waits for what holds it back.
     turnstile: tokio::sync::Mutex<()>,
+    /// The queue of retries, served before the first tries: a retry has waited its
+    /// turn once already, and sending it to the back of a long queue would make its
+    /// request wait twice.
+    retry_turnstile: tokio::sync::Mutex<()>,
     state: Mutex<State>,
-    /// Wakes the head when a slot frees, the limit grows or the rates change.
+    /// Wakes the head of the first tries' queue when a slot frees, the limit grows,
+    /// or the retries' queue empties.
     wake: Notify,
+    /// Wakes the head of the retries' queue when a slot frees.
+    wake_retry: Notify,
 }
 
 impl fmt::Debug for FlowLane {
@@ -168,6 +175,8 @@ struct State {
     aimd: Aimd,
     in_flight: u32,
     queued: u32,
+    /// Of `queued`, the retries.
+    retries_queued: u32,
     pause: Pause,
     rates: Rates,
 }
@@ -195,6 +204,7 @@ impl FlowLane {
                 aimd,
                 in_flight: 0,
                 queued: 0,
+                retries_queued: 0,
                 pause: Pause::default(),
                 rates: Rates::new(config.rates, config.learn_limits, now),
             }),
@@ -202,7 +212,9 @@ impl FlowLane {
             model,
             config,
             turnstile: tokio::sync::Mutex::new(()),
+            retry_turnstile: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
+            wake_retry: Notify::new(),
         }
     }
 
@@ -250,7 +262,7 @@ impl FlowLane {
     pub fn try_admit(self: &Arc<Self>, estimate: u64) -> Option<LanePermit> {
         let _turn = self.turnstile.try_lock().ok()?;
         let now = Instant::now();
-        match self.lock().step(self, now, None, estimate) {
+        match self.lock().step(self, now, None, estimate, false) {
             Step::Admit { epoch, level } => {
                 Some(LanePermit::new(self, epoch, level, estimate, now))
             }
@@ -259,14 +271,21 @@ impl FlowLane {
     }
 
     /// Waits in the queue until the call may go, or refuses it when that cannot happen
-    /// before `deadline`. Cancel-safe: dropping the future leaves the queue.
+    /// before `deadline`. A `retry` waits in the retries' queue, served first.
+    /// Cancel-safe: dropping the future leaves the queue.
     pub async fn admit(
         self: &Arc<Self>,
         estimate: u64,
         deadline: Instant,
+        retry: bool,
     ) -> Result<Admitted, QueueTimeout> {
         let joined = Instant::now();
-        let _queued = Queued::join(self);
+        let _queued = Queued::join(self, retry);
+        let (turnstile, wake) = if retry {
+            (&self.retry_turnstile, &self.wake_retry)
+        } else {
+            (&self.turnstile, &self.wake)
+        };
         let (paused_before, (opens, cause)) = {
             let s = self.lock();
             // What holds every call back, whatever its place in the queue: a call
@@ -282,7 +301,7 @@ impl FlowLane {
         }
         let turn = tokio::select! {
             biased;
-            turn = self.turnstile.lock() => turn,
+            turn = turnstile.lock() => turn,
             () = tokio::time::sleep_until(deadline) => {
                 return Err(self.refuse(None, joined, paused_before, None));
             }
@@ -292,7 +311,7 @@ impl FlowLane {
         let mut scheduled = None;
         loop {
             let now = Instant::now();
-            let step = self.lock().step(self, now, scheduled, estimate);
+            let step = self.lock().step(self, now, scheduled, estimate, retry);
             match step {
                 Step::Admit { epoch, level } => {
                     drop(turn);
@@ -312,13 +331,13 @@ impl FlowLane {
                     scheduled = (cause == WaitCause::Rate).then_some(until);
                     tokio::select! {
                         () = tokio::time::sleep_until(until) => {}
-                        () = self.wake.notified() => {}
+                        () = wake.notified() => {}
                     }
                 }
                 Step::WaitForSlot => {
                     scheduled = None;
                     tokio::select! {
-                        () = self.wake.notified() => {}
+                        () = wake.notified() => {}
                         () = tokio::time::sleep_until(deadline) => {
                             return Err(self.refuse(
                                 Some(WaitCause::Concurrency),
@@ -436,14 +455,16 @@ impl FlowLane {
 }
 
 impl State {
-    /// What the head of the queue does now; admits it when nothing holds it back.
-    /// `scheduled`: the rate's opening it waited for, if it did.
+    /// What the head of a queue does now; admits it when nothing holds it back.
+    /// `scheduled`: the rate's opening it waited for, if it did. `retry`: it heads the
+    /// retries' queue (the first tries' head gives way while that queue holds anyone).
     fn step(
         &mut self,
         lane: &FlowLane,
         now: Instant,
         scheduled: Option<Instant>,
         estimate: u64,
+        retry: bool,
     ) -> Step {
         if let Some(until) = self.pause.until {
             if until > now {
@@ -463,7 +484,7 @@ impl State {
                 lasted.as_secs_f64()
             );
         }
-        if self.in_flight >= self.aimd.limit() {
+        if self.in_flight >= self.aimd.limit() || (!retry && self.retries_queued > 0) {
             return Step::WaitForSlot;
         }
         let ready = self.rates.ready_at(now);
@@ -485,19 +506,32 @@ impl State {
 }
 
 /// Counts a caller in the queue until dropped.
-struct Queued<'a>(&'a FlowLane);
+struct Queued<'a> {
+    lane: &'a FlowLane,
+    retry: bool,
+}
 
 impl<'a> Queued<'a> {
-    fn join(lane: &'a FlowLane) -> Self {
-        lane.lock().queued += 1;
-        Queued(lane)
+    fn join(lane: &'a FlowLane, retry: bool) -> Self {
+        let mut s = lane.lock();
+        s.queued += 1;
+        s.retries_queued += u32::from(retry);
+        Queued { lane, retry }
     }
 }
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
-        let mut s = self.0.lock();
+        let mut s = self.lane.lock();
         s.queued = s.queued.saturating_sub(1);
+        if self.retry {
+            s.retries_queued = s.retries_queued.saturating_sub(1);
+            if s.retries_queued == 0 {
+                // The first tries' head gave way to the retries; its turn again.
+                drop(s);
+                self.lane.wake.notify_one();
+            }
+        }
     }
 }
 
@@ -610,7 +644,12 @@ impl LanePermit {
                 }
             }
         }
-        lane.wake.notify_one();
+        let retries_waiting = lane.lock().retries_queued > 0;
+        if retries_waiting {
+            lane.wake_retry.notify_one();
+        } else {
+            lane.wake.notify_one();
+        }
     }
 }
 
@@ -855,7 +894,7 @@ mod tests {
         let full: Vec<_> = (0..3).map(|_| lane.try_admit(10).unwrap()).collect();
         assert!(lane.try_admit(10).is_none(), "all four taken");
         full.into_iter().next().unwrap().finish(ok());
-        assert_eq!(lane.snapshot().limit, 5, "slow start: one more per success");
+        assert_eq!(lane.snapshot().limit, 6, "slow start: two more per success");
     }
 
     #[tokio::test(start_paused = true)]
@@ -865,19 +904,22 @@ mod tests {
         assert!(lane.try_admit(10).is_none());
         let t0 = Instant::now();
         let refused = lane
-            .admit(10, t0 + Duration::from_secs(2))
+            .admit(10, t0 + Duration::from_secs(2), false)
             .await
             .unwrap_err();
         assert_eq!(refused.cause, WaitCause::Pause);
         assert_eq!(t0.elapsed(), Duration::ZERO, "refused at once");
-        let admitted = lane.admit(10, t0 + Duration::from_secs(60)).await.unwrap();
+        let admitted = lane
+            .admit(10, t0 + Duration::from_secs(60), false)
+            .await
+            .unwrap();
         assert_eq!(t0.elapsed(), Duration::from_secs(5));
         assert_eq!(admitted.paused, Duration::from_secs(5));
         assert_eq!(lane.snapshot().paused_for, None);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn callers_are_let_through_in_the_order_they_came() {
+    async fn callers_are_let_through_in_the_order_they_came_retries_first() {
         let lane = lane(1);
         let first = lane.try_admit(1).unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
@@ -885,8 +927,9 @@ mod tests {
         for n in 0..5 {
             let (lane, order) = (Arc::clone(&lane), Arc::clone(&order));
             waiters.push(tokio::spawn(async move {
+                // The fourth is a retry: it goes first.
                 let admitted = lane
-                    .admit(1, Instant::now() + Duration::from_secs(60))
+                    .admit(1, Instant::now() + Duration::from_secs(60), n == 3)
                     .await
                     .unwrap();
                 order.lock().unwrap().push(n);
@@ -900,7 +943,7 @@ mod tests {
         for w in waiters {
             w.await.unwrap();
         }
-        assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3, 4]);
+        assert_eq!(*order.lock().unwrap(), [3, 0, 1, 2, 4]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -929,7 +972,9 @@ mod tests {
         assert_eq!((rates.rpm, rates.input_tpm), (Some(600), Some(1000)));
         // 600 a minute: the next call goes 100 ms after the first.
         let t0 = Instant::now();
-        lane.admit(1, t0 + Duration::from_secs(1)).await.unwrap();
+        lane.admit(1, t0 + Duration::from_secs(1), false)
+            .await
+            .unwrap();
         assert_eq!(t0.elapsed(), Duration::from_millis(100));
     }
 }

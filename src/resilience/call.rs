@@ -270,7 +270,9 @@ async fn admit(call: &mut Call<'_>, report: &mut CallReport) -> Result<Slots, Ou
     }
     drop(first);
     call.progress.queued(Some(lane));
-    let admitted = lane.admit(estimate, call.deadline).await;
+    // A retry keeps its place ahead of first tries that came after it.
+    let retry = report.attempts > 0;
+    let admitted = lane.admit(estimate, call.deadline, retry).await;
     call.progress.queued(None);
     let admitted = admitted.map_err(|timeout| {
         report.queue_wait += timeout.waited;

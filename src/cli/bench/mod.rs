@@ -40,8 +40,14 @@ const REPORT: [(&str, f64); 3] = [
 ];
 
 pub fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    // As everywhere: info in a file (it is read later), warn on stderr.
+    let default_level = if cli.log_file.is_some() {
+        metaorch::config::DEFAULT_FILE_LOG_LEVEL
+    } else {
+        metaorch::config::DEFAULT_LOG_LEVEL
+    };
     init_logging(
-        cli.log_level.as_deref().unwrap_or("warn"),
+        cli.log_level.as_deref().unwrap_or(default_level),
         LogFormat::Json,
         cli.log_file.as_deref(),
     )?;
