@@ -21,7 +21,8 @@
 //!   fast convergence).
 //!
 //! Latency is a secondary signal: when the short-term average latency of successes
-//! rises past `latency_factor` times the long-term one, that counts as an overload
+//! rises past `latency_factor` times the long-term one (and by 50 ms at least, so that
+//! scheduling noise on millisecond calls does not count), that counts as an overload
 //! (once), and the long-term average is reset to the new level.
 //!
 //! Why not a gradient (Netflix's Gradient2, Envoy's adaptive concurrency filter)? They
@@ -76,6 +77,9 @@ const REFUSED_WEIGHT: f64 = 0.05;
 const SHORT_WEIGHT: f64 = 0.1;
 /// Weight of a new sample in the long-term latency average (~200 calls).
 const LONG_WEIGHT: f64 = 0.005;
+/// The least rise of the short-term latency, in seconds, that may count as overload:
+/// at a few milliseconds, doubling is scheduling noise, not a provider's queue.
+const LATENCY_MIN_RISE: f64 = 0.05;
 /// Successes needed before latency may judge.
 const LATENCY_WARMUP: u64 = 50;
 
@@ -306,7 +310,10 @@ impl Aimd {
         }
         self.short += SHORT_WEIGHT * (secs - self.short);
         self.long += LONG_WEIGHT * (secs - self.long);
-        if self.samples >= LATENCY_WARMUP && self.short > factor * self.long {
+        if self.samples >= LATENCY_WARMUP
+            && self.short > factor * self.long
+            && self.short - self.long >= LATENCY_MIN_RISE
+        {
             // One decrease per shift: the new level becomes the baseline.
             self.long = self.short;
             return self.decrease(epoch, "latency");
@@ -554,6 +561,15 @@ mod tests {
         assert_eq!(a.on_overload(0, 9, "overloaded"), None);
         a.on_success(0, 8, L, true);
         assert_eq!(a.limit(), 8);
+    }
+
+    #[test]
+    fn millisecond_jitter_is_not_a_latency_rise() {
+        let mut a = Aimd::new(AdaptiveConfig::default());
+        for n in 0..1000u64 {
+            let jitter = Duration::from_micros(50 + 400 * (n % 7 == 0) as u64 * 10);
+            assert_eq!(a.on_success(a.epoch(), 1, jitter, false), None);
+        }
     }
 
     #[test]

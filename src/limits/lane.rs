@@ -580,7 +580,7 @@ impl LanePermit {
     fn release(&self, feedback: Option<Feedback>) {
         let lane = &*self.lane;
         let now = Instant::now();
-        {
+        let retries_waiting = {
             let mut s = lane.lock();
             s.in_flight = s.in_flight.saturating_sub(1);
             if let Some(feedback) = feedback {
@@ -643,8 +643,8 @@ impl LanePermit {
                     );
                 }
             }
-        }
-        let retries_waiting = lane.lock().retries_queued > 0;
+            s.retries_queued > 0
+        };
         if retries_waiting {
             lane.wake_retry.notify_one();
         } else {
