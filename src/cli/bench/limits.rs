@@ -281,9 +281,11 @@ fn orchestrator(args: &LimitsArgs, provider: Arc<dyn Provider>) -> anyhow::Resul
         .build()?)
 }
 
-/// What the upstream allows, in agent calls a second, and which limit says so.
-fn allowed(limits: &AccountLimits, latency: (Duration, Duration)) -> (Option<f64>, String) {
-    let mean = (latency.0 + latency.1).as_secs_f64() / 2.0;
+/// What the upstream allows, in agent calls a second, and which limit says so. A
+/// concurrency limit allows `max_concurrent` over the mean latency of the calls it
+/// served (measured, since a seed's latency draws average close to, not exactly, the
+/// middle of the range).
+fn allowed(limits: &AccountLimits, mean: f64) -> (Option<f64>, String) {
     let mut candidates: Vec<(f64, String)> = Vec::new();
     if let Some(rps) = limits.rps {
         candidates.push((rps, format!("rps {rps}")));
@@ -296,7 +298,7 @@ fn allowed(limits: &AccountLimits, latency: (Duration, Duration)) -> (Option<f64
     {
         candidates.push((
             n as f64 / mean,
-            format!("max_concurrent {n} / mean latency {mean:.3} s"),
+            format!("max_concurrent {n} / measured mean latency {mean:.3} s"),
         ));
     }
     match candidates.into_iter().min_by(|a, b| a.0.total_cmp(&b.0)) {
@@ -331,7 +333,17 @@ fn report(
         .count();
     let measured_s = args.duration.as_secs_f64();
     let served_per_s = served as f64 / measured_s;
-    let (allowed_per_s, allowed_by) = allowed(limits, args.latency);
+    let served_latencies: Vec<f64> = calls
+        .iter()
+        .filter(|(start, _, a)| *a == Answer::Ok && window(start))
+        .map(|(start, done, _)| done.duration_since(*start).as_secs_f64())
+        .collect();
+    let mean_latency = if served_latencies.is_empty() {
+        (args.latency.0 + args.latency.1).as_secs_f64() / 2.0
+    } else {
+        served_latencies.iter().sum::<f64>() / served_latencies.len() as f64
+    };
+    let (allowed_per_s, allowed_by) = allowed(limits, mean_latency);
     let (answered_429, answered_529) = (
         count(Answer::TooMany, true),
         count(Answer::Overloaded, true),
