@@ -55,6 +55,15 @@ impl fmt::Display for WaitCause {
     }
 }
 
+/// Which queue a call waits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// A call's first try: the queue of first tries, served in arrival order.
+    First,
+    /// A retry: the queue of retries, served before the first tries.
+    Retry,
+}
+
 /// How a call through the lane ended, as far as flow control cares.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Signal {
@@ -271,14 +280,15 @@ impl FlowLane {
     }
 
     /// Waits in the queue until the call may go, or refuses it when that cannot happen
-    /// before `deadline`. A `retry` waits in the retries' queue, served first.
+    /// before `deadline`. A [`Turn::Retry`] waits in the retries' queue, served first.
     /// Cancel-safe: dropping the future leaves the queue.
     pub async fn admit(
         self: &Arc<Self>,
         estimate: u64,
         deadline: Instant,
-        retry: bool,
+        turn: Turn,
     ) -> Result<Admitted, QueueTimeout> {
+        let retry = turn == Turn::Retry;
         let joined = Instant::now();
         let _queued = Queued::join(self, retry);
         let (turnstile, wake) = if retry {
@@ -904,13 +914,13 @@ mod tests {
         assert!(lane.try_admit(10).is_none());
         let t0 = Instant::now();
         let refused = lane
-            .admit(10, t0 + Duration::from_secs(2), false)
+            .admit(10, t0 + Duration::from_secs(2), Turn::First)
             .await
             .unwrap_err();
         assert_eq!(refused.cause, WaitCause::Pause);
         assert_eq!(t0.elapsed(), Duration::ZERO, "refused at once");
         let admitted = lane
-            .admit(10, t0 + Duration::from_secs(60), false)
+            .admit(10, t0 + Duration::from_secs(60), Turn::First)
             .await
             .unwrap();
         assert_eq!(t0.elapsed(), Duration::from_secs(5));
@@ -929,7 +939,11 @@ mod tests {
             waiters.push(tokio::spawn(async move {
                 // The fourth is a retry: it goes first.
                 let admitted = lane
-                    .admit(1, Instant::now() + Duration::from_secs(60), n == 3)
+                    .admit(
+                        1,
+                        Instant::now() + Duration::from_secs(60),
+                        if n == 3 { Turn::Retry } else { Turn::First },
+                    )
                     .await
                     .unwrap();
                 order.lock().unwrap().push(n);
@@ -972,7 +986,7 @@ mod tests {
         assert_eq!((rates.rpm, rates.input_tpm), (Some(600), Some(1000)));
         // 600 a minute: the next call goes 100 ms after the first.
         let t0 = Instant::now();
-        lane.admit(1, t0 + Duration::from_secs(1), false)
+        lane.admit(1, t0 + Duration::from_secs(1), Turn::First)
             .await
             .unwrap();
         assert_eq!(t0.elapsed(), Duration::from_millis(100));

@@ -24,7 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub use adaptive::AdaptiveConfig;
 pub use flow::{FlowConfig, FlowControl, RateConfig};
 pub use lane::{
-    Admitted, Feedback, FlowLane, LanePermit, LaneSnapshot, QueueTimeout, Signal, WaitCause,
+    Admitted, Feedback, FlowLane, LanePermit, LaneSnapshot, QueueTimeout, Signal, Turn, WaitCause,
 };
 
 /// Grants permission to make one agent call. The permit is held for the call's

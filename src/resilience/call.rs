@@ -13,7 +13,7 @@ use super::{
     RetryBudget, RetryRecord, counts_against_provider, is_flow_control, is_retryable,
 };
 use crate::executor::{FailureKind, OutcomeError, Progress, millis};
-use crate::limits::{Feedback, FlowLane, LanePermit, Limiter, Permit, Signal};
+use crate::limits::{Feedback, FlowLane, LanePermit, Limiter, Permit, Signal, Turn};
 use crate::provider::{Completion, CompletionRequest, ErrorKind, Provider, ProviderError};
 
 /// One agent call to make under the policy.
@@ -271,8 +271,12 @@ async fn admit(call: &mut Call<'_>, report: &mut CallReport) -> Result<Slots, Ou
     drop(first);
     call.progress.queued(Some(lane));
     // A retry keeps its place ahead of first tries that came after it.
-    let retry = report.attempts > 0;
-    let admitted = lane.admit(estimate, call.deadline, retry).await;
+    let turn = if report.attempts > 0 {
+        Turn::Retry
+    } else {
+        Turn::First
+    };
+    let admitted = lane.admit(estimate, call.deadline, turn).await;
     call.progress.queued(None);
     let admitted = admitted.map_err(|timeout| {
         report.queue_wait += timeout.waited;
