@@ -6,7 +6,7 @@
 //! paid for from the provider and model's retry budget. Fallbacks are applied above
 //! this, by the executor, with a second call through the same policy.
 //!
-//! It wraps any [`Provider`] and knows no wire format. It is the only retry layer:
+//! It wraps any [`Provider`](crate::provider::Provider) and knows no wire format. It is the only retry layer:
 //! providers never retry on their own.
 
 mod backoff;
