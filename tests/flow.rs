@@ -687,3 +687,119 @@ async fn fifty_percent_faults_are_capped_by_the_retry_budget_and_say_so() {
                 .count()
     );
 }
+
+/// Records when each agent's calls start, and fails an agent's first attempt with a
+/// 500 when asked.
+#[derive(Debug, Default)]
+struct Starts {
+    starts: Mutex<Vec<(String, u32, Instant)>>,
+    fail_first: Vec<String>,
+}
+
+#[async_trait]
+impl Provider for Starts {
+    fn kind(&self) -> &'static str {
+        "starts"
+    }
+
+    async fn complete(&self, r: &CompletionRequest) -> Result<Completion, ProviderError> {
+        self.starts
+            .lock()
+            .unwrap()
+            .push((r.meta.agent_id.clone(), r.meta.attempt, Instant::now()));
+        if r.meta.attempt == 1 && self.fail_first.contains(&r.meta.agent_id) {
+            return Err(ProviderError::new(ErrorKind::Server, "boom").with_status(500));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok(reply(r, Duration::from_secs(1)))
+    }
+}
+
+const TWO_PROVIDERS: &str = r#"
+concurrency_limit = 1
+[defaults.retry]
+jitter = "none"
+[providers.other]
+kind = "sim"
+[[agents]]
+id = "a"
+provider = "sim"
+[[agents]]
+id = "b"
+provider = "other"
+"#;
+
+/// A call waiting out its retry's backoff holds no process-wide slot: with one slot,
+/// the other agent runs during the backoff.
+#[tokio::test(start_paused = true)]
+async fn a_retry_backoff_holds_no_process_wide_slot() {
+    let upstream = Arc::new(Starts {
+        fail_first: vec!["a".into()],
+        ..Starts::default()
+    });
+    let config = Config::from_toml_str(TWO_PROVIDERS, "test.toml").unwrap();
+    let orchestrator = Orchestrator::builder()
+        .config(config)
+        .provider("sim", upstream.clone())
+        .provider("other", upstream.clone())
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let response = orchestrator.process("q").await.unwrap();
+    assert!(response.ok && response.outcomes.iter().all(|o| o.succeeded()));
+    let starts = upstream.starts.lock().unwrap().clone();
+    let at = |id: &str, attempt: u32| {
+        starts
+            .iter()
+            .find(|s| s.0 == id && s.1 == attempt)
+            .map(|s| s.2 - t0)
+            .unwrap()
+    };
+    assert_eq!(at("a", 1), Duration::ZERO);
+    assert_eq!(at("b", 1), Duration::ZERO, "b ran during a's backoff");
+    assert_eq!(at("a", 2), secs(1), "a's retry waited for b's slot");
+}
+
+/// A lane never counts a call that still waits for a process-wide slot: with two
+/// process-wide slots, at most two calls are in flight in the lane, and its limit does
+/// not grow on calls it never held.
+#[tokio::test(start_paused = true)]
+async fn a_lane_counts_only_calls_holding_a_process_wide_slot() {
+    let upstream = Arc::new(Starts::default());
+    let orchestrator = orchestrator(upstream.clone(), "concurrency_limit = 2\n");
+    let watch = orchestrator.clone();
+    let most = tokio::spawn(async move {
+        let mut most = 0;
+        for _ in 0..400 {
+            if let Some(lane) = watch.lanes().first() {
+                most = most.max(lane.in_flight);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        most
+    });
+    load(&orchestrator, 10, secs(4)).await;
+    assert!(most.await.unwrap() <= 2);
+    assert_eq!(orchestrator.lanes()[0].limit, 64, "never full, never grown");
+}
+
+/// An open breaker fails a call at once, before it queues behind a pause.
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_fails_calls_before_they_queue() {
+    let upstream = Arc::new(Starts::default());
+    let orchestrator = orchestrator(upstream.clone(), "");
+    let flow = orchestrator.flow().lane("sim", "sim-1");
+    flow.pause(secs(30), "rate_limited");
+    let breaker = orchestrator.executor().resilience().breaker("sim", "sim-1");
+    breaker.open_until(Instant::now() + secs(60), "test");
+    let t0 = Instant::now();
+    let response = orchestrator.process("q").await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    assert!(
+        response
+            .outcomes
+            .iter()
+            .all(|o| o.error.as_ref().unwrap().kind == FailureKind::CircuitOpen)
+    );
+    assert!(upstream.starts.lock().unwrap().is_empty());
+}

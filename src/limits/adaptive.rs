@@ -250,10 +250,16 @@ impl Aimd {
         }
         self.refused_share += REFUSED_WEIGHT * (1.0 - self.refused_share);
         self.refused_in_a_row += 1;
+        // A call from before the last cut ran under the higher limit: it neither cuts
+        // again nor spends the evidence gathered since.
+        if epoch < self.epoch {
+            return None;
+        }
         if self.refused_share >= 0.5 || self.refused_in_a_row >= STORM {
             // Most answers are refusals: a slot freed by a refusal is refilled at once
             // and refused again. Whatever the proven level says, the limit is too high.
             (self.above_admitted, self.above_refused) = (0, 0);
+            self.refused_in_a_row = 0;
             return self.decrease(epoch, reason);
         }
         if level <= self.proven() {
@@ -311,6 +317,7 @@ impl Aimd {
         self.short += SHORT_WEIGHT * (secs - self.short);
         self.long += LONG_WEIGHT * (secs - self.long);
         if self.samples >= LATENCY_WARMUP
+            && epoch >= self.epoch
             && self.short > factor * self.long
             && self.short - self.long >= LATENCY_MIN_RISE
         {

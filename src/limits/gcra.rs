@@ -16,6 +16,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// The most debt a limit carries, in nanoseconds: a day. Past that the charges are
+/// nonsense, and stacking them would only shut the limit for good.
+const MAX_DEBT_NANOS: f64 = 86_400e9;
+
 /// One rate limit's state: `per_minute` units a minute, paced evenly.
 #[derive(Debug, Clone)]
 pub(crate) struct Gcra {
@@ -44,7 +48,8 @@ impl Gcra {
 
     /// Admits `units` now: the caller has checked [`Gcra::ready_at`].
     pub(crate) fn admit(&mut self, units: u64, now: Instant) {
-        self.tat = self.tat.max(now) + self.span(units);
+        let from = self.tat.max(now);
+        self.push(from, self.span(units), now);
     }
 
     /// Corrects an earlier charge by `delta` units: positive when the call used more
@@ -52,7 +57,8 @@ impl Gcra {
     pub(crate) fn correct(&mut self, delta: i64, now: Instant) {
         let span = self.span(delta.unsigned_abs());
         if delta >= 0 {
-            self.tat = self.tat.max(now) + span;
+            let from = self.tat.max(now);
+            self.push(from, span, now);
         } else {
             // Never below now: time already passed cannot be given back twice.
             self.tat = self.tat.checked_sub(span).unwrap_or(now).max(now);
@@ -74,8 +80,13 @@ impl Gcra {
 
     fn span(&self, units: u64) -> Duration {
         let nanos = units as f64 * self.interval_nanos;
-        // A day of debt is already absurd; never overflow an instant.
-        Duration::from_nanos(nanos.min(86_400e9) as u64)
+        Duration::from_nanos(nanos.min(MAX_DEBT_NANOS) as u64)
+    }
+
+    /// Pushes the arrival time `span` further, never more than a day from now.
+    fn push(&mut self, from: Instant, span: Duration, now: Instant) {
+        let cap = now + Duration::from_nanos(MAX_DEBT_NANOS as u64);
+        self.tat = from.checked_add(span).unwrap_or(cap).min(cap);
     }
 }
 
@@ -109,6 +120,19 @@ mod tests {
         assert_eq!(g.ready_at(t0), t0 + Duration::from_secs(8));
         g.correct(-100, t0);
         assert_eq!(g.ready_at(t0), t0, "never below now");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn debt_never_passes_a_day() {
+        let t0 = Instant::now();
+        let mut g = Gcra::new(1, t0);
+        for _ in 0..10 {
+            g.admit(u64::MAX, t0);
+            g.correct(i64::MAX, t0);
+        }
+        g.set_per_minute(2, t0);
+        g.set_per_minute(1, t0);
+        assert!(g.ready_at(t0) <= t0 + Duration::from_secs(86_400));
     }
 
     #[tokio::test(start_paused = true)]

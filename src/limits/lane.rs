@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use super::adaptive::{Aimd, Decrease};
 use super::flow::{FlowConfig, RateConfig};
 use super::gcra::Gcra;
+use super::{Limiter, Permit};
 use crate::telemetry::metrics;
 
 /// What held a call back.
@@ -106,6 +107,8 @@ impl Feedback {
 pub struct Admitted {
     /// Holds the call's slot; report the result with [`LanePermit::finish`].
     pub permit: LanePermit,
+    /// The call's process-wide slot, taken as it was let through.
+    pub global: Permit,
     /// From joining the queue to admission.
     pub waited: Duration,
     /// The part of `waited` during which the lane was paused.
@@ -199,6 +202,8 @@ enum Step {
     },
     WaitUntil(Instant, WaitCause),
     WaitForSlot,
+    /// Ready, but every process-wide slot is taken.
+    WaitForGlobal,
 }
 
 impl FlowLane {
@@ -267,15 +272,30 @@ impl FlowLane {
     }
 
     /// Lets a call through at once if nothing holds it back and nobody is queued
-    /// ahead of it; `estimate` is its input tokens, charged to the token limits.
-    pub fn try_admit(self: &Arc<Self>, estimate: u64) -> Option<LanePermit> {
+    /// ahead of it; `estimate` is its input tokens, charged to the token limits. It
+    /// also needs a process-wide slot from `global`: `held` may bring one, and holds
+    /// the call's slot when it is let through (untouched when it is not).
+    pub fn try_admit(
+        self: &Arc<Self>,
+        estimate: u64,
+        global: &dyn Limiter,
+        held: &mut Option<Permit>,
+    ) -> Option<LanePermit> {
         let _turn = self.turnstile.try_lock().ok()?;
         let now = Instant::now();
-        match self.lock().step(self, now, None, estimate, false) {
+        let mut slot = held.take();
+        let step = self
+            .lock()
+            .step(self, now, None, estimate, false, global, &mut slot);
+        match step {
             Step::Admit { epoch, level } => {
+                *held = slot;
                 Some(LanePermit::new(self, epoch, level, estimate, now))
             }
-            _ => None,
+            _ => {
+                *held = slot;
+                None
+            }
         }
     }
 
@@ -287,6 +307,7 @@ impl FlowLane {
         estimate: u64,
         deadline: Instant,
         turn: Turn,
+        global: &dyn Limiter,
     ) -> Result<Admitted, QueueTimeout> {
         let retry = turn == Turn::Retry;
         let joined = Instant::now();
@@ -319,9 +340,20 @@ impl FlowLane {
         // The rate's opening the head last slept for: admitted then, however late the
         // timer woke it, so timer lag does not eat into the rate.
         let mut scheduled = None;
+        // A process-wide slot, taken once everything else lets the call through.
+        let mut slot: Option<Permit> = None;
         loop {
             let now = Instant::now();
-            let step = self.lock().step(self, now, scheduled, estimate, retry);
+            if now >= deadline {
+                return Err(self.refuse(None, joined, paused_before, None));
+            }
+            let step = self
+                .lock()
+                .step(self, now, scheduled, estimate, retry, global, &mut slot);
+            if !matches!(step, Step::Admit { .. }) {
+                // Never held while something else holds the call back.
+                slot = None;
+            }
             match step {
                 Step::Admit { epoch, level } => {
                     drop(turn);
@@ -330,9 +362,24 @@ impl FlowLane {
                     metrics::queue_wait(&self.provider, &self.model, waited);
                     return Ok(Admitted {
                         permit: LanePermit::new(self, epoch, level, estimate, now),
+                        global: slot.expect("a call is let through only with a process-wide slot"),
                         waited,
                         paused,
                     });
+                }
+                Step::WaitForGlobal => {
+                    scheduled = None;
+                    tokio::select! {
+                        permit = global.acquire() => slot = Some(permit),
+                        () = tokio::time::sleep_until(deadline) => {
+                            return Err(self.refuse(
+                                Some(WaitCause::Concurrency),
+                                joined,
+                                paused_before,
+                                None,
+                            ));
+                        }
+                    }
                 }
                 Step::WaitUntil(until, cause) if until >= deadline => {
                     return Err(self.refuse(Some(cause), joined, paused_before, Some(until)));
@@ -468,6 +515,7 @@ impl State {
     /// What the head of a queue does now; admits it when nothing holds it back.
     /// `scheduled`: the rate's opening it waited for, if it did. `retry`: it heads the
     /// retries' queue (the first tries' head gives way while that queue holds anyone).
+    #[allow(clippy::too_many_arguments)]
     fn step(
         &mut self,
         lane: &FlowLane,
@@ -475,6 +523,8 @@ impl State {
         scheduled: Option<Instant>,
         estimate: u64,
         retry: bool,
+        global: &dyn Limiter,
+        slot: &mut Option<Permit>,
     ) -> Step {
         if let Some(until) = self.pause.until {
             if until > now {
@@ -500,6 +550,14 @@ impl State {
         let ready = self.rates.ready_at(now);
         if ready > now {
             return Step::WaitUntil(ready, WaitCause::Rate);
+        }
+        // Last, the process-wide slot: taken only when the lane lets the call through,
+        // so the lane never counts a call that is still waiting for one.
+        if slot.is_none() {
+            *slot = global.try_acquire();
+            if slot.is_none() {
+                return Step::WaitForGlobal;
+            }
         }
         // Charged from the opening it waited for, when that opening still stands.
         let at = scheduled
@@ -585,6 +643,17 @@ impl LanePermit {
     pub fn finish(mut self, feedback: Feedback) {
         self.done = true;
         self.release(Some(feedback));
+    }
+
+    /// The call was let through but never sent (its breaker refused it, or its
+    /// deadline came): frees its slot and gives back what it was charged.
+    pub fn unsent(mut self) {
+        self.done = true;
+        {
+            let mut s = self.lane.lock();
+            s.rates.refund(self.estimate, Instant::now());
+        }
+        self.release(None);
     }
 
     fn release(&self, feedback: Option<Feedback>) {
@@ -844,6 +913,20 @@ impl Rates {
         }
     }
 
+    /// Gives back what a call that was never sent was charged.
+    fn refund(&mut self, estimate: u64, now: Instant) {
+        if let Some(g) = &mut self.requests {
+            g.correct(-1, now);
+        }
+        let estimate = i64::try_from(estimate).unwrap_or(i64::MAX);
+        for g in [&mut self.tokens, &mut self.input_tokens]
+            .into_iter()
+            .flatten()
+        {
+            g.correct(-estimate, now);
+        }
+    }
+
     /// Charges what the call really used: input corrected against the estimate,
     /// output added.
     fn settle(&mut self, estimate: u64, input: Option<u64>, output: u64, now: Instant) {
@@ -873,7 +956,7 @@ impl Rates {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limits::AdaptiveConfig;
+    use crate::limits::{AdaptiveConfig, ConcurrencyLimit};
 
     fn lane(initial: u32) -> Arc<FlowLane> {
         Arc::new(FlowLane::new(
@@ -890,6 +973,19 @@ mod tests {
         ))
     }
 
+    /// A process-wide limit that never binds.
+    fn free() -> ConcurrencyLimit {
+        ConcurrencyLimit::new(1000)
+    }
+
+    fn take(lane: &Arc<FlowLane>) -> Option<LanePermit> {
+        let mut held = None;
+        let permit = lane.try_admit(10, &free(), &mut held)?;
+        // The test keeps the lane's slot; the process-wide one is not under test.
+        drop(held);
+        Some(permit)
+    }
+
     fn ok() -> Feedback {
         Feedback::signal(Signal::Success(Duration::from_secs(1)))
     }
@@ -897,12 +993,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_limit_grows_only_when_every_slot_was_taken() {
         let lane = lane(4);
-        let a = lane.try_admit(10).unwrap();
-        let _b = lane.try_admit(10).unwrap();
+        let a = take(&lane).unwrap();
+        let _b = take(&lane).unwrap();
         a.finish(ok());
         assert_eq!(lane.snapshot().limit, 4, "half the slots were free");
-        let full: Vec<_> = (0..3).map(|_| lane.try_admit(10).unwrap()).collect();
-        assert!(lane.try_admit(10).is_none(), "all four taken");
+        let full: Vec<_> = (0..3).map(|_| take(&lane).unwrap()).collect();
+        assert!(take(&lane).is_none(), "all four taken");
         full.into_iter().next().unwrap().finish(ok());
         assert_eq!(lane.snapshot().limit, 6, "slow start: two more per success");
     }
@@ -911,16 +1007,16 @@ mod tests {
     async fn a_pause_holds_every_caller_and_refuses_those_it_would_outlast() {
         let lane = lane(4);
         lane.pause(Duration::from_secs(5), "rate_limited");
-        assert!(lane.try_admit(10).is_none());
+        assert!(take(&lane).is_none());
         let t0 = Instant::now();
         let refused = lane
-            .admit(10, t0 + Duration::from_secs(2), Turn::First)
+            .admit(10, t0 + Duration::from_secs(2), Turn::First, &free())
             .await
             .unwrap_err();
         assert_eq!(refused.cause, WaitCause::Pause);
         assert_eq!(t0.elapsed(), Duration::ZERO, "refused at once");
         let admitted = lane
-            .admit(10, t0 + Duration::from_secs(60), Turn::First)
+            .admit(10, t0 + Duration::from_secs(60), Turn::First, &free())
             .await
             .unwrap();
         assert_eq!(t0.elapsed(), Duration::from_secs(5));
@@ -931,7 +1027,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn callers_are_let_through_in_the_order_they_came_retries_first() {
         let lane = lane(1);
-        let first = lane.try_admit(1).unwrap();
+        let first = take(&lane).unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut waiters = Vec::new();
         for n in 0..5 {
@@ -943,6 +1039,7 @@ mod tests {
                         1,
                         Instant::now() + Duration::from_secs(60),
                         if n == 3 { Turn::Retry } else { Turn::First },
+                        &free(),
                     )
                     .await
                     .unwrap();
@@ -973,7 +1070,7 @@ mod tests {
                 ..FlowConfig::default()
             },
         ));
-        let p = lane.try_admit(1).unwrap();
+        let p = take(&lane).unwrap();
         p.finish(Feedback {
             reported: Some(RateConfig {
                 rpm: Some(6000),
@@ -986,7 +1083,7 @@ mod tests {
         assert_eq!((rates.rpm, rates.input_tpm), (Some(600), Some(1000)));
         // 600 a minute: the next call goes 100 ms after the first.
         let t0 = Instant::now();
-        lane.admit(1, t0 + Duration::from_secs(1), Turn::First)
+        lane.admit(1, t0 + Duration::from_secs(1), Turn::First, &free())
             .await
             .unwrap();
         assert_eq!(t0.elapsed(), Duration::from_millis(100));

@@ -16,6 +16,10 @@ use crate::executor::{FailureKind, OutcomeError, Progress, millis};
 use crate::limits::{Feedback, FlowLane, LanePermit, Limiter, Permit, Signal, Turn};
 use crate::provider::{Completion, CompletionRequest, ErrorKind, Provider, ProviderError};
 
+/// The longest a provider's `Retry-After` pauses its callers: longer asks are held to
+/// this, so a nonsense header cannot stop a provider for days.
+pub const MAX_PAUSE: Duration = Duration::from_secs(600);
+
 /// One agent call to make under the policy.
 pub(crate) struct Call<'a> {
     /// The process-wide slot for the first attempt, when the caller already holds one.
@@ -72,8 +76,18 @@ impl CallReport {
 /// What an attempt holds while it runs: its process-wide slot and its place in the
 /// provider and model's lane.
 struct Slots {
-    _global: Permit,
+    global: Option<Permit>,
     lane: Option<LanePermit>,
+}
+
+impl Slots {
+    /// The attempt was never sent: both slots go back, and the lane refunds what it
+    /// charged.
+    fn unsent(self) {
+        if let Some(lane) = self.lane {
+            lane.unsent();
+        }
+    }
 }
 
 /// An attempt's result and what it cost.
@@ -105,6 +119,13 @@ impl Resilience {
                     "the request deadline passed before attempt {attempt} could start"
                 )));
             }
+            // An open breaker fails fast, before the call queues or is charged a rate.
+            if let Some(breaker) = call.breaker
+                && let Some(rejected) = breaker.rejects_now()
+            {
+                drop(call.first_slot.take());
+                return report.fail(circuit_open(breaker, rejected));
+            }
             let slots = match admit(&mut call, &mut report).await {
                 Ok(slots) => slots,
                 Err(error) => return report.fail(error),
@@ -112,6 +133,7 @@ impl Resilience {
             // Invariant 3: no attempt starts after the deadline.
             let now = Instant::now();
             if now >= call.deadline {
+                slots.unsent();
                 return report.fail(deadline(format!(
                     "the request deadline passed while attempt {attempt} waited for a concurrency slot"
                 )));
@@ -119,6 +141,7 @@ impl Resilience {
             let permit = match call.breaker.map(|b| b.acquire()).transpose() {
                 Ok(permit) => permit.unwrap_or_else(BreakerPermit::none),
                 Err(rejected) => {
+                    slots.unsent();
                     let breaker = call.breaker.expect("only a breaker rejects");
                     return report.fail(circuit_open(breaker, rejected));
                 }
@@ -130,7 +153,10 @@ impl Resilience {
                 Ok(completion) => completion.latency,
                 Err(_) => sent.took,
             };
-            if let Some(lane) = slots.lane {
+            // Both slots go back now, not after a retry's backoff.
+            let Slots { global, lane } = slots;
+            drop(global);
+            if let Some(lane) = lane {
                 lane.finish(feedback(&sent));
             }
 
@@ -159,10 +185,11 @@ impl Resilience {
                 }
             };
 
-            // The provider asked every caller to wait: pause the lane, so the others
-            // do not keep knocking (held to retry_after_max, like this call's wait).
+            // The provider asked every caller to wait: pause the lane for as long, so
+            // the others do not keep knocking (held to MAX_PAUSE against nonsense;
+            // this call itself waits at most retry_after_max, below).
             if let (Some(lane), Some(wait)) = (call.lane, error.retry_after) {
-                lane.pause(wait.min(retry.retry_after_max), error.kind.as_str());
+                lane.pause(wait.min(MAX_PAUSE), error.kind.as_str());
             }
             if !is_retryable(&error) || attempt >= max_attempts {
                 return report.fail(error.into());
@@ -242,33 +269,30 @@ impl Resilience {
     }
 }
 
-/// Takes what an attempt needs to start: a place in the provider and model's lane,
-/// then a process-wide slot — never holding the process-wide slot while the lane
-/// holds the call back, so one paused provider cannot block the others.
+/// Takes what an attempt needs to start: a place in the provider and model's lane and
+/// a process-wide slot, the slot taken last — never held while the lane holds the call
+/// back, so one paused provider cannot block the others, and never counted by the lane
+/// while the call still waits for it.
 async fn admit(call: &mut Call<'_>, report: &mut CallReport) -> Result<Slots, OutcomeError> {
-    let first = call.first_slot.take();
+    let mut held = call.first_slot.take();
     let Some(lane) = call.lane else {
-        let global = match first {
+        let global = match held {
             Some(slot) => slot,
             None => acquire_slot(call.limiter, report, call.progress).await,
         };
         return Ok(Slots {
-            _global: global,
+            global: Some(global),
             lane: None,
         });
     };
     let estimate = estimate_input_tokens(&call.request);
-    if let Some(permit) = lane.try_admit(estimate) {
-        let global = match first {
-            Some(slot) => slot,
-            None => acquire_slot(call.limiter, report, call.progress).await,
-        };
+    if let Some(permit) = lane.try_admit(estimate, call.limiter, &mut held) {
         return Ok(Slots {
-            _global: global,
+            global: held,
             lane: Some(permit),
         });
     }
-    drop(first);
+    drop(held);
     call.progress.queued(Some(lane));
     // A retry keeps its place ahead of first tries that came after it.
     let turn = if report.attempts > 0 {
@@ -276,7 +300,9 @@ async fn admit(call: &mut Call<'_>, report: &mut CallReport) -> Result<Slots, Ou
     } else {
         Turn::First
     };
-    let admitted = lane.admit(estimate, call.deadline, turn).await;
+    let admitted = lane
+        .admit(estimate, call.deadline, turn, call.limiter)
+        .await;
     call.progress.queued(None);
     let admitted = admitted.map_err(|timeout| {
         report.queue_wait += timeout.waited;
@@ -295,15 +321,13 @@ async fn admit(call: &mut Call<'_>, report: &mut CallReport) -> Result<Slots, Ou
         event = "limiter.wait",
         wait_ms = millis(admitted.waited),
         pause_ms = millis(admitted.paused),
-        limit = lane.snapshot().limit,
         "waited {:.3} s in the queue of {}/{}",
         admitted.waited.as_secs_f64(),
         lane.provider(),
         lane.model()
     );
-    let global = acquire_slot(call.limiter, report, call.progress).await;
     Ok(Slots {
-        _global: global,
+        global: Some(admitted.global),
         lane: Some(admitted.permit),
     })
 }

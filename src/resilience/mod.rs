@@ -32,6 +32,7 @@ pub use breaker::{
     Rejected, Window,
 };
 pub use budget::{RetryBudget, RetryBudgetConfig};
+pub use call::MAX_PAUSE;
 pub(crate) use call::{Call, CallReport};
 pub use classify::{counts_against_provider, is_flow_control, is_retryable, kind_is_retryable};
 

@@ -295,6 +295,23 @@ impl CircuitBreaker {
         result
     }
 
+    /// The refusal an open breaker would give a call now, without taking anything:
+    /// `None` unless it is open and its cool-down still runs. A cheap check before a
+    /// call queues for its turn.
+    pub fn rejects_now(&self) -> Option<Rejected> {
+        if !self.config.enabled {
+            return None;
+        }
+        let now = Instant::now();
+        match self.lock().state {
+            State::Open { until } if now < until => Some(Rejected {
+                state: BreakerState::Open,
+                retry_in: until - now,
+            }),
+            _ => None,
+        }
+    }
+
     /// Opens the breaker until `until` (or keeps it open that long, if it would close
     /// sooner): a provider asked for a pause longer than the retry clamp allows.
     pub fn open_until(&self, until: Instant, reason: &'static str) {

@@ -153,7 +153,10 @@ impl Counts {
                 slots,
                 totals,
             } => {
-                if slots.len() == *size
+                // The window holds `size` calls that count; ignored ones leave no
+                // gap, but are dropped from the front with the rest (and the whole
+                // stays bounded should nearly every call be ignored).
+                while (totals.started as usize >= *size || slots.len() >= *size * 10)
                     && let Some(old) = slots.pop_front()
                 {
                     *front += 1;
@@ -297,6 +300,27 @@ mod tests {
         let gone = Ticket { at: 0 };
         w.settle(gone, done(true));
         assert_eq!(w.rates(now).failure_rate, 0.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ignored_calls_leave_room_for_calls_that_count() {
+        let now = Instant::now();
+        let mut w = Counts::new(Window::Count(10));
+        // Mostly 429s (ignored), the rest 500s: ten 500s still fill the window.
+        for n in 0..100 {
+            let t = w.start(now);
+            w.settle(
+                t,
+                if n % 10 == 0 {
+                    done(true)
+                } else {
+                    Settled::Ignored
+                },
+            );
+        }
+        // (Nine or ten: a call takes its place before anyone knows it will be ignored.)
+        let r = w.rates(now);
+        assert!(r.finished >= 9 && r.failure_rate == 1.0, "{r:?}");
     }
 
     #[tokio::test(start_paused = true)]
