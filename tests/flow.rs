@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::Toggle;
+use common::{Toggle, reply};
 use metaorch::config::Config;
 use metaorch::executor::{FailureKind, OutcomeStatus};
 use metaorch::orchestrator::{Orchestrator, Response};
 use metaorch::provider::{
-    Completion, CompletionRequest, ErrorKind, Provider, ProviderError, RateLimits, Usage,
+    Completion, CompletionRequest, ErrorKind, Provider, ProviderError, RateLimits,
 };
 use metaorch::resilience::BreakerState;
 use tokio::time::Instant;
@@ -47,20 +47,6 @@ fn unit(request: &CompletionRequest, salt: u64) -> f64 {
 /// 0.5–2 s, the report's agent latencies.
 fn latency(request: &CompletionRequest) -> Duration {
     Duration::from_secs_f64(0.5 + 1.5 * unit(request, 1))
-}
-
-fn reply(request: &CompletionRequest, took: Duration) -> Completion {
-    Completion {
-        text: format!("reply to {}", request.meta.agent_id),
-        stop_reason: Some("end_turn".into()),
-        usage: Usage {
-            input_tokens: 10,
-            output_tokens: 5,
-            ..Usage::default()
-        },
-        latency: took,
-        ..Completion::default()
-    }
 }
 
 /// What an upstream saw: every call's start, and the refusals (429/529).
