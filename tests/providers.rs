@@ -221,10 +221,8 @@ async fn broken_bodies_and_streams_are_errors_not_panics() {
         assert!(e.message.contains("incomplete"), "{e}");
 
         let e = p.complete(&request("case-reset", false)).await.unwrap_err();
-        assert!(
-            matches!(e.kind, ErrorKind::Connection | ErrorKind::MalformedResponse),
-            "{api:?}: {e}"
-        );
+        assert_eq!(e.kind, ErrorKind::Connection, "{api:?}: {e}");
+        assert!(metaorch::resilience::is_retryable(&e));
     }
     mock.stop().await;
 }
@@ -315,4 +313,423 @@ async fn a_hang_ends_at_the_attempt_timeout() {
         );
     }
     mock.stop().await;
+}
+
+/// What each failure shape of mock-upstream becomes, for both wire formats, plain and
+/// streaming: the kind, the HTTP status, and whether it is retried — the README's
+/// table, row by row.
+#[tokio::test]
+async fn every_failure_shape_is_classified_as_documented() {
+    use metaorch::resilience::is_retryable;
+    // (fault, stream, Anthropic's kind, OpenAI's kind, status, retried); `None` kinds
+    // mean the fault does not apply and the call succeeds.
+    type Row = (
+        MockFault,
+        bool,
+        Option<ErrorKind>,
+        Option<ErrorKind>,
+        Option<u16>,
+        bool,
+    );
+    use ErrorKind::*;
+    let table: Vec<Row> = [false, true]
+        .into_iter()
+        .flat_map(|s| {
+            [
+                (
+                    MockFault::RateLimited,
+                    s,
+                    Some(RateLimited),
+                    Some(RateLimited),
+                    Some(429),
+                    true,
+                ),
+                (
+                    MockFault::RateLimitedBare,
+                    s,
+                    Some(RateLimited),
+                    Some(RateLimited),
+                    Some(429),
+                    true,
+                ),
+                (
+                    MockFault::Overloaded,
+                    s,
+                    Some(Overloaded),
+                    Some(Server),
+                    Some(529),
+                    true,
+                ),
+                (
+                    MockFault::Server,
+                    s,
+                    Some(Server),
+                    Some(Server),
+                    Some(500),
+                    true,
+                ),
+                (
+                    MockFault::GatewayTimeout,
+                    s,
+                    Some(Timeout),
+                    Some(Timeout),
+                    Some(504),
+                    true,
+                ),
+                (
+                    MockFault::Reset,
+                    s,
+                    Some(Connection),
+                    Some(Connection),
+                    None,
+                    true,
+                ),
+                (
+                    MockFault::Cut,
+                    s,
+                    Some(Connection),
+                    Some(Connection),
+                    None,
+                    true,
+                ),
+                (
+                    MockFault::Error200,
+                    s,
+                    Some(Overloaded),
+                    Some(Server),
+                    None,
+                    true,
+                ),
+                (
+                    MockFault::Malformed,
+                    s,
+                    Some(MalformedResponse),
+                    Some(MalformedResponse),
+                    None,
+                    false,
+                ),
+                (
+                    MockFault::Oversized,
+                    s,
+                    Some(MalformedResponse),
+                    Some(MalformedResponse),
+                    None,
+                    false,
+                ),
+                (
+                    MockFault::StreamError,
+                    s,
+                    s.then_some(Overloaded),
+                    s.then_some(Server),
+                    None,
+                    true,
+                ),
+                (
+                    MockFault::StreamCut,
+                    s,
+                    s.then_some(Connection),
+                    s.then_some(Connection),
+                    None,
+                    true,
+                ),
+            ]
+        })
+        .collect();
+    let script: Vec<MockScript> = table
+        .iter()
+        .map(|(fault, stream, ..)| MockScript {
+            matches: format!("shape-{fault}-{stream}."),
+            first: 1000,
+            fault: *fault,
+        })
+        .collect();
+    let mock = MockUpstream::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        MockOptions {
+            latency_min: Duration::from_millis(1),
+            latency_max: Duration::from_millis(3),
+            script,
+            ..MockOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    for api in APIS {
+        let p = provider(api, &mock.url(), Some("k"));
+        for (fault, stream, anthropic, openai, status, retried) in &table {
+            let expected = match api {
+                Api::Anthropic => anthropic,
+                Api::OpenAi => openai,
+            };
+            let result = p
+                .complete(&request(&format!("shape-{fault}-{stream}."), *stream))
+                .await;
+            let case = format!("{api:?} {fault} stream={stream}");
+            match (expected, result) {
+                (None, Ok(c)) => assert!(!c.text.is_empty(), "{case}"),
+                (None, Err(e)) => panic!("{case}: expected a success, got {e}"),
+                (Some(_), Ok(c)) => panic!("{case}: expected a failure, got {:?}", c.text),
+                (Some(kind), Err(e)) => {
+                    assert_eq!(e.kind, *kind, "{case}: {e}");
+                    // OpenAI's endpoint answers 503 where Anthropic's says 529.
+                    let status = match (api, fault) {
+                        (Api::OpenAi, MockFault::Overloaded) => Some(503),
+                        _ => *status,
+                    };
+                    assert_eq!(e.status, status, "{case}: {e}");
+                    assert_eq!(is_retryable(&e), *retried, "{case}: {e}");
+                }
+            }
+        }
+    }
+    mock.stop().await;
+}
+
+/// How a raw server ends its answer.
+#[derive(Clone, Copy)]
+enum End {
+    /// Closes the connection cleanly (FIN).
+    Close,
+    /// Resets it (RST).
+    Reset,
+}
+
+/// A server on 127.0.0.1 that answers one request with these bytes, exactly as given,
+/// then ends the connection: the failure shapes no well-behaved server produces.
+async fn raw_server(answer: Vec<u8>, end: End) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let Ok((mut socket, _)) = listener.accept().await else {
+            return;
+        };
+        // Read the request's head and body (its Content-Length).
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let Ok(n) = socket.read(&mut buf).await else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+            if let Some(head) = text.find("\r\n\r\n") {
+                let length = text[..head]
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if seen.len() >= head + 4 + length {
+                    break;
+                }
+            }
+        }
+        let _ = socket.write_all(&answer).await;
+        let _ = socket.flush().await;
+        if let End::Reset = end {
+            let _ = socket.set_linger(Some(Duration::ZERO));
+        }
+        drop(socket);
+    });
+    url
+}
+
+fn head(status: &str, headers: &[&str]) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {status}\r\n");
+    for h in headers {
+        out.push_str(h);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
+}
+
+/// A 429 with a huge body keeps its status and `Retry-After`: the headers decide.
+#[tokio::test]
+async fn a_huge_429_keeps_its_status_and_retry_after() {
+    for api in APIS {
+        let mut answer = head(
+            "429 Too Many Requests",
+            &[
+                "content-type: application/json",
+                "retry-after: 3",
+                "content-length: 10485760",
+            ],
+        );
+        answer.extend(std::iter::repeat_n(b'x', 10 << 20));
+        let url = raw_server(answer, End::Close).await;
+        let e = provider(api, &url, Some("k"))
+            .complete(&request("hello", false))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.kind, e.status, e.retry_after),
+            (
+                ErrorKind::RateLimited,
+                Some(429),
+                Some(Duration::from_secs(3))
+            ),
+            "{api:?}: {e}"
+        );
+    }
+}
+
+/// A connection that breaks after the headers is a connection error, retried: a short
+/// body, a chunked body cut, a reset mid-body, an event stream cut at an event's end
+/// or ended without its closing event.
+#[tokio::test]
+async fn bodies_cut_after_the_headers_are_connection_errors() {
+    use metaorch::resilience::is_retryable;
+    let json = "content-type: application/json";
+    let sse = "content-type: text/event-stream";
+    let chunked = "transfer-encoding: chunked";
+    let event = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3}}}\n\n";
+    let chunk = |s: &str| format!("{:x}\r\n{s}\r\n", s.len());
+    let cases: Vec<(&str, Vec<u8>, End, bool)> = vec![
+        (
+            "short content-length",
+            [
+                head("200 OK", &[json, "content-length: 500"]),
+                b"{\"id\":\"msg_1\",".to_vec(),
+            ]
+            .concat(),
+            End::Close,
+            false,
+        ),
+        (
+            "chunked body cut",
+            [
+                head("200 OK", &[json, chunked]),
+                chunk("{\"id\":\"msg_1\",").into_bytes(),
+            ]
+            .concat(),
+            End::Close,
+            false,
+        ),
+        (
+            "reset mid-body",
+            [
+                head("200 OK", &[json, "content-length: 500"]),
+                b"{\"id\":".to_vec(),
+            ]
+            .concat(),
+            End::Reset,
+            false,
+        ),
+        (
+            "stream cut at an event's end",
+            [head("200 OK", &[sse, chunked]), chunk(event).into_bytes()].concat(),
+            End::Close,
+            true,
+        ),
+        (
+            "stream cut mid-event",
+            [
+                head("200 OK", &[sse, chunked]),
+                chunk("event: message_start\ndata: {\"ty").into_bytes(),
+            ]
+            .concat(),
+            End::Close,
+            true,
+        ),
+        (
+            "stream ended without its closing event",
+            [
+                head("200 OK", &[sse, chunked]),
+                chunk(event).into_bytes(),
+                b"0\r\n\r\n".to_vec(),
+            ]
+            .concat(),
+            End::Close,
+            true,
+        ),
+    ];
+    for (name, answer, end, stream) in cases {
+        let url = raw_server(answer, end).await;
+        let e = provider(Api::Anthropic, &url, Some("k"))
+            .complete(&request("hello", stream))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Connection, "{name}: {e}");
+        assert!(is_retryable(&e), "{name}");
+    }
+}
+
+/// A 200 is read for what it says: an error object is that error, a body of the wrong
+/// shape is malformed, and a reply with no text but a normal stop is a success.
+#[tokio::test]
+async fn a_200_is_what_its_body_says() {
+    use metaorch::resilience::is_retryable;
+    let ok = |body: &str| {
+        [
+            head(
+                "200 OK",
+                &[
+                    "content-type: application/json",
+                    &format!("content-length: {}", body.len()),
+                ],
+            ),
+            body.as_bytes().to_vec(),
+        ]
+        .concat()
+    };
+    let cases = [
+        (
+            Api::Anthropic,
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+            Some((ErrorKind::Overloaded, true)),
+        ),
+        (
+            Api::Anthropic,
+            r#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: too big"}}"#,
+            Some((ErrorKind::BadRequest, false)),
+        ),
+        (
+            Api::Anthropic,
+            r#"{"foo":"bar"}"#,
+            Some((ErrorKind::MalformedResponse, false)),
+        ),
+        (
+            Api::Anthropic,
+            r#"{"type":"message","content":[],"stop_reason":"end_turn","usage":{"input_tokens":3,"output_tokens":0}}"#,
+            None,
+        ),
+        (
+            Api::OpenAi,
+            r#"{"error":{"message":"bad","type":"invalid_request_error","param":null,"code":null}}"#,
+            Some((ErrorKind::BadRequest, false)),
+        ),
+        (
+            Api::OpenAi,
+            r#"{"foo":"bar"}"#,
+            Some((ErrorKind::MalformedResponse, false)),
+        ),
+        (
+            Api::OpenAi,
+            r#"{"choices":[{"index":0}]}"#,
+            Some((ErrorKind::MalformedResponse, false)),
+        ),
+        (
+            Api::OpenAi,
+            r#"{"choices":[{"index":0,"message":{"role":"assistant","content":null},"finish_reason":"stop"}]}"#,
+            None,
+        ),
+    ];
+    for (api, body, expected) in cases {
+        let url = raw_server(ok(body), End::Close).await;
+        let result = provider(api, &url, Some("k"))
+            .complete(&request("hello", false))
+            .await;
+        match (expected, result) {
+            (None, Ok(c)) => assert_eq!(c.text, "", "{api:?} {body}"),
+            (Some((kind, retried)), Err(e)) => {
+                assert_eq!(e.kind, kind, "{api:?} {body}: {e}");
+                assert_eq!(is_retryable(&e), retried, "{api:?} {body}");
+            }
+            (expected, result) => panic!("{api:?} {body}: expected {expected:?}, got {result:?}"),
+        }
+    }
 }

@@ -20,8 +20,14 @@ pub enum MockFault {
     StreamError,
     /// A streaming request gets 200 and a few events, then the stream ends early.
     StreamCut,
-    /// 200 headers, then the connection is dropped.
+    /// 200 headers, then the connection is dropped before any body.
     Reset,
+    /// Half the body, then the connection is closed (a `Content-Length` promising the
+    /// whole); a stream is closed in the middle of an event.
+    Cut,
+    /// 200 with an error object for a body (`overloaded_error` on Anthropic's
+    /// endpoint, `server_error` on OpenAI's), streaming requests included.
+    Error200,
     /// No answer for ten minutes (past any sane client timeout).
     Hang,
     /// 200 with a body that is not JSON.
@@ -30,7 +36,7 @@ pub enum MockFault {
     Oversized,
 }
 
-const NAMES: [(MockFault, &str); 11] = [
+const NAMES: [(MockFault, &str); 13] = [
     (MockFault::RateLimited, "rate_limited"),
     (MockFault::RateLimitedBare, "rate_limited_bare"),
     (MockFault::Overloaded, "overloaded"),
@@ -39,6 +45,8 @@ const NAMES: [(MockFault, &str); 11] = [
     (MockFault::StreamError, "stream_error"),
     (MockFault::StreamCut, "stream_cut"),
     (MockFault::Reset, "reset"),
+    (MockFault::Cut, "cut"),
+    (MockFault::Error200, "error200"),
     (MockFault::Hang, "hang"),
     (MockFault::Malformed, "malformed"),
     (MockFault::Oversized, "oversized"),

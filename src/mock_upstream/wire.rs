@@ -181,11 +181,12 @@ pub(crate) async fn handle(
         }
         Some(MockFault::Reset) => {
             tokio::time::sleep(latency / 10).await;
-            // Headers go out, then the body fails: hyper drops the connection.
-            let broken = stream::iter([
-                Ok(Bytes::from_static(b"{\"id\":")),
-                Err(io::Error::new(io::ErrorKind::ConnectionReset, "mock reset")),
-            ]);
+            // Headers go out, then the body fails before its first byte: hyper drops
+            // the connection.
+            let broken = stream::iter([Err::<Bytes, _>(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "mock reset",
+            ))]);
             raw(
                 200,
                 "application/json",
@@ -193,6 +194,52 @@ pub(crate) async fn handle(
                 &request_id,
                 api,
             )
+        }
+        Some(MockFault::Error200) => {
+            tokio::time::sleep(latency / 10).await;
+            let body = match api {
+                Api::Anthropic => json!({
+                    "type": "error",
+                    "error": {"type": "overloaded_error", "message": "Overloaded"},
+                    "request_id": request_id
+                }),
+                Api::OpenAi => json!({"error": {
+                    "message": "The server had an error while processing your request.",
+                    "type": "server_error", "param": null, "code": null
+                }}),
+            };
+            json_response(200, &body, &request_id, api)
+        }
+        Some(MockFault::Cut) => {
+            tokio::time::sleep(latency / 2).await;
+            record.output_tokens = output_tokens;
+            let (content_type, whole): (&'static str, Vec<u8>) = if record.stream {
+                let events = match api {
+                    Api::Anthropic => anthropic_events(
+                        &model,
+                        &reply,
+                        record.input_tokens,
+                        output_tokens,
+                        n,
+                        None,
+                    ),
+                    Api::OpenAi => {
+                        openai_events(&model, &reply, record.input_tokens, output_tokens, n, None)
+                    }
+                };
+                ("text/event-stream", events.concat().into_bytes())
+            } else {
+                let body = match api {
+                    Api::Anthropic => {
+                        message_body(&model, &reply, record.input_tokens, output_tokens, n)
+                    }
+                    Api::OpenAi => {
+                        completion_body(&model, &reply, record.input_tokens, output_tokens, n)
+                    }
+                };
+                ("application/json", body.to_string().into_bytes())
+            };
+            cut(content_type, whole, &request_id, api)
         }
         stream_fault @ (None | Some(MockFault::StreamError | MockFault::StreamCut)) => {
             record.output_tokens = output_tokens;
@@ -629,6 +676,28 @@ pub(super) fn error(
         }
     };
     json_response(status, &body, request_id, api)
+}
+
+/// A 200 that promises `whole` (its `Content-Length`) and sends half of it before the
+/// connection closes — a stream cut in the middle of an event.
+fn cut(content_type: &'static str, whole: Vec<u8>, request_id: &str, api: Api) -> Response {
+    let length = whole.len();
+    let half = Bytes::from(whole).slice(..length / 2);
+    let broken = stream::iter([
+        Ok(half),
+        Err(io::Error::new(io::ErrorKind::ConnectionAborted, "mock cut")),
+    ]);
+    let mut response = raw(
+        200,
+        content_type,
+        Body::from_stream(broken),
+        request_id,
+        api,
+    );
+    if let Ok(v) = HeaderValue::from_str(&length.to_string()) {
+        response.headers_mut().insert("content-length", v);
+    }
+    response
 }
 
 pub(super) fn json_response(status: u16, body: &Value, request_id: &str, api: Api) -> Response {

@@ -138,10 +138,12 @@ impl Provider for AnthropicProvider {
         let status = response.status().as_u16();
         let meta = ResponseMeta::from_headers(response.headers());
         if !response.status().is_success() {
-            let body = http::read_body(response).await?;
+            // Headers first: a huge or broken error body changes nothing of what the
+            // status and `Retry-After` already say.
+            let body = http::read_error_body(response).await;
             return Err(meta.apply(error_from_body(Some(status), &body)));
         }
-        let mut completion = if request.stream {
+        let mut completion = if request.stream && !http::is_json(&response) {
             let mut state = StreamState::default();
             http::read_sse(response, "message_stop", |e| state.on_event(e))
                 .await
@@ -159,8 +161,11 @@ impl Provider for AnthropicProvider {
 
 #[derive(Deserialize)]
 struct MessageBody {
-    #[serde(default)]
-    content: Vec<Block>,
+    /// `message`; `error` for an error object (which can come with a 200).
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    /// Required: a body without it is not a Message.
+    content: Option<Vec<Block>>,
     stop_reason: Option<String>,
     #[serde(default)]
     usage: UsageBody,
@@ -207,19 +212,33 @@ impl UsageBody {
 
 /// Parses a Message response body.
 pub(crate) fn parse_message(body: &[u8]) -> Result<Completion, ProviderError> {
-    let message: MessageBody = serde_json::from_slice(body).map_err(|e| {
+    let malformed = |why: String| {
         ProviderError::new(
             ErrorKind::MalformedResponse,
             format!(
-                "the Message body is not valid ({e}): {}",
+                "the Message body is not valid ({why}): {}",
                 http::excerpt(body)
             ),
         )
-    })?;
+    };
+    let message: MessageBody =
+        serde_json::from_slice(body).map_err(|e| malformed(e.to_string()))?;
+    match message.kind.as_deref() {
+        // An error object with a 200: the error it names, not an empty success.
+        Some("error") => return Err(error_from_body(None, body)),
+        Some("message") | None => {}
+        Some(other) => {
+            return Err(malformed(format!(
+                "its type is \"{other}\", not \"message\""
+            )));
+        }
+    }
+    let content = message
+        .content
+        .ok_or_else(|| malformed("it has no content".to_owned()))?;
     let mut usage = Usage::default();
     message.usage.merge_into(&mut usage);
-    let text = message
-        .content
+    let text = content
         .into_iter()
         .filter_map(|b| match b {
             Block::Text { text } => Some(text),

@@ -228,18 +228,37 @@ pub(crate) fn kind_for_status(status: u16) -> ErrorKind {
     }
 }
 
-/// Classifies a failure to send or receive: timeouts, refused or broken connections.
+/// Classifies a failure to send a request or read its headers: timeouts, refused or
+/// broken connections.
 pub(crate) fn transport_error(error: &reqwest::Error) -> ProviderError {
     // reqwest's message names the URL, never headers, so no key can be in it.
     let message = error_chain(error);
     let kind = if error.is_timeout() {
         ErrorKind::Timeout
-    } else if error.is_decode() {
-        ErrorKind::MalformedResponse
     } else {
         ErrorKind::Connection
     };
     ProviderError::new(kind, message)
+}
+
+/// Classifies a failure while reading a body, after the headers came: the connection
+/// dropped, was reset, or ended short of its `Content-Length` or last chunk. reqwest
+/// reports these as decode errors (`Response::chunk` maps every body error so), but
+/// nothing is decoded here — no compression is enabled — so the source is a broken
+/// connection, and a broken connection is retried.
+pub(crate) fn body_error(error: &reqwest::Error) -> ProviderError {
+    let kind = if error.is_timeout() {
+        ErrorKind::Timeout
+    } else {
+        ErrorKind::Connection
+    };
+    ProviderError::new(
+        kind,
+        format!(
+            "the connection broke while the response was being read ({}); the reply is incomplete",
+            error_chain(error)
+        ),
+    )
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
@@ -261,13 +280,41 @@ pub(crate) async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>
         return Err(too_big());
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| transport_error(&e))? {
+    while let Some(chunk) = response.chunk().await.map_err(|e| body_error(&e))? {
         if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
             return Err(too_big());
         }
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// The most of an error body read: enough for any API's error object. The status and
+/// headers already say what happened; a huge error body changes nothing.
+pub const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
+
+/// Reads an error response's body, up to [`MAX_ERROR_BODY_BYTES`]; never fails (what
+/// could be read is what there is), so the status and headers always decide.
+pub(crate) async fn read_error_body(mut response: reqwest::Response) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = MAX_ERROR_BODY_BYTES - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= MAX_ERROR_BODY_BYTES {
+            break;
+        }
+    }
+    body
+}
+
+/// True when a response's content type is JSON: a streaming request answered with a
+/// JSON body (an error object, as some gateways send) is read whole, not as events.
+pub(crate) fn is_json(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"))
 }
 
 pub(crate) fn too_big() -> ProviderError {
@@ -298,15 +345,15 @@ pub(crate) fn unparsed_error(status: Option<u16>, body: &[u8]) -> ProviderError 
 }
 
 /// Reads a server-sent event stream, handing each event to `on_event` until it returns
-/// the finished value. A stream that ends first is a `connection` error: the reply is
-/// incomplete, and `end` (the event that should have closed it) is named.
+/// the finished value. A stream that ends first, or breaks, is a `connection` error:
+/// the reply is incomplete, and `end` (the event that should have closed it) is named.
 pub(crate) async fn read_sse<T>(
     mut response: reqwest::Response,
     end: &str,
     mut on_event: impl FnMut(&super::sse::SseEvent) -> Result<Option<T>, ProviderError>,
 ) -> Result<T, ProviderError> {
     let mut parser = super::sse::SseParser::default();
-    while let Some(chunk) = response.chunk().await.map_err(|e| transport_error(&e))? {
+    while let Some(chunk) = response.chunk().await.map_err(|e| body_error(&e))? {
         let events = parser
             .feed(&chunk)
             .map_err(|e| ProviderError::new(ErrorKind::MalformedResponse, e))?;
@@ -316,11 +363,8 @@ pub(crate) async fn read_sse<T>(
             }
         }
     }
-    if let Some(event) = parser.finish()
-        && let Some(done) = on_event(&event)?
-    {
-        return Ok(done);
-    }
+    // An event the stream ended before its blank line is discarded (WHATWG), and a
+    // stream without its closing event is a broken reply, never a shorter one.
     Err(ProviderError::new(
         ErrorKind::Connection,
         format!("the stream ended before {end}; the reply is incomplete"),

@@ -157,10 +157,12 @@ impl Provider for OpenAiProvider {
         let status = response.status().as_u16();
         let meta = ResponseMeta::from_headers(response.headers());
         if !response.status().is_success() {
-            let body = http::read_body(response).await?;
+            // Headers first: a huge or broken error body changes nothing of what the
+            // status and `Retry-After` already say.
+            let body = http::read_error_body(response).await;
             return Err(meta.apply(error_from_body(Some(status), &body)));
         }
-        let mut completion = if request.stream {
+        let mut completion = if request.stream && !http::is_json(&response) {
             let mut state = StreamState::default();
             http::read_sse(response, "[DONE]", |e| state.on_event(e))
                 .await
@@ -182,6 +184,9 @@ struct CompletionBody {
     choices: Vec<Choice>,
     #[serde(default)]
     usage: Option<UsageBody>,
+    /// An error object, which can come with a 200.
+    #[serde(default)]
+    error: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -243,13 +248,20 @@ pub(crate) fn parse_completion(body: &[u8]) -> Result<Completion, ProviderError>
     };
     let parsed: CompletionBody =
         serde_json::from_slice(body).map_err(|e| malformed(e.to_string()))?;
+    if parsed.error.is_some() {
+        // An error object with a 200: the error it names, not a malformed success.
+        return Err(error_from_body(None, body));
+    }
     let choice = parsed
         .choices
         .into_iter()
         .next()
         .ok_or_else(|| malformed("no choices".into()))?;
+    let message = choice
+        .message
+        .ok_or_else(|| malformed("the choice has no message".into()))?;
     Ok(Completion {
-        text: choice.message.and_then(|m| m.content).unwrap_or_default(),
+        text: message.content.unwrap_or_default(),
         stop_reason: choice.finish_reason,
         usage: parsed.usage.map(|u| u.usage()).unwrap_or_default(),
         ..Completion::default()

@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime};
 
 /// The wait a response asks for, from its `retry-after-ms` and `retry-after` header
 /// values (either may be absent). `retry-after-ms` wins when both parse. A date in the
-/// past means "now" (zero). Values that do not parse are ignored.
+/// past means "now" (zero). Values that do not parse are ignored. Every form is held
+/// to [`MAX_RETRY_AFTER`].
 pub fn parse(
     retry_after_ms: Option<&str>,
     retry_after: Option<&str>,
@@ -24,12 +25,20 @@ pub fn parse(
             .then(|| Duration::from_secs_f64(secs.min(MAX_SECS)));
     }
     let date = httpdate::parse_http_date(value).ok()?;
-    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+    Some(
+        date.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_RETRY_AFTER),
+    )
 }
 
-/// A year: longer waits are nonsense and are held to this, which the retry clamp
-/// then brings down further.
-const MAX_SECS: f64 = 365.0 * 24.0 * 3600.0;
+/// The longest wait a response may ask for: ten minutes. Longer asks — a misread
+/// header, a proxy's idea of a day — are held to this. It bounds both what a call
+/// waits (further held to its policy's `retry_after_max`) and how long a provider's
+/// callers are paused or its breaker kept open on a provider's say-so.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+const MAX_SECS: f64 = MAX_RETRY_AFTER.as_secs_f64();
 
 #[cfg(test)]
 mod tests {
@@ -81,9 +90,27 @@ mod tests {
         assert_eq!(parse(None, None, now), None);
         assert_eq!(parse(None, Some("soon"), now), None);
         assert_eq!(parse(Some("-5"), Some("-1"), now), None);
+        assert_eq!(parse(None, Some("1e300"), now), Some(MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn every_form_is_held_to_the_maximum() {
+        let now = at(0);
+        for (ms, secs) in [
+            (None, Some("99999999999999999999")),
+            (Some("99999999999999999999"), None),
+            (None, Some("Fri, 31 Dec 9999 23:59:59 GMT")),
+            (None, Some("601")),
+        ] {
+            assert_eq!(
+                parse(ms, secs, now),
+                Some(MAX_RETRY_AFTER),
+                "{ms:?} {secs:?}"
+            );
+        }
         assert_eq!(
-            parse(None, Some("1e300"), now),
-            Some(Duration::from_secs_f64(MAX_SECS))
+            parse(None, Some("599"), now),
+            Some(Duration::from_secs(599))
         );
     }
 }

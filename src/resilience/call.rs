@@ -16,9 +16,9 @@ use crate::executor::{FailureKind, OutcomeError, Progress, millis};
 use crate::limits::{Feedback, FlowLane, LanePermit, Limiter, Permit, Signal, Turn};
 use crate::provider::{Completion, CompletionRequest, ErrorKind, Provider, ProviderError};
 
-/// The longest a provider's `Retry-After` pauses its callers: longer asks are held to
-/// this, so a nonsense header cannot stop a provider for days.
-pub const MAX_PAUSE: Duration = Duration::from_secs(600);
+/// The longest a provider's `Retry-After` pauses its callers: the longest wait a
+/// response may ask for at all ([`crate::provider::retry_after::MAX_RETRY_AFTER`]).
+pub const MAX_PAUSE: Duration = crate::provider::retry_after::MAX_RETRY_AFTER;
 
 /// One agent call to make under the policy.
 pub(crate) struct Call<'a> {
@@ -179,7 +179,7 @@ impl Resilience {
                     } else if counts_against_provider(&error) {
                         CallResult::Failure
                     } else {
-                        CallResult::Success
+                        CallResult::RequestError
                     });
                     error
                 }

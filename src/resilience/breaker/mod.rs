@@ -142,11 +142,16 @@ pub struct BreakerSnapshot {
 /// How a call through the breaker ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallResult {
-    /// The provider answered (success, or an error that is the request's own fault).
+    /// The provider answered.
     Success,
+    /// The provider answered that the request was wrong (400, 401, 404, …): an answer
+    /// while closed, but no proof of health while half-open, where it counts for
+    /// nothing.
+    RequestError,
     /// A failure that says the provider is unwell.
     Failure,
-    /// Neither: the call was cut short for reasons of its own (the request's deadline).
+    /// Neither: the call was cut short for reasons of its own (the request's deadline),
+    /// or the provider only asked for less traffic (429, 529).
     Ignored,
 }
 
@@ -313,11 +318,13 @@ impl CircuitBreaker {
     }
 
     /// Opens the breaker until `until` (or keeps it open that long, if it would close
-    /// sooner): a provider asked for a pause longer than the retry clamp allows.
+    /// sooner), held to [`MAX_RETRY_AFTER`](crate::provider::retry_after::MAX_RETRY_AFTER)
+    /// from now: no one's say-so shuts a provider out for longer.
     pub fn open_until(&self, until: Instant, reason: &'static str) {
         if !self.config.enabled {
             return;
         }
+        let until = until.min(Instant::now() + crate::provider::retry_after::MAX_RETRY_AFTER);
         let transition = {
             let mut inner = self.lock();
             match inner.state {
@@ -421,7 +428,7 @@ impl CircuitBreaker {
                         admitted,
                         succeeded,
                     },
-                    CallResult::Ignored,
+                    CallResult::Ignored | CallResult::RequestError,
                 ) => {
                     inner.state = State::HalfOpen {
                         admitted: admitted.saturating_sub(1),
@@ -668,6 +675,26 @@ mod tests {
         third.record(CallResult::Success);
         second.record(CallResult::Success);
         assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_requests_own_errors_are_no_proof_of_health_when_half_open() {
+        let b = breaker(Window::Count(4));
+        b.open_until(Instant::now() + Duration::from_secs(1), "test");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for _ in 0..5 {
+            b.acquire().unwrap().record(CallResult::RequestError);
+        }
+        assert_eq!(b.state(), BreakerState::HalfOpen, "400s closed nothing");
+        b.acquire().unwrap().record(CallResult::Success);
+        b.acquire().unwrap().record(CallResult::Success);
+        assert_eq!(b.state(), BreakerState::Closed);
+        // Closed, they are answers: they count as calls that did not fail.
+        for _ in 0..4 {
+            b.acquire().unwrap().record(CallResult::RequestError);
+        }
+        let s = b.snapshot();
+        assert_eq!((s.calls, s.failure_rate), (4, 0.0));
     }
 
     #[tokio::test(start_paused = true)]
