@@ -65,8 +65,13 @@ async fn fi_log_002_each_retry_is_one_warning_line() {
 #[tokio::test(start_paused = true)]
 async fn ut_log_001_every_line_has_the_fields_and_the_trace_id() {
     let capture = Capture::global();
+    // Agents no other test uses: their lines are picked out by agent, not by trace id,
+    // so that the trace id on each is something to check, not how it was found.
+    let agents: String = (1..=6)
+        .map(|i| format!("[[agents]]\nid = \"ut-log-{i}\"\nprovider = \"sim\"\n"))
+        .collect();
     let config = Config::from_toml_str(
-        "seed = 1\n[providers.sim]\nkind = \"sim\"\nlatency_min = \"1ms\"\nlatency_max = \"5ms\"\n",
+        &format!("seed = 1\n[providers.sim]\nkind = \"sim\"\nlatency_min = \"1ms\"\nlatency_max = \"5ms\"\n{agents}"),
         "test.toml",
     )
     .unwrap();
@@ -74,6 +79,20 @@ async fn ut_log_001_every_line_has_the_fields_and_the_trace_id() {
     let response = orchestrator.process("q").await.unwrap();
     let trace_id = response.trace_id.to_string();
 
+    let all = capture.lines();
+    let mine: Vec<_> = all
+        .iter()
+        .filter(|l| {
+            l["agent_id"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("ut-log-"))
+        })
+        .collect();
+    // Per agent: dispatch, attempt, success — each carrying the request's trace id.
+    assert_eq!(mine.len(), 6 * 3, "{mine:#?}");
+    for line in &mine {
+        assert_eq!(line["trace_id"], trace_id.as_str(), "{line}");
+    }
     let lines = capture.trace(&trace_id);
     // request.start, then per agent dispatch, attempt and success, then request.finish.
     assert_eq!(lines.len(), 2 + 6 * 3, "{lines:#?}");
@@ -89,7 +108,6 @@ async fn ut_log_001_every_line_has_the_fields_and_the_trace_id() {
         ] {
             assert!(!line[field].is_null(), "{field} missing: {line}");
         }
-        assert_eq!(line["trace_id"], trace_id.as_str());
         let ts = line["timestamp"].as_str().unwrap();
         assert!(humantime::parse_rfc3339(ts).is_ok(), "{ts}");
     }

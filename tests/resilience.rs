@@ -565,11 +565,20 @@ async fn recovery_drill_10000_calls_at_20_percent_faults() {
         rate * 100.0,
         expected * 100.0
     );
-    // Three standard deviations of the binomial failure count, as the margin.
+    // Three standard deviations of the binomial failure count, as the margin, on
+    // both sides: a rate too good means faults were not injected or not counted.
     let margin = 3.0 * (expected * (1.0 - expected) / calls as f64).sqrt();
     assert!(
-        rate >= expected - margin,
-        "success rate {rate} < {expected} - {margin}"
+        (expected - margin..=expected + margin).contains(&rate),
+        "success rate {rate} outside {expected} ± {margin}"
+    );
+    // Retries per call: 0.2 + 0.2² + 0.2³ = 0.248 expected (variance 0.2985 each);
+    // four standard deviations of the sum either way.
+    let (mean, sd) = (0.248 * calls as f64, (0.2985 * calls as f64).sqrt());
+    assert!(
+        (retries as f64 - mean).abs() <= 4.0 * sd,
+        "{retries} retries against {mean:.0} ± {:.0}",
+        4.0 * sd
     );
     assert!(
         orchestrator

@@ -22,6 +22,23 @@ struct Server {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// The ring every test server shows traces from, fed by this test binary's one global
+/// log subscriber (at `info`, as `serve` logs), installed on first use.
+fn ring() -> TraceRing {
+    use tracing_subscriber::layer::SubscriberExt;
+    static RING: std::sync::OnceLock<TraceRing> = std::sync::OnceLock::new();
+    RING.get_or_init(|| {
+        let ring = TraceRing::new(8 << 20);
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_subscriber::EnvFilter::new("info"))
+            .with(metaorch::telemetry::JsonLayer::new(ring.clone()));
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other global subscriber in this test binary");
+        ring
+    })
+    .clone()
+}
+
 impl Server {
     async fn start(
         server: ServerConfig,
@@ -48,7 +65,7 @@ impl Server {
             builder = builder.provider("sim", p);
         }
         let orchestrator = builder.build().unwrap();
-        let state = ServerState::new(orchestrator, server, Some(TraceRing::new(1 << 20)));
+        let state = ServerState::new(orchestrator, server, Some(ring()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
@@ -116,14 +133,33 @@ async fn orchestrate_plain_and_traceparent() {
         .collect();
     assert_eq!(ids, [json!("critic"), json!("writer")], "config order");
 
-    // Its timeline is kept in the ring... when a log subscriber feeds it; without one,
-    // the endpoint says the trace is unknown.
+    // Its timeline is kept in the ring the log feeds.
     let r = client()
         .get(format!("{}/v1/traces/{id}", server.url))
         .send()
         .await
         .unwrap();
-    assert!(r.status() == 200 || r.status() == 404);
+    assert_eq!(r.status(), 200);
+    let timeline: Value = r.json().await.unwrap();
+    assert_eq!(timeline["trace_id"], id);
+    let agents: Vec<_> = timeline["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["agent_id"].clone())
+        .collect();
+    assert_eq!(agents.len(), 2, "{timeline}");
+    assert!(agents.contains(&json!("critic")) && agents.contains(&json!("writer")));
+    // A trace id it never saw is unknown.
+    let r = client()
+        .get(format!(
+            "{}/v1/traces/00000000000000000000000000000001",
+            server.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
     let agents: Value = client()
         .get(format!("{}/v1/agents", server.url))
         .send()

@@ -526,11 +526,56 @@ mod tests {
             event in "[a-z_]{0,20}",
             data in ".{0,300}",
         ) {
-            let _ = parse_message(&body);
-            let _ = error_from_body(Some(500), &body);
-            let _ = error_from_body(None, &body);
+            let json = serde_json::from_slice::<serde_json::Value>(&body).ok();
+            // A success only for a body that is a Message: an object with content.
+            if parse_message(&body).is_ok() {
+                prop_assert!(json.as_ref().is_some_and(|j| j["content"].is_array()));
+            }
+            // An error with a status keeps it; without an error object it is the
+            // status's kind.
+            let e = error_from_body(Some(500), &body);
+            prop_assert_eq!(e.status, Some(500));
+            if json.as_ref().is_none_or(|j| !j["error"]["type"].is_string()) {
+                prop_assert_eq!(e.kind, ErrorKind::Server);
+            }
+            prop_assert_eq!(error_from_body(None, &body).status, None);
             let mut s = StreamState::default();
             let _ = s.on_event(&SseEvent { event, data });
+        }
+
+        #[test]
+        fn error_objects_are_classified_by_their_type(
+            kind in prop_oneof![
+                Just("invalid_request_error"), Just("authentication_error"),
+                Just("permission_error"), Just("not_found_error"), Just("request_too_large"),
+                Just("rate_limit_error"), Just("api_error"), Just("overloaded_error"),
+                Just("timeout_error"), Just("something_new"),
+            ],
+            status in prop_oneof![Just(None), Just(Some(200)), Just(Some(500))],
+            message in "[a-z ]{0,20}",
+        ) {
+            let body = serde_json::json!({"type": "error", "error": {"type": kind, "message": message}}).to_string();
+            let e = error_from_body(status.filter(|s| *s != 200), body.as_bytes());
+            let expected = match kind {
+                "invalid_request_error" => ErrorKind::BadRequest,
+                "authentication_error" => ErrorKind::Auth,
+                "permission_error" => ErrorKind::Permission,
+                "not_found_error" => ErrorKind::NotFound,
+                "request_too_large" => ErrorKind::TooLarge,
+                "rate_limit_error" => ErrorKind::RateLimited,
+                "api_error" => ErrorKind::Server,
+                "overloaded_error" => ErrorKind::Overloaded,
+                "timeout_error" => ErrorKind::Timeout,
+                _ if status == Some(500) => ErrorKind::Server,
+                _ => ErrorKind::Unknown,
+            };
+            prop_assert_eq!(e.kind, expected);
+            prop_assert!(e.message.starts_with(kind));
+            // With a 200 the same object is that error, whatever else it says.
+            if status == Some(200) {
+                let e = parse_message(body.as_bytes()).unwrap_err();
+                prop_assert_eq!(e.kind, expected);
+            }
         }
 
         #[test]

@@ -433,9 +433,15 @@ mod tests {
             body in proptest::collection::vec(any::<u8>(), 0..512),
             data in ".{0,300}",
         ) {
-            let _ = parse_completion(&body);
-            let _ = error_from_body(Some(500), &body);
-            let _ = error_from_body(None, &body);
+            let json = serde_json::from_slice::<serde_json::Value>(&body).ok();
+            // A success only for a completion: an object whose first choice has a message.
+            if parse_completion(&body).is_ok() {
+                prop_assert!(json.as_ref().is_some_and(|j| j["choices"][0]["message"].is_object()));
+            }
+            // With a status, the status decides the kind.
+            let e = error_from_body(Some(500), &body);
+            prop_assert_eq!((e.kind, e.status), (ErrorKind::Server, Some(500)));
+            prop_assert_eq!(error_from_body(None, &body).status, None);
             let _ = StreamState::default().on_event(&SseEvent { event: "message".into(), data });
         }
     }

@@ -187,7 +187,18 @@ mod tests {
             let mut rng = SmallRng::seed_from_u64(seed);
             let d = p.delay(retry, Duration::from_millis(previous_ms), &mut rng);
             prop_assert!(d <= p.max_delay, "{d:?} > {:?}", p.max_delay);
-            prop_assert!(d >= Duration::ZERO);
+            // And within what each jitter promises under this retry's ceiling.
+            let ceiling = p.ceiling(retry);
+            match jitter {
+                Jitter::None => prop_assert_eq!(d, ceiling),
+                Jitter::Full => prop_assert!(d <= ceiling),
+                Jitter::Equal => prop_assert!(d >= ceiling / 2 && d <= ceiling, "{d:?} of {ceiling:?}"),
+                Jitter::Decorrelated => {
+                    let previous = if previous_ms == 0 { p.initial_delay } else { Duration::from_millis(previous_ms) };
+                    let high = previous.saturating_mul(3).min(p.max_delay);
+                    prop_assert!(d >= p.initial_delay.min(high) && d <= high, "{d:?}");
+                }
+            }
         }
 
         #[test]

@@ -120,7 +120,19 @@ mod tests {
     }
 
     #[test]
-    fn random_ids_differ() {
-        assert_ne!(TraceId::random(), TraceId::random());
+    fn random_ids_are_valid_and_do_not_repeat() {
+        let ids: std::collections::HashSet<String> =
+            (0..10_000).map(|_| TraceId::random().to_string()).collect();
+        assert_eq!(ids.len(), 10_000, "no repeats in 10,000");
+        for id in &ids {
+            assert_eq!(id.parse::<TraceId>().unwrap().to_string(), *id, "{id}");
+        }
+        // Every hex digit shows up in every position over that many draws: not a
+        // counter, not a fixed prefix.
+        for position in 0..32 {
+            let digits: std::collections::HashSet<u8> =
+                ids.iter().map(|id| id.as_bytes()[position]).collect();
+            assert_eq!(digits.len(), 16, "position {position}");
+        }
     }
 }
