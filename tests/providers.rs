@@ -530,7 +530,7 @@ async fn raw_server(answer: Vec<u8>, end: End) -> String {
         let _ = socket.write_all(&answer).await;
         let _ = socket.flush().await;
         if let End::Reset = end {
-            let _ = socket.set_linger(Some(Duration::ZERO));
+            let _ = socket.set_zero_linger();
         }
         drop(socket);
     });
