@@ -288,17 +288,27 @@ impl Executor {
 
         let mut outcomes: Vec<Option<AgentOutcome>> = vec![None; pending.len()];
         let mut stop = None;
-        // Agents are dispatched in config order, each with the slot for its first
-        // attempt. The executor waits for one slot at a time in the limiter's FIFO
-        // queue, so a request's agents start in order, requests sharing the limiter
-        // take turns, and agents still queued are not yet tasks at all.
+        // Agents are dispatched in config order. An agent whose provider has flow
+        // control goes at once: its lane's FIFO queue admits it, and takes the
+        // process-wide slot as it lets it through (a slot taken here would sit idle
+        // while the lane held the call back). Any other agent is dispatched with the
+        // slot for its first attempt: the executor waits for one slot at a time in the
+        // limiter's FIFO queue, so a request's agents start in order, requests sharing
+        // the limiter take turns, and agents still queued are not yet tasks at all.
         let mut waiting: Option<Pin<Box<dyn Future<Output = Permit> + Send + '_>>> = None;
         loop {
             while waiting.is_none() && !queue.is_empty() {
+                if queue.front().is_some_and(|q| q.task.lane.is_some()) {
+                    let next = queue.pop_front().expect("not empty");
+                    let (id, index) = self.dispatch(&mut set, next, None, deadline, false);
+                    slot_of.insert(id, index);
+                    continue;
+                }
                 match self.limiter.try_acquire() {
                     Some(permit) => {
                         let next = queue.pop_front().expect("not empty");
-                        let (id, index) = self.dispatch(&mut set, next, permit, deadline, false);
+                        let (id, index) =
+                            self.dispatch(&mut set, next, Some(permit), deadline, false);
                         slot_of.insert(id, index);
                     }
                     None => waiting = Some(self.limiter.acquire()),
@@ -316,7 +326,7 @@ impl Executor {
                 permit = async { waiting.as_mut().expect("guarded by the condition").await }, if waiting.is_some() => {
                     waiting = None;
                     let next = queue.pop_front().expect("a permit is awaited only for a queued agent");
-                    let (id, index) = self.dispatch(&mut set, next, permit, deadline, true);
+                    let (id, index) = self.dispatch(&mut set, next, Some(permit), deadline, true);
                     slot_of.insert(id, index);
                 }
                 () = tokio::time::sleep_until(deadline) => { stop = Some(Stop::Deadline); break; }
@@ -372,7 +382,7 @@ impl Executor {
         &self,
         set: &mut JoinSet<AgentOutcome>,
         queued: Queued,
-        permit: Permit,
+        permit: Option<Permit>,
         deadline: Instant,
         had_to_wait: bool,
     ) -> (tokio::task::Id, usize) {
@@ -550,7 +560,7 @@ async fn run_agent(
     task: AgentTask,
     deadline: Instant,
     progress: Arc<Progress>,
-    first_slot: Permit,
+    first_slot: Option<Permit>,
     queued: Duration,
 ) -> AgentOutcome {
     tracing::debug!(
@@ -576,9 +586,7 @@ async fn run_agent(
         usage: Usage::default(),
     };
 
-    let report = executor
-        .call(&task, deadline, &progress, Some(first_slot))
-        .await;
+    let report = executor.call(&task, deadline, &progress, first_slot).await;
     let mut result = absorb(&mut outcome, report);
     let mut next = task.fallback;
     let mut primary_error = None;

@@ -189,6 +189,12 @@ struct State {
     queued: u32,
     /// Of `queued`, the retries.
     retries_queued: u32,
+    /// The head of a queue waits for something (a pause, a slot, the rate, a
+    /// process-wide slot): newcomers queue behind it rather than take what it waits
+    /// for.
+    head_waiting: bool,
+    /// What it waits for is a slot of this lane: the limit is what holds calls back.
+    head_waits_for_slot: bool,
     pause: Pause,
     rates: Rates,
 }
@@ -219,6 +225,8 @@ impl FlowLane {
                 in_flight: 0,
                 queued: 0,
                 retries_queued: 0,
+                head_waiting: false,
+                head_waits_for_slot: false,
                 pause: Pause::default(),
                 rates: Rates::new(config.rates, config.learn_limits, now),
             }),
@@ -281,12 +289,21 @@ impl FlowLane {
         global: &dyn Limiter,
         held: &mut Option<Permit>,
     ) -> Option<LanePermit> {
-        let _turn = self.turnstile.try_lock().ok()?;
+        // The queue may be held by a head that is only being woken, not held back:
+        // then a newcomer may go past it, since nothing it waits for is taken. When
+        // the head waits for something (a slot, the rate, a pause), newcomers queue:
+        // first come, first served.
+        let turn = self.turnstile.try_lock().ok();
         let now = Instant::now();
         let mut slot = held.take();
-        let step = self
-            .lock()
-            .step(self, now, None, estimate, false, global, &mut slot);
+        let step = {
+            let mut s = self.lock();
+            if turn.is_none() && (s.head_waiting || s.retries_queued > 0) {
+                *held = slot;
+                return None;
+            }
+            s.step(self, now, None, estimate, false, global, &mut slot)
+        };
         match step {
             Step::Admit { epoch, level } => {
                 *held = slot;
@@ -347,9 +364,12 @@ impl FlowLane {
             if now >= deadline {
                 return Err(self.refuse(None, joined, paused_before, None));
             }
-            let step = self
-                .lock()
-                .step(self, now, scheduled, estimate, retry, global, &mut slot);
+            let step = {
+                let mut s = self.lock();
+                let step = s.step(self, now, scheduled, estimate, retry, global, &mut slot);
+                s.note_head(&step);
+                step
+            };
             if !matches!(step, Step::Admit { .. }) {
                 // Never held while something else holds the call back.
                 slot = None;
@@ -526,9 +546,48 @@ impl State {
         global: &dyn Limiter,
         slot: &mut Option<Permit>,
     ) -> Step {
+        let step = self.blocked(lane, now, retry, global, slot);
+        self.head_waits_for_slot =
+            matches!(step, Some(Step::WaitForSlot)) && self.in_flight >= self.aimd.limit();
+        if let Some(step) = step {
+            return step;
+        }
+        // Charged from the opening it waited for, when that opening still stands.
+        let at = scheduled
+            .filter(|s| *s <= now && self.rates.ready_at(*s) <= *s)
+            .unwrap_or(now);
+        self.rates.admit(estimate, at);
+        self.in_flight += 1;
+        self.aimd.on_admit(self.in_flight);
+        Step::Admit {
+            epoch: self.aimd.epoch(),
+            level: self.in_flight,
+        }
+    }
+}
+
+impl State {
+    /// Notes what the head of a queue now waits for, if anything.
+    fn note_head(&mut self, step: &Step) {
+        self.head_waiting = !matches!(step, Step::Admit { .. });
+        self.head_waits_for_slot =
+            matches!(step, Step::WaitForSlot) && self.in_flight >= self.aimd.limit();
+    }
+
+    /// What holds the head of a queue back, if anything: the pause, its lane's slots
+    /// (or, for the first tries' head, retries waiting), the rate, a process-wide
+    /// slot — taken here when everything else lets the call through.
+    fn blocked(
+        &mut self,
+        lane: &FlowLane,
+        now: Instant,
+        retry: bool,
+        global: &dyn Limiter,
+        slot: &mut Option<Permit>,
+    ) -> Option<Step> {
         if let Some(until) = self.pause.until {
             if until > now {
-                return Step::WaitUntil(until, WaitCause::Pause);
+                return Some(Step::WaitUntil(until, WaitCause::Pause));
             }
             let lasted = self.pause.end();
             tracing::info!(
@@ -545,31 +604,21 @@ impl State {
             );
         }
         if self.in_flight >= self.aimd.limit() || (!retry && self.retries_queued > 0) {
-            return Step::WaitForSlot;
+            return Some(Step::WaitForSlot);
         }
         let ready = self.rates.ready_at(now);
         if ready > now {
-            return Step::WaitUntil(ready, WaitCause::Rate);
+            return Some(Step::WaitUntil(ready, WaitCause::Rate));
         }
         // Last, the process-wide slot: taken only when the lane lets the call through,
         // so the lane never counts a call that is still waiting for one.
         if slot.is_none() {
             *slot = global.try_acquire();
             if slot.is_none() {
-                return Step::WaitForGlobal;
+                return Some(Step::WaitForGlobal);
             }
         }
-        // Charged from the opening it waited for, when that opening still stands.
-        let at = scheduled
-            .filter(|s| *s <= now && self.rates.ready_at(*s) <= *s)
-            .unwrap_or(now);
-        self.rates.admit(estimate, at);
-        self.in_flight += 1;
-        self.aimd.on_admit(self.in_flight);
-        Step::Admit {
-            epoch: self.aimd.epoch(),
-            level: self.in_flight,
-        }
+        None
     }
 }
 
@@ -592,6 +641,10 @@ impl Drop for Queued<'_> {
     fn drop(&mut self) {
         let mut s = self.lane.lock();
         s.queued = s.queued.saturating_sub(1);
+        if s.queued == 0 {
+            s.head_waiting = false;
+            s.head_waits_for_slot = false;
+        }
         if self.retry {
             s.retries_queued = s.retries_queued.saturating_sub(1);
             if s.retries_queued == 0 {
@@ -664,11 +717,12 @@ impl LanePermit {
             s.in_flight = s.in_flight.saturating_sub(1);
             if let Some(feedback) = feedback {
                 let before = s.aimd.limit();
-                // The limit was what held calls back: every slot was taken. (Calls
-                // waiting while slots are free wait for something else — a pause, the
-                // rate, or refusals that keep emptying slots — and more slots would
-                // not help.)
-                let saturated = s.in_flight + 1 >= before;
+                // The limit was what held calls back: every slot was taken, or the
+                // queue's head waits for one. (Calls waiting while slots are free wait
+                // for something else — a pause, the rate, refusals that keep emptying
+                // slots — and more slots would not help.)
+                let saturated =
+                    s.in_flight + 1 >= before || (s.queued > 0 && s.head_waits_for_slot);
                 let decrease = match feedback.signal {
                     Signal::Success(latency) => s
                         .aimd
@@ -1055,6 +1109,33 @@ mod tests {
             w.await.unwrap();
         }
         assert_eq!(*order.lock().unwrap(), [3, 0, 1, 2, 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_newcomer_never_takes_the_slot_the_head_waits_for() {
+        let lane = lane(1);
+        let first = take(&lane).unwrap();
+        let head = {
+            let lane = Arc::clone(&lane);
+            tokio::spawn(async move {
+                lane.admit(
+                    1,
+                    Instant::now() + Duration::from_secs(60),
+                    Turn::First,
+                    &free(),
+                )
+                .await
+                .map(|a| a.permit)
+            })
+        };
+        tokio::task::yield_now().await;
+        first.finish(Feedback::signal(Signal::Neutral));
+        // The slot is free, and the head has not run yet: a newcomer still waits.
+        assert!(take(&lane).is_none());
+        let head = head.await.unwrap().unwrap();
+        head.finish(Feedback::signal(Signal::Neutral));
+        // With nobody waiting, the newcomer goes at once.
+        assert!(take(&lane).is_some());
     }
 
     #[tokio::test(start_paused = true)]
