@@ -213,57 +213,35 @@ pub(crate) async fn handle(
         Some(MockFault::Cut) => {
             tokio::time::sleep(latency / 2).await;
             record.output_tokens = output_tokens;
+            let full = Reply {
+                api,
+                model: &model,
+                text: &reply,
+                input: record.input_tokens,
+                output: output_tokens,
+                n,
+            };
             let (content_type, whole): (&'static str, Vec<u8>) = if record.stream {
-                let events = match api {
-                    Api::Anthropic => anthropic_events(
-                        &model,
-                        &reply,
-                        record.input_tokens,
-                        output_tokens,
-                        n,
-                        None,
-                    ),
-                    Api::OpenAi => {
-                        openai_events(&model, &reply, record.input_tokens, output_tokens, n, None)
-                    }
-                };
-                ("text/event-stream", events.concat().into_bytes())
+                ("text/event-stream", full.events(None).concat().into_bytes())
             } else {
-                let body = match api {
-                    Api::Anthropic => {
-                        message_body(&model, &reply, record.input_tokens, output_tokens, n)
-                    }
-                    Api::OpenAi => {
-                        completion_body(&model, &reply, record.input_tokens, output_tokens, n)
-                    }
-                };
-                ("application/json", body.to_string().into_bytes())
+                ("application/json", full.body().to_string().into_bytes())
             };
             cut(content_type, whole, &request_id, api)
         }
         stream_fault @ (None | Some(MockFault::StreamError | MockFault::StreamCut)) => {
             record.output_tokens = output_tokens;
+            let full = Reply {
+                api,
+                model: &model,
+                text: &reply,
+                input: record.input_tokens,
+                output: output_tokens,
+                n,
+            };
             if record.stream {
                 // A third of the latency before the first byte, the rest across deltas.
                 tokio::time::sleep(latency / 3).await;
-                let events = match api {
-                    Api::Anthropic => anthropic_events(
-                        &model,
-                        &reply,
-                        record.input_tokens,
-                        output_tokens,
-                        n,
-                        stream_fault,
-                    ),
-                    Api::OpenAi => openai_events(
-                        &model,
-                        &reply,
-                        record.input_tokens,
-                        output_tokens,
-                        n,
-                        stream_fault,
-                    ),
-                };
+                let events = full.events(stream_fault);
                 let gap = (latency - latency / 3) / (events.len().max(1) as u32);
                 // The permit rides with the stream and is let go with its last event,
                 // before the client can see the end: the request is in progress until
@@ -289,15 +267,7 @@ pub(crate) async fn handle(
                 )
             } else {
                 tokio::time::sleep(latency).await;
-                let body = match api {
-                    Api::Anthropic => {
-                        message_body(&model, &reply, record.input_tokens, output_tokens, n)
-                    }
-                    Api::OpenAi => {
-                        completion_body(&model, &reply, record.input_tokens, output_tokens, n)
-                    }
-                };
-                json_response(200, &body, &request_id, api)
+                json_response(200, &full.body(), &request_id, api)
             }
         }
     };
@@ -676,6 +646,40 @@ pub(super) fn error(
         }
     };
     json_response(status, &body, request_id, api)
+}
+
+/// A reply's pieces, for either wire format: the whole body, or the stream's events.
+struct Reply<'a> {
+    api: Api,
+    model: &'a str,
+    text: &'a str,
+    input: u64,
+    output: u64,
+    n: u64,
+}
+
+impl Reply<'_> {
+    fn body(&self) -> Value {
+        match self.api {
+            Api::Anthropic => message_body(self.model, self.text, self.input, self.output, self.n),
+            Api::OpenAi => completion_body(self.model, self.text, self.input, self.output, self.n),
+        }
+    }
+
+    fn events(&self, fault: Option<MockFault>) -> Vec<String> {
+        let events = match self.api {
+            Api::Anthropic => anthropic_events,
+            Api::OpenAi => openai_events,
+        };
+        events(
+            self.model,
+            self.text,
+            self.input,
+            self.output,
+            self.n,
+            fault,
+        )
+    }
 }
 
 /// A 200 that promises `whole` (its `Content-Length`) and sends half of it before the
