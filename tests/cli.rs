@@ -867,3 +867,118 @@ fn bench_modes_run_and_write_their_reports() {
         stderr(&out)
     );
 }
+
+/// Runs metaorch with its stdout a pipe whose reader is already gone.
+fn with_closed_stdout(dir: &Path, args: &[&str]) -> Output {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_metaorch"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("METAORCH_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the metaorch binary runs");
+    // The reader goes away before anything is written.
+    drop(child.stdout.take());
+    child.wait_with_output().expect("it ends")
+}
+
+/// `metaorch … | head -1`: a reader that goes away is not an error, and never a panic.
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let dir = dir_with(Some(
+        "[providers.sim]\nkind = \"sim\"\nlatency_min = \"200ms\"\nlatency_max = \"300ms\"\n",
+    ));
+    for args in [
+        &["run", "q", "--seed", "1"][..],
+        &["run", "q", "--seed", "1", "--format", "json"],
+        &["config", "check"],
+    ] {
+        let out = with_closed_stdout(dir.path(), args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert!(
+            !stderr(&out).contains("panicked"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+/// `config check` warns of a missing API key (CI may lack secrets) and refuses a base
+/// URL variable that is not a URL, as `run` would.
+#[test]
+fn config_check_reads_the_environment_a_run_would_use() {
+    let dir = dir_with(Some(
+        "[providers.claude]\nkind = \"anthropic\"\n[[agents]]\nid = \"a\"\nprovider = \"claude\"\nmodel = \"m\"\n",
+    ));
+    let run = |envs: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_metaorch"));
+        cmd.args(args)
+            .current_dir(dir.path())
+            .env_remove("METAORCH_CONFIG")
+            .env_remove("ANTHROPIC_API_KEY")
+            .env_remove("ANTHROPIC_BASE_URL");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(&[], &["config", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(
+            "warning: providers.claude: its API key variable ANTHROPIC_API_KEY is not set"
+        ),
+        "{}",
+        stdout(&out)
+    );
+    let out = run(&[], &["run", "q"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("ANTHROPIC_API_KEY"),
+        "{}",
+        stderr(&out)
+    );
+
+    let bad = [
+        ("ANTHROPIC_API_KEY", "k"),
+        ("ANTHROPIC_BASE_URL", "localhost:8081"),
+    ];
+    let out = run(&bad, &["config", "check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains(
+            "error: providers.claude: ANTHROPIC_BASE_URL=\"localhost:8081\" is not an http(s) URL"
+        ),
+        "{}",
+        stdout(&out)
+    );
+    let out = run(&bad, &["run", "q"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("is not an http(s) URL"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// An environment variable's bad value is named by the variable, not "command line".
+#[test]
+fn environment_errors_name_the_variable() {
+    let dir = dir_with(None);
+    let out = Command::new(env!("CARGO_BIN_EXE_metaorch"))
+        .args(["run", "q"])
+        .current_dir(dir.path())
+        .env_remove("METAORCH_CONFIG")
+        .env("METAORCH_CONCURRENCY_LIMIT", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out)
+            .contains("environment: METAORCH_CONCURRENCY_LIMIT: 0 would let no agent call run"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -688,3 +688,44 @@ fn sim_account_limits_are_read_and_checked() {
         "{e}"
     );
 }
+
+#[test]
+fn a_breaker_that_could_never_open_is_an_error() {
+    let e = one_error("[defaults.breaker]\nwindow_size = 10\nminimum_calls = 20\n");
+    assert!(
+        e.contains("defaults.breaker.minimum_calls: 20 is more than window_size (10), so the breaker could never open"),
+        "{e}"
+    );
+    let e = one_error("[defaults.breaker]\nwindow_size = 100000000\n");
+    assert!(
+        e.contains("window_size: 100000000 calls is out of range"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_anthropic_temperature_above_one_is_an_error() {
+    let e = one_error(
+        "[providers.claude]\nkind = \"anthropic\"\n[[agents]]\nid = \"a\"\nprovider = \"claude\"\nmodel = \"m\"\ntemperature = 1.5\n",
+    );
+    assert!(
+        e.contains("agents[0].temperature: 1.5 is out of range for an anthropic provider; expected 0.0 to 1.0"),
+        "{e}"
+    );
+}
+
+#[test]
+fn absurd_durations_are_errors_that_say_the_most_allowed() {
+    for toml in [
+        "request_timeout = \"300000000000y\"\n",
+        "request_timeout = \"1.0e30s\"\n",
+        "[defaults.breaker]\nopen_for = \"9999d\"\n",
+        "[providers.sim]\nkind = \"sim\"\nlatency_max = \"8d\"\n",
+    ] {
+        let e = one_error(toml);
+        assert!(
+            e.contains("is longer than any duration may be (7days)"),
+            "{toml}: {e}"
+        );
+    }
+}

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use metaorch::config::{Config, ConfigErrors, EMBEDDED_ORIGIN, Overrides};
+use metaorch::config::{Config, EMBEDDED_ORIGIN, Overrides};
 
 use super::args::Cli;
 
@@ -19,51 +19,56 @@ pub fn check(cli: &Cli, file: Option<&Path>) -> anyhow::Result<ExitCode> {
     };
     match loaded {
         Ok(config) => {
-            print_summary(&config);
-            Ok(ExitCode::SUCCESS)
+            let problems = config.check_environment(|k| std::env::var(k).ok());
+            let mut out = summary(&config);
+            for p in &problems {
+                let label = if p.error { "error" } else { "warning" };
+                out.push_str(&format!("{label}: {}\n", p.message));
+            }
+            super::print_out(&out)?;
+            Ok(if problems.iter().any(|p| p.error) {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Err(errors) => {
-            print_errors(&errors);
+            let out: String = errors.errors().iter().map(|e| format!("{e}\n")).collect();
+            super::print_out(&out)?;
+            let n = errors.errors().len();
+            eprintln!(
+                "error: {n} problem{} found; the config was not loaded",
+                if n == 1 { "" } else { "s" }
+            );
             Ok(ExitCode::from(1))
         }
     }
 }
 
-fn print_summary(config: &Config) {
+fn summary(config: &Config) -> String {
     let origin = if config.origin == EMBEDDED_ORIGIN {
         "no config file found; the embedded default".to_owned()
     } else {
         config.origin.clone()
     };
-    println!("{origin}: ok");
     let agents: Vec<String> = config
         .agents
         .iter()
         .map(|a| format!("{} ({}/{})", a.id, a.provider, a.model))
         .collect();
-    println!("  agents ({}): {}", agents.len(), agents.join(", "));
     let providers: Vec<String> = config
         .providers
         .iter()
         .map(|(name, p)| format!("{name} ({})", p.kind()))
         .collect();
-    println!("  providers: {}", providers.join(", "));
-    println!(
-        "  concurrency_limit = {}, request_timeout = {}, min_successes = {}, log.level = {}",
+    format!(
+        "{origin}: ok\n  agents ({}): {}\n  providers: {}\n  concurrency_limit = {}, request_timeout = {}, min_successes = {}, log.level = {}\n",
+        agents.len(),
+        agents.join(", "),
+        providers.join(", "),
         config.concurrency_limit,
         humantime::format_duration(config.request_timeout),
         config.min_successes,
         config.log_filter()
-    );
-}
-
-fn print_errors(errors: &ConfigErrors) {
-    for e in errors.errors() {
-        println!("{e}");
-    }
-    let n = errors.errors().len();
-    eprintln!(
-        "error: {n} problem{} found; the config was not loaded",
-        if n == 1 { "" } else { "s" }
-    );
+    )
 }

@@ -71,9 +71,9 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
     drop(otel);
     match args.format {
         OutputFormat::Json => {
-            println!("{}", serde_json::to_string_pretty(&response)?);
+            super::print_out(&format!("{}\n", serde_json::to_string_pretty(&response)?))?;
         }
-        OutputFormat::Text => print!("{}", render::response(&response, &config)),
+        OutputFormat::Text => super::print_out(&render::response(&response, &config))?,
     }
     if let Some(handle) = metrics {
         eprintln!("{}", metaorch::telemetry::metrics::summary(handle));

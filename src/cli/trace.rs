@@ -73,8 +73,10 @@ pub fn trace(cli: &Cli, args: &TraceArgs) -> anyhow::Result<ExitCode> {
     };
 
     match args.format {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&timeline)?),
-        OutputFormat::Text => print!("{}", render(&timeline)),
+        OutputFormat::Json => {
+            super::print_out(&format!("{}\n", serde_json::to_string_pretty(&timeline)?))?
+        }
+        OutputFormat::Text => super::print_out(&render(&timeline))?,
     }
     Ok(ExitCode::SUCCESS)
 }

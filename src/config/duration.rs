@@ -16,8 +16,13 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
-/// Parses a human-readable duration: `"250ms"`, `"1.5s"`, `"2m"`, `"1h 30m"`. The error
-/// says what was expected.
+/// The longest duration any setting may be: a week. Longer is a mistake (a unit
+/// typed wrong), and bounding every duration here keeps every deadline computed from
+/// one far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Parses a human-readable duration: `"250ms"`, `"1.5s"`, `"2m"`, `"1h 30m"`, at most
+/// [`MAX_DURATION`]. The error says what was expected.
 ///
 /// ```
 /// use std::time::Duration;
@@ -26,19 +31,37 @@ impl<'de> Deserialize<'de> for HumanDuration {
 /// ```
 pub fn parse(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
+    let too_long = || {
+        format!(
+            "\"{text}\" is longer than any duration may be ({}); write a shorter one, such as \"30s\" or \"2m\"",
+            humantime::format_duration(MAX_DURATION)
+        )
+    };
     // humantime rejects fractions; "1.5s" is too common not to accept.
     if let Some(secs) = trimmed.strip_suffix('s').filter(|s| s.contains('.'))
         && let Ok(secs) = secs.trim().parse::<f64>()
-        && secs.is_finite()
-        && secs >= 0.0
     {
-        return Ok(Duration::from_secs_f64(secs));
+        return match Duration::try_from_secs_f64(secs) {
+            Ok(d) if d <= MAX_DURATION => Ok(d),
+            Ok(_) => Err(too_long()),
+            Err(_) if secs.is_finite() && secs > 0.0 => Err(too_long()),
+            Err(_) => Err(format!(
+                "\"{text}\" is not a duration (it must be a finite number of seconds, 0 or more); write e.g. \"1.5s\""
+            )),
+        };
     }
-    humantime::parse_duration(trimmed).map_err(|e| {
+    let d = humantime::parse_duration(trimmed).map_err(|e| {
+        if matches!(e, humantime::DurationError::NumberOverflow) {
+            return too_long();
+        }
         format!(
             "\"{text}\" is not a duration ({e}); write a number with a unit, such as \"500ms\", \"30s\" or \"2m\""
         )
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(too_long());
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -51,6 +74,24 @@ mod tests {
         assert_eq!(parse("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse("2m").unwrap(), Duration::from_secs(120));
+    }
+
+    #[test]
+    fn absurd_durations_are_errors_not_panics() {
+        for text in [
+            "1.0e30s",
+            "300000000000y",
+            "99999999999999999999999s",
+            "8d",
+            "604801s",
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.contains("longer than any duration may be"), "{text}: {e}");
+        }
+        for text in ["-1.5s", "NaN.s", "inf.s", "1e400s"] {
+            assert!(parse(text).is_err(), "{text}");
+        }
+        assert_eq!(parse("7d").unwrap(), MAX_DURATION);
     }
 
     #[test]

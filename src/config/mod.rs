@@ -21,7 +21,7 @@ use crate::provider::SimOptions;
 use crate::resilience::{BreakerConfig, CallPolicy, RetryBudgetConfig};
 
 pub use crate::provider::MaxTokensField;
-pub use duration::parse as parse_duration;
+pub use duration::{MAX_DURATION, parse as parse_duration};
 pub use error::{ConfigError, ConfigErrors};
 pub use overrides::Overrides;
 
@@ -296,6 +296,62 @@ impl Config {
     pub fn active_agents(&self) -> impl Iterator<Item = &AgentConfig> {
         self.agents.iter().filter(|a| !a.standby)
     }
+
+    /// What the environment (read through `env`) lacks or gets wrong for the
+    /// providers some agent uses: a missing API key (a warning here — CI may lack
+    /// secrets — which `run` and `serve` refuse to start without) and a base URL
+    /// variable that is not an http(s) URL (an error: they would refuse it too).
+    pub fn check_environment(&self, env: impl Fn(&str) -> Option<String>) -> Vec<EnvProblem> {
+        let mut problems = Vec::new();
+        for (name, provider) in &self.providers {
+            if !self.agents.iter().any(|a| &a.provider == name) {
+                continue;
+            }
+            let (http, url_var) = match provider {
+                ProviderConfig::Sim(_) => continue,
+                ProviderConfig::Anthropic(h) => (h, "ANTHROPIC_BASE_URL"),
+                ProviderConfig::OpenAi(h) => (h, "OPENAI_BASE_URL"),
+            };
+            let key = env(&http.api_key_env).filter(|k| !k.trim().is_empty());
+            if key.is_none() && http.key_required {
+                problems.push(EnvProblem {
+                    error: false,
+                    message: format!(
+                        "providers.{name}: its API key variable {} is not set; `run` and `serve` will refuse to start until it is",
+                        http.api_key_env
+                    ),
+                });
+            }
+            if http.base_url.is_none()
+                && let Some(url) = env(url_var).filter(|u| !u.trim().is_empty())
+                && !is_http_url(&url)
+            {
+                problems.push(EnvProblem {
+                    error: true,
+                    message: format!(
+                        "providers.{name}: {url_var}=\"{url}\" is not an http(s) URL; expected e.g. \"https://api.anthropic.com\" or \"http://127.0.0.1:8081\", or unset it"
+                    ),
+                });
+            }
+        }
+        problems
+    }
+}
+
+/// A problem the environment has with a config (see [`Config::check_environment`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvProblem {
+    /// True when `run` would refuse to start; false for a warning.
+    pub error: bool,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// True for an absolute `http` or `https` URL with a host.
+pub fn is_http_url(url: &str) -> bool {
+    reqwest::Url::parse(url.trim())
+        .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .unwrap_or(false)
 }
 
 /// Which config file to load, by precedence: the `--config` flag, then

@@ -24,7 +24,21 @@ pub struct Overrides {
     pub server_tokens: Option<Vec<crate::provider::Secret>>,
     /// Replaces `seed`, and the seed of every `sim` provider.
     pub seed: Option<u64>,
+    /// The fields whose values came from the environment, with the variable each came
+    /// from: their errors name the variable, whatever `origin` says.
+    pub from_env: Vec<(&'static str, &'static str)>,
 }
+
+/// Each overridable field and the variable that sets it.
+const VARIABLES: [(&str, &str); 7] = [
+    ("concurrency_limit", "METAORCH_CONCURRENCY_LIMIT"),
+    ("request_timeout", "METAORCH_REQUEST_TIMEOUT"),
+    ("min_successes", "METAORCH_MIN_SUCCESSES"),
+    ("log_level", "METAORCH_LOG_LEVEL"),
+    ("log_file", "METAORCH_LOG_FILE"),
+    ("server.auth_tokens", "METAORCH_SERVER_TOKENS"),
+    ("seed", "METAORCH_SEED"),
+];
 
 impl Overrides {
     /// Reads `METAORCH_CONCURRENCY_LIMIT`, `METAORCH_REQUEST_TIMEOUT`,
@@ -79,15 +93,6 @@ impl Overrides {
         if let Some(v) = read("METAORCH_LOG_FILE") {
             o.log_file = Some(v.into());
         }
-        if let Some(v) = read("METAORCH_SERVER_TOKENS") {
-            o.server_tokens = Some(
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|t| !t.is_empty())
-                    .map(crate::provider::Secret::new)
-                    .collect(),
-            );
-        }
         if let Some(v) = read("METAORCH_SEED") {
             match v.trim().parse::<u64>() {
                 Ok(n) => o.seed = Some(n),
@@ -98,6 +103,30 @@ impl Overrides {
                 ),
             }
         }
+        if let Some(v) = read("METAORCH_SERVER_TOKENS") {
+            // A token list with an empty entry ("," or "a,,b") is a mistake; taken
+            // as given it could turn authentication off. The tokens are not echoed.
+            let tokens: Vec<&str> = v.split(',').map(str::trim).collect();
+            if tokens.iter().any(|t| t.is_empty()) {
+                errors.push(ConfigError {
+                    origin: "environment".into(),
+                    position: None,
+                    field: "METAORCH_SERVER_TOKENS".into(),
+                    message: "contains an empty token; expected tokens separated by commas, such as \"token1,token2\", with none empty (unset the variable for no authentication)".into(),
+                });
+            } else {
+                o.server_tokens = Some(
+                    tokens
+                        .into_iter()
+                        .map(crate::provider::Secret::new)
+                        .collect(),
+                );
+            }
+        }
+        o.from_env = VARIABLES
+            .into_iter()
+            .filter(|(field, _)| o.sets(field))
+            .collect();
         if errors.is_empty() {
             Ok(o)
         } else {
@@ -105,9 +134,31 @@ impl Overrides {
         }
     }
 
+    /// Whether this sets `field`.
+    fn sets(&self, field: &str) -> bool {
+        match field {
+            "concurrency_limit" => self.concurrency_limit.is_some(),
+            "request_timeout" => self.request_timeout.is_some(),
+            "min_successes" => self.min_successes.is_some(),
+            "log_level" => self.log_level.is_some(),
+            "log_file" => self.log_file.is_some(),
+            "server.auth_tokens" => self.server_tokens.is_some(),
+            "seed" => self.seed.is_some(),
+            _ => false,
+        }
+    }
+
     /// `self` with every value that `higher` sets replaced by `higher`'s.
     pub fn then(self, higher: Overrides) -> Overrides {
+        let mut from_env: Vec<_> = self
+            .from_env
+            .iter()
+            .copied()
+            .filter(|(field, _)| !higher.sets(field))
+            .collect();
+        from_env.extend(higher.from_env.iter().copied());
         Overrides {
+            from_env,
             origin: higher.origin,
             concurrency_limit: higher.concurrency_limit.or(self.concurrency_limit),
             request_timeout: higher.request_timeout.or(self.request_timeout),
@@ -122,10 +173,14 @@ impl Overrides {
     pub(super) fn apply_to(&self, config: &mut Config) -> Result<(), ConfigErrors> {
         let mut errors = Vec::new();
         let mut bad = |field: &str, message: String| {
+            let (origin, field) = match self.from_env.iter().find(|(f, _)| *f == field) {
+                Some((_, variable)) => ("environment".to_owned(), (*variable).to_owned()),
+                None => (self.origin.clone(), field.to_owned()),
+            };
             errors.push(ConfigError {
-                origin: self.origin.clone(),
+                origin,
                 position: None,
-                field: field.into(),
+                field,
                 message,
             });
         };
@@ -223,6 +278,39 @@ mod tests {
         assert_eq!(config.concurrency_limit, 5);
         assert_eq!(config.request_timeout, Duration::from_secs(7));
         assert_eq!(config.log_level.as_deref(), Some("debug"));
+    }
+
+    #[test]
+    fn errors_of_values_from_the_environment_name_the_variable() {
+        let mut config = Config::embedded();
+        let from_env = Overrides::from_env(env(&[("METAORCH_CONCURRENCY_LIMIT", "0")])).unwrap();
+        let flags = Overrides {
+            origin: "command line".into(),
+            min_successes: Some(99),
+            ..Overrides::default()
+        };
+        let err = config.apply(&from_env.then(flags)).unwrap_err().to_string();
+        assert!(
+            err.contains("environment: METAORCH_CONCURRENCY_LIMIT: 0 would let no agent call run"),
+            "{err}"
+        );
+        assert!(err.contains("command line: min_successes: 99"), "{err}");
+    }
+
+    #[test]
+    fn a_token_list_with_an_empty_token_is_refused() {
+        for value in [",", "secret,,token", " , "] {
+            let err = Overrides::from_env(env(&[("METAORCH_SERVER_TOKENS", value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("METAORCH_SERVER_TOKENS: contains an empty token"),
+                "{err}"
+            );
+            assert!(!err.contains("secret"), "tokens are never echoed: {err}");
+        }
+        let o = Overrides::from_env(env(&[("METAORCH_SERVER_TOKENS", "a, b")])).unwrap();
+        assert_eq!(o.server_tokens.unwrap().len(), 2);
     }
 
     #[test]

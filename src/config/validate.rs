@@ -24,6 +24,9 @@ use crate::resilience::{BreakerConfig, CallPolicy, RetryBudgetConfig, RetryPolic
 /// The most attempts a policy may make: more is a config mistake, not resilience.
 const MAX_ATTEMPTS: u32 = 100;
 
+/// The largest count window a breaker may keep.
+const MAX_WINDOW_SIZE: u32 = 100_000;
+
 /// The most calls in flight a flow control bound may name.
 const MAX_FLOW_CONCURRENCY: u32 = 100_000;
 
@@ -417,6 +420,14 @@ impl Validator<'_> {
                         field("window_size"),
                         "0 calls is no window; expected 1 or more, e.g. 20".into(),
                     ),
+                    Some(n) if *n.get_ref() > MAX_WINDOW_SIZE => self.error(
+                        Some(n.span()),
+                        field("window_size"),
+                        format!(
+                            "{} calls is out of range; expected 1 to {MAX_WINDOW_SIZE} (the default is 100)",
+                            n.get_ref()
+                        ),
+                    ),
                     Some(n) => config.window = Window::Count(*n.get_ref()),
                     None => {}
                 }
@@ -525,6 +536,19 @@ impl Validator<'_> {
                 }
             }
         }
+        // A count window that can never hold `minimum_calls` calls can never open.
+        if let (Window::Count(size), Some(min)) = (config.window, &raw.minimum_calls)
+            && *min.get_ref() > size
+        {
+            self.error(
+                Some(min.span()),
+                field("minimum_calls"),
+                format!(
+                    "{} is more than window_size ({size}), so the breaker could never open; expected at most {size}",
+                    min.get_ref()
+                ),
+            );
+        }
         config
     }
 
@@ -626,10 +650,7 @@ impl Validator<'_> {
 
     fn http_provider(&mut self, config: &HttpProviderConfig, name: &str, span: Range<usize>) {
         if let Some(url) = &config.base_url {
-            let ok = reqwest::Url::parse(url)
-                .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-                .unwrap_or(false);
-            if !ok {
+            if !super::is_http_url(url) {
                 self.error(
                     Some(span.clone()),
                     format!("providers.{name}.base_url"),
@@ -928,12 +949,20 @@ impl Validator<'_> {
                 None => DEFAULT_MAX_TOKENS,
             };
 
+            // Anthropic takes 0 to 1; OpenAI-compatible servers and sim 0 to 2.
+            let (top, whose) = match kind {
+                Some("anthropic") => (1.0, " for an anthropic provider"),
+                _ => (2.0, ""),
+            };
             let temperature = match agent.temperature {
-                Some(t) if !(0.0..=2.0).contains(t.get_ref()) => {
+                Some(t) if !(0.0..=top).contains(t.get_ref()) => {
                     self.error(
                         Some(t.span()),
                         field("temperature"),
-                        format!("{} is out of range; expected 0.0 to 2.0", t.get_ref()),
+                        format!(
+                            "{} is out of range{whose}; expected 0.0 to {top:.1}",
+                            t.get_ref()
+                        ),
                     );
                     None
                 }

@@ -32,7 +32,7 @@ use crate::resilience::{Call, CallPolicy, CallReport, CircuitBreaker, Resilience
 pub use outcome::{
     AgentOutcome, FailureKind, FallbackRecord, FallbackSource, OutcomeError, OutcomeStatus,
 };
-pub(crate) use outcome::{as_millis, as_opt_millis, millis};
+pub(crate) use outcome::{as_millis, as_opt_millis, later, millis};
 
 /// One agent's work for one request: which provider to call with what.
 #[derive(Debug, Clone)]

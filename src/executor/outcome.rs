@@ -239,3 +239,14 @@ pub(crate) fn as_opt_millis<S: Serializer>(d: &Option<Duration>, s: S) -> Result
 pub(crate) fn millis(d: Duration) -> f64 {
     (d.as_micros() as f64) / 1000.0
 }
+
+/// As far ahead as an instant is taken to go: a century.
+const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `t + d`, held to a century ahead: a deadline or a cool-down computed from a duration
+/// a caller chose never overflows.
+pub(crate) fn later(t: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    t.checked_add(d.min(FAR))
+        .or_else(|| t.checked_add(Duration::from_secs(3600)))
+        .unwrap_or(t)
+}

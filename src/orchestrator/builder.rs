@@ -49,6 +49,18 @@ pub enum BuildError {
         /// The providers that are defined, comma-separated.
         defined: String,
     },
+    /// A base URL from the environment is not an http(s) URL.
+    #[error(
+        "provider \"{provider}\": {variable}=\"{value}\" is not an http(s) URL; expected e.g. \"https://api.anthropic.com\" or \"http://127.0.0.1:8081\", or unset it"
+    )]
+    BadBaseUrl {
+        /// The provider's name.
+        provider: String,
+        /// The variable the URL came from.
+        variable: String,
+        /// What it held.
+        value: String,
+    },
     /// A provider needs an API key and its environment variable is not set.
     #[error(
         "provider \"{provider}\" needs an API key: set the environment variable {env} (the config's api_key_env)"
@@ -216,21 +228,30 @@ fn build_provider(
             None => Ok(None),
         }
     };
-    let base_url = |http: &HttpProviderConfig, env_name: &str, default: &str| {
-        http.base_url
-            .clone()
-            .or_else(|| env(env_name).filter(|u| !u.trim().is_empty()))
-            .unwrap_or_else(|| default.to_owned())
-    };
+    let base_url =
+        |http: &HttpProviderConfig, env_name: &str, default: &str| -> Result<String, BuildError> {
+            if let Some(url) = &http.base_url {
+                return Ok(url.clone());
+            }
+            match env(env_name).filter(|u| !u.trim().is_empty()) {
+                Some(url) if crate::config::is_http_url(&url) => Ok(url.trim().to_owned()),
+                Some(url) => Err(BuildError::BadBaseUrl {
+                    provider: name.to_owned(),
+                    variable: env_name.to_owned(),
+                    value: url,
+                }),
+                None => Ok(default.to_owned()),
+            }
+        };
     Ok(match config {
         ProviderConfig::Sim(options) => Arc::new(SimProvider::new(options.clone())),
         ProviderConfig::Anthropic(http) => Arc::new(AnthropicProvider::new(AnthropicOptions {
-            base_url: base_url(http, "ANTHROPIC_BASE_URL", ANTHROPIC_BASE_URL),
+            base_url: base_url(http, "ANTHROPIC_BASE_URL", ANTHROPIC_BASE_URL)?,
             api_key: key(http)?,
             version: http.version.clone(),
         })),
         ProviderConfig::OpenAi(http) => Arc::new(OpenAiProvider::new(OpenAiOptions {
-            base_url: base_url(http, "OPENAI_BASE_URL", OPENAI_BASE_URL),
+            base_url: base_url(http, "OPENAI_BASE_URL", OPENAI_BASE_URL)?,
             api_key: key(http)?,
             max_tokens_field: http.max_tokens_field,
         })),

@@ -193,7 +193,7 @@ impl Orchestrator {
         let inner = &*self.inner;
         let started = Instant::now();
         let timeout = request.timeout.unwrap_or(inner.request_timeout);
-        let deadline = started + timeout;
+        let deadline = crate::executor::later(started, timeout);
         tracing::info!(
             event = "request.start",
             agents = selected.len(),

@@ -97,11 +97,16 @@ fn is_zero(n: &u64) -> bool {
 }
 
 impl std::ops::AddAssign for Usage {
+    /// Sums saturating: counts come from upstreams, and a nonsense one must not panic.
     fn add_assign(&mut self, rhs: Usage) {
-        self.input_tokens += rhs.input_tokens;
-        self.output_tokens += rhs.output_tokens;
-        self.cache_creation_input_tokens += rhs.cache_creation_input_tokens;
-        self.cache_read_input_tokens += rhs.cache_read_input_tokens;
+        self.input_tokens = self.input_tokens.saturating_add(rhs.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(rhs.output_tokens);
+        self.cache_creation_input_tokens = self
+            .cache_creation_input_tokens
+            .saturating_add(rhs.cache_creation_input_tokens);
+        self.cache_read_input_tokens = self
+            .cache_read_input_tokens
+            .saturating_add(rhs.cache_read_input_tokens);
     }
 }
 

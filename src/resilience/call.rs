@@ -218,7 +218,7 @@ impl Resilience {
                     DelaySource::Backoff,
                 ),
             };
-            if now + delay >= call.deadline {
+            if crate::executor::later(now, delay) >= call.deadline {
                 refused(attempt, "deadline_exceeded", &error);
                 return report.fail(OutcomeError {
                     kind: FailureKind::DeadlineExceeded,

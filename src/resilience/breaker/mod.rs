@@ -324,7 +324,10 @@ impl CircuitBreaker {
         if !self.config.enabled {
             return;
         }
-        let until = until.min(Instant::now() + crate::provider::retry_after::MAX_RETRY_AFTER);
+        let until = until.min(crate::executor::later(
+            Instant::now(),
+            crate::provider::retry_after::MAX_RETRY_AFTER,
+        ));
         let transition = {
             let mut inner = self.lock();
             match inner.state {
@@ -410,7 +413,7 @@ impl CircuitBreaker {
                     };
                     reason.map(|reason| {
                         inner.set(State::Open {
-                            until: now + self.config.open_for,
+                            until: crate::executor::later(now, self.config.open_for),
                         });
                         // Report the rates that tripped it, before the reset.
                         Transition {
@@ -468,7 +471,7 @@ impl CircuitBreaker {
 
     fn reopen(&self, inner: &mut Inner, now: Instant, reason: &'static str) -> Transition {
         inner.set(State::Open {
-            until: now + self.config.open_for,
+            until: crate::executor::later(now, self.config.open_for),
         });
         inner.transition(BreakerState::Open, reason, Some(self.config.open_for))
     }
