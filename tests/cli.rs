@@ -982,3 +982,54 @@ fn environment_errors_name_the_variable() {
         stderr(&out)
     );
 }
+
+/// A failed run points at `metaorch trace` only when there is a log to read, and says
+/// how to get one otherwise; a fallback's attempts say which model made them.
+#[test]
+fn failure_hints_and_fallback_attempts_say_what_they_can() {
+    let config = r#"
+min_successes = 1
+[defaults.retry]
+max_attempts = 2
+initial_delay = "1ms"
+max_delay = "1ms"
+[providers.sim]
+kind = "sim"
+latency_min = "1ms"
+latency_max = "2ms"
+[[providers.sim.faults.script]]
+agent = "main"
+first_attempts = 9
+kind = "bad_request"
+[[providers.sim.faults.script]]
+agent = "backup"
+first_attempts = 9
+kind = "server"
+[[agents]]
+id = "main"
+provider = "sim"
+model = "sim-1"
+fallback = { agent = "backup" }
+[[agents]]
+id = "backup"
+provider = "sim"
+model = "sim-2"
+standby = true
+"#;
+    let dir = dir_with(Some(config));
+    let out = metaorch(dir.path(), &["run", "q"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("run again with `--log-file run.log`"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("attempt 1 on sim-2 failed: server"),
+        "{}",
+        stdout(&out)
+    );
+    let out = metaorch(dir.path(), &["run", "q", "--log-file", "run.log"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--log run.log`"), "{}", stderr(&out));
+}

@@ -56,8 +56,14 @@ pub fn response(response: &Response, config: &Config) -> String {
         }
         for r in &o.retries {
             let status = r.status.map(|s| format!(" (HTTP {s})")).unwrap_or_default();
+            // A fallback's attempts say whose they were.
+            let whose = if r.model == o.model {
+                String::new()
+            } else {
+                format!(" on {}", r.model)
+            };
             notes.push(format!(
-                "attempt {} failed: {}{status}; retried after {} ({})",
+                "attempt {}{whose} failed: {}{status}; retried after {} ({})",
                 r.attempt,
                 r.error,
                 seconds(r.delay),

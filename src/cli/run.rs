@@ -78,20 +78,28 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(handle) = metrics {
         eprintln!("{}", metaorch::telemetry::metrics::summary(handle));
     }
-    Ok(exit_code(&response))
+    Ok(exit_code(&response, config.log_file.as_deref()))
 }
 
-fn exit_code(response: &Response) -> ExitCode {
+fn exit_code(response: &Response, log_file: Option<&std::path::Path>) -> ExitCode {
     if response.ok {
         return ExitCode::SUCCESS;
     }
     let s = &response.summary;
+    // A timeline needs a log to read: point at it, or say how to get one.
+    let more = match log_file {
+        Some(path) => format!(
+            "see the outcomes above, or `metaorch trace {} --log {}`",
+            response.trace_id,
+            path.display()
+        ),
+        None => "see the outcomes above; for a timeline, run again with `--log-file run.log`, then `metaorch trace --last --log run.log`".to_owned(),
+    };
     eprintln!(
-        "error: {} of {} agents succeeded; at least {} required (min_successes). See the outcomes above, or trace {}.",
+        "error: {} of {} agents succeeded; at least {} required (min_successes): {more}",
         s.succeeded,
         response.outcomes.len(),
         s.min_successes,
-        response.trace_id
     );
     ExitCode::from(1)
 }

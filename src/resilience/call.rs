@@ -250,6 +250,7 @@ impl Resilience {
             log_retry(attempt, delay, source, &error);
             let record = RetryRecord {
                 attempt,
+                model: call.request.model.clone(),
                 error: error.kind,
                 status: error.status,
                 delay,

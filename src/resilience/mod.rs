@@ -96,6 +96,8 @@ impl DelaySource {
 pub struct RetryRecord {
     /// The attempt that failed (1 for the first try).
     pub attempt: u32,
+    /// The model the attempt asked for: the agent's, or its fallback's.
+    pub model: String,
     /// How it failed.
     pub error: ErrorKind,
     /// Its HTTP status, if any.

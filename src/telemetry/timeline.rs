@@ -323,6 +323,13 @@ pub struct CriticalPath {
     pub pause_ms: Option<f64>,
 }
 
+/// `x` to `places` decimals: milliseconds to the microsecond, not
+/// `0.11199999999985266`.
+fn round(x: f64, places: i32) -> f64 {
+    let scale = 10f64.powi(places);
+    (x * scale).round() / scale
+}
+
 /// Time an agent spent waiting to retry, not counting a `Retry-After` wait spent in
 /// its provider's queue behind a pause (that is in `pause_ms` already).
 fn retry_wait(a: &AgentRow) -> f64 {
@@ -354,7 +361,7 @@ impl Timeline {
         let at = |v: &Value| {
             time(v)
                 .and_then(|t| t.duration_since(origin).ok())
-                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+                .map_or(0.0, |d| round(d.as_secs_f64() * 1000.0, 3))
         };
 
         let mut agents: BTreeMap<String, AgentRow> = BTreeMap::new();
@@ -462,7 +469,7 @@ impl Timeline {
                     row.end_ms = t;
                     // The end line knows how long the agent ran: that places its start.
                     if let Some(latency) = line["latency_ms"].as_f64() {
-                        row.start_ms = (t - latency).max(0.0);
+                        row.start_ms = round((t - latency).max(0.0), 3);
                     }
                     row.queue_ms = line["queue_ms"].as_f64();
                     row.pause_ms = line["pause_ms"].as_f64();
@@ -504,13 +511,13 @@ impl Timeline {
             .max_by(|a, b| a.end_ms.total_cmp(&b.end_ms))
             .map(|a| CriticalPath {
                 agent_id: a.agent_id.clone(),
-                duration_ms: a.end_ms - a.start_ms,
+                duration_ms: round(a.end_ms - a.start_ms, 3),
                 share: if total_ms > 0.0 {
-                    ((a.end_ms - a.start_ms) / total_ms).min(1.0)
+                    round(((a.end_ms - a.start_ms) / total_ms).min(1.0), 4)
                 } else {
                     1.0
                 },
-                retry_wait_ms: retry_wait(a),
+                retry_wait_ms: round(retry_wait(a), 3),
                 queue_ms: a.queue_ms,
                 pause_ms: a.pause_ms,
             });
