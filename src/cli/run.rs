@@ -38,6 +38,7 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let orchestrator = Orchestrator::builder().config(config.clone()).build()?;
+    orchestrator.prime_metrics();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

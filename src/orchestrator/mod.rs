@@ -128,6 +128,28 @@ impl Orchestrator {
         self.inner.flow.snapshot()
     }
 
+    /// Sets every documented metric to zero for this orchestrator's agents, providers
+    /// and models, so that `/metrics` lists them all before the first request (a no-op
+    /// without an installed recorder).
+    pub fn prime_metrics(&self) {
+        let agents: Vec<(&str, &str, &str)> = self
+            .inner
+            .agents
+            .iter()
+            .map(|a| {
+                (
+                    a.config.id.as_str(),
+                    a.config.provider.as_str(),
+                    a.config.model.as_str(),
+                )
+            })
+            .collect();
+        crate::telemetry::metrics::prime(&agents);
+        for lane in self.lanes() {
+            crate::telemetry::metrics::concurrency_limit(&lane.provider, &lane.model, lane.limit);
+        }
+    }
+
     /// The executor, whose limiter every request shares.
     pub fn executor(&self) -> &Executor {
         &self.inner.executor

@@ -110,6 +110,60 @@ fn describe() {
     );
 }
 
+/// Every documented metric, at zero, for these agents (`(agent, provider, model)`):
+/// dashboards and alerts can be built before the first request, and a series that
+/// has never moved reads 0, not absent. A no-op until a recorder is installed.
+pub fn prime(agents: &[(&str, &str, &str)]) {
+    if !enabled() {
+        return;
+    }
+    for outcome in ["ok", "failed"] {
+        counter!("metaorch_requests_total", "outcome" => outcome).absolute(0);
+    }
+    let _ = histogram!("metaorch_request_duration_seconds");
+    let _ = histogram!("metaorch_limiter_wait_seconds");
+    for reason in [
+        "rate_limited",
+        "overloaded",
+        "server",
+        "timeout",
+        "connection",
+    ] {
+        counter!("metaorch_retries_total", "reason" => reason).absolute(0);
+    }
+    for (agent, provider, model) in agents {
+        let (a, p, m) = (agent.to_string(), provider.to_string(), model.to_string());
+        for outcome in ["succeeded", "failed", "timed_out"] {
+            counter!(
+                "metaorch_agent_calls_total",
+                "agent" => a.clone(), "provider" => p.clone(), "model" => m.clone(), "outcome" => outcome
+            )
+            .absolute(0);
+        }
+        counter!("metaorch_agent_attempts_total", "agent" => a.clone(), "provider" => p.clone(), "model" => m.clone())
+            .absolute(0);
+        let _ = histogram!("metaorch_agent_latency_seconds", "agent" => a.clone());
+        counter!("metaorch_fallbacks_total", "agent" => a).absolute(0);
+        gauge!("metaorch_breaker_state", "provider" => p.clone(), "model" => m.clone()).set(0.0);
+        for to in ["open", "half_open", "closed"] {
+            counter!("metaorch_breaker_transitions_total", "provider" => p.clone(), "model" => m.clone(), "to" => to)
+                .absolute(0);
+        }
+        gauge!("metaorch_in_flight", "provider" => p.clone()).increment(0.0);
+        for direction in ["input", "output"] {
+            counter!("metaorch_tokens_total", "provider" => p.clone(), "model" => m.clone(), "direction" => direction)
+                .absolute(0);
+        }
+        counter!("metaorch_provider_paused_seconds_total", "provider" => p.clone(), "model" => m.clone())
+            .absolute(0);
+        for reason in ["rate_limited", "overloaded", "timeout"] {
+            counter!("metaorch_rate_limited_total", "provider" => p.clone(), "model" => m.clone(), "reason" => reason)
+                .absolute(0);
+        }
+        let _ = histogram!("metaorch_queue_wait_seconds", "provider" => p, "model" => m);
+    }
+}
+
 /// The metric lines of a handle's text, without comments: a summary for a terminal.
 pub fn summary(handle: &PrometheusHandle) -> String {
     handle
