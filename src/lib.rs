@@ -18,11 +18,13 @@ pub mod executor;
 pub mod limits;
 pub mod mock_upstream;
 pub mod orchestrator;
+mod outcome;
 mod per_model;
 pub mod provider;
 pub mod resilience;
 pub mod server;
 pub mod telemetry;
+mod time;
 
 pub use config::Config;
 pub use executor::{AgentOutcome, OutcomeStatus};

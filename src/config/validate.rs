@@ -649,14 +649,16 @@ impl Validator<'_> {
     }
 
     fn http_provider(&mut self, config: &HttpProviderConfig, name: &str, span: Range<usize>) {
-        if let Some(url) = &config.base_url {
-            if !super::is_http_url(url) {
-                self.error(
-                    Some(span.clone()),
-                    format!("providers.{name}.base_url"),
-                    format!("\"{url}\" is not an http(s) URL; expected e.g. \"https://api.anthropic.com\" or \"http://127.0.0.1:11434\""),
-                );
-            }
+        if let Some(url) = config
+            .base_url
+            .as_deref()
+            .filter(|url| !super::is_http_url(url))
+        {
+            self.error(
+                Some(span.clone()),
+                format!("providers.{name}.base_url"),
+                format!("\"{url}\" is not an http(s) URL; expected e.g. \"https://api.anthropic.com\" or \"http://127.0.0.1:11434\""),
+            );
         }
         let env = &config.api_key_env;
         if env.is_empty() || !env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {

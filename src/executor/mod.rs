@@ -11,8 +11,6 @@
 //! timeouts, retries); if that fails and the agent has a fallback, the fallback's text
 //! or the fallback agent's call (through the same policy) takes its place.
 
-mod outcome;
-
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -27,12 +25,14 @@ use tracing::Instrument;
 
 use crate::limits::{FlowLane, Limiter, Permit};
 use crate::provider::{Completion, CompletionRequest, Provider, Usage};
-use crate::resilience::{Call, CallPolicy, CallReport, CircuitBreaker, Resilience, RetryBudget};
+use crate::resilience::{
+    Call, CallPolicy, CallProgress, CallReport, CircuitBreaker, Resilience, RetryBudget,
+};
 
-pub use outcome::{
+pub use crate::outcome::{
     AgentOutcome, FailureKind, FallbackRecord, FallbackSource, OutcomeError, OutcomeStatus,
 };
-pub(crate) use outcome::{as_millis, as_opt_millis, later, millis};
+use crate::time::millis;
 
 /// One agent's work for one request: which provider to call with what.
 #[derive(Debug, Clone)]
@@ -181,9 +181,10 @@ impl Progress {
             events,
         }
     }
+}
 
-    /// Reports a retry to whoever listens.
-    pub(crate) fn retry(&self, retry: &crate::resilience::RetryRecord) {
+impl CallProgress for Progress {
+    fn retry(&self, retry: &crate::resilience::RetryRecord) {
         if let Some((agent_id, sink)) = &self.events {
             let _ = sink.send(AgentEvent::Retry {
                 agent_id: agent_id.clone(),
@@ -192,19 +193,16 @@ impl Progress {
         }
     }
 
-    /// An attempt is about to call the provider.
-    pub(crate) fn attempt_started(&self) {
+    fn attempt_started(&self) {
         self.attempts.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The agent starts (`Some`) or stops (`None`) waiting in a lane's queue.
-    pub(crate) fn queued(&self, lane: Option<&FlowLane>) {
+    fn queued(&self, lane: Option<&FlowLane>) {
         let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
         *queued = lane.map(|l| (Instant::now(), format!("{}/{}", l.provider(), l.model())));
     }
 
-    /// A wait for a concurrency slot ended.
-    pub(crate) fn waited(&self, wait: Duration) {
+    fn waited(&self, wait: Duration) {
         let nanos = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
         self.queue_wait_nanos.fetch_add(nanos, Ordering::AcqRel);
     }

@@ -144,7 +144,7 @@ pub struct LaneSnapshot {
     /// While paused: how long until the pause ends.
     #[serde(
         rename = "paused_for_ms",
-        serialize_with = "crate::executor::as_opt_millis",
+        serialize_with = "crate::time::as_opt_millis",
         skip_serializing_if = "Option::is_none"
     )]
     pub paused_for: Option<Duration>,
@@ -448,7 +448,7 @@ impl FlowLane {
                     event = "flow.pause",
                     provider = %self.provider,
                     model = %self.model,
-                    pause_ms = crate::executor::millis(wait),
+                    pause_ms = crate::time::millis(wait),
                     reason,
                     extended = true,
                     "{}/{} pause extended to {:.3} s from now ({reason})",
@@ -464,7 +464,7 @@ impl FlowLane {
                     event = "flow.pause",
                     provider = %self.provider,
                     model = %self.model,
-                    pause_ms = crate::executor::millis(wait),
+                    pause_ms = crate::time::millis(wait),
                     reason,
                     queued = s.queued,
                     in_flight = s.in_flight,
@@ -594,7 +594,7 @@ impl State {
                 event = "flow.resume",
                 provider = %lane.provider,
                 model = %lane.model,
-                paused_ms = crate::executor::millis(lasted),
+                paused_ms = crate::time::millis(lasted),
                 limit = self.aimd.limit(),
                 queued = self.queued,
                 "{}/{} resumed after a {:.3} s pause",

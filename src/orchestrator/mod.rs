@@ -17,11 +17,12 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{AgentConfig, FallbackConfig};
-use crate::executor::{AgentTask, Executor, Fallback, millis};
+use crate::executor::{AgentTask, Executor, Fallback};
 use crate::limits::{FlowControl, FlowLane, LaneSnapshot};
 use crate::provider::{CompletionRequest, Provider, RequestMeta, Usage};
 use crate::resilience::{BreakerSnapshot, BreakerState, CallPolicy, CircuitBreaker, RetryBudget};
 use crate::telemetry::TraceId;
+use crate::time::millis;
 
 pub use builder::{BuildError, OrchestratorBuilder};
 pub use request::{Request, RequestError};
@@ -215,7 +216,7 @@ impl Orchestrator {
         let inner = &*self.inner;
         let started = Instant::now();
         let timeout = request.timeout.unwrap_or(inner.request_timeout);
-        let deadline = crate::executor::later(started, timeout);
+        let deadline = crate::time::later(started, timeout);
         tracing::info!(
             event = "request.start",
             agents = selected.len(),

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::executor::{AgentOutcome, OutcomeStatus, as_millis};
+use crate::executor::{AgentOutcome, OutcomeStatus};
 use crate::provider::Usage;
 use crate::resilience::BreakerSnapshot;
 use crate::telemetry::TraceId;
+use crate::time::as_millis;
 
 /// The result of one request.
 #[derive(Debug, Clone, Serialize)]

@@ -500,7 +500,6 @@ mod tests {
         };
         let err = s.on_event(&e).unwrap_err();
         assert_eq!((err.kind, err.status), (ErrorKind::Overloaded, None));
-        assert!(crate::resilience::is_retryable(&err));
     }
 
     #[test]

@@ -149,23 +149,6 @@ impl RateLimits {
         };
         (limits != RateLimits::default()).then_some(limits)
     }
-
-    /// The account's limits per minute, as flow control takes them: requests, and
-    /// tokens — Anthropic's input and output limits when it states them (its
-    /// combined `tokens` limit only otherwise), OpenAI's combined one.
-    pub fn per_minute(&self) -> crate::limits::RateConfig {
-        let split = self.input_tokens_limit.is_some() || self.output_tokens_limit.is_some();
-        crate::limits::RateConfig {
-            rpm: self.requests_limit.filter(|n| *n > 0),
-            tpm: if split {
-                None
-            } else {
-                self.tokens_limit.filter(|n| *n > 0)
-            },
-            input_tpm: self.input_tokens_limit.filter(|n| *n > 0),
-            output_tpm: self.output_tokens_limit.filter(|n| *n > 0),
-        }
-    }
 }
 
 /// What every response says beyond its body.

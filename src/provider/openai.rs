@@ -395,10 +395,14 @@ mod tests {
         let body = br#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
         let e = error_from_body(Some(429), body);
         assert_eq!((e.kind, e.status), (ErrorKind::RateLimited, Some(429)));
-        assert!(crate::resilience::is_retryable(&e));
+        assert_eq!(e.should_retry, None, "retried, by its status");
         let body = br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
         let e = error_from_body(Some(429), body);
-        assert!(!crate::resilience::is_retryable(&e));
+        assert_eq!(
+            e.should_retry,
+            Some(false),
+            "an empty balance does not refill"
+        );
     }
 
     #[test]

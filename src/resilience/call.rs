@@ -12,13 +12,29 @@ use super::{
     BreakerPermit, BreakerState, CallPolicy, CallResult, CircuitBreaker, DelaySource, Resilience,
     RetryBudget, RetryRecord, counts_against_provider, is_flow_control, is_retryable,
 };
-use crate::executor::{FailureKind, OutcomeError, Progress, millis};
-use crate::limits::{Feedback, FlowLane, LanePermit, Limiter, Permit, Signal, Turn};
-use crate::provider::{Completion, CompletionRequest, ErrorKind, Provider, ProviderError};
+use crate::limits::{Feedback, FlowLane, LanePermit, Limiter, Permit, RateConfig, Signal, Turn};
+use crate::outcome::{FailureKind, OutcomeError};
+use crate::provider::{
+    Completion, CompletionRequest, ErrorKind, Provider, ProviderError, RateLimits,
+};
+use crate::time::millis;
 
 /// The longest a provider's `Retry-After` pauses its callers: the longest wait a
 /// response may ask for at all ([`crate::provider::retry_after::MAX_RETRY_AFTER`]).
 pub const MAX_PAUSE: Duration = crate::provider::retry_after::MAX_RETRY_AFTER;
+
+/// Where a call reports how far it has got, as it goes: the executor keeps it, to
+/// build an outcome even for a task it has to abort, and to send live events.
+pub(crate) trait CallProgress: Send + Sync {
+    /// A retry is about to happen.
+    fn retry(&self, retry: &RetryRecord);
+    /// An attempt is about to call the provider.
+    fn attempt_started(&self);
+    /// The call starts (`Some`) or stops (`None`) waiting in a lane's queue.
+    fn queued(&self, lane: Option<&FlowLane>);
+    /// A wait to be let through ended.
+    fn waited(&self, wait: Duration);
+}
 
 /// One agent call to make under the policy.
 pub(crate) struct Call<'a> {
@@ -36,7 +52,7 @@ pub(crate) struct Call<'a> {
     pub request: CompletionRequest,
     pub limiter: &'a dyn Limiter,
     pub deadline: Instant,
-    pub progress: &'a Progress,
+    pub progress: &'a dyn CallProgress,
 }
 
 /// What became of a call under the policy.
@@ -218,7 +234,7 @@ impl Resilience {
                     DelaySource::Backoff,
                 ),
             };
-            if crate::executor::later(now, delay) >= call.deadline {
+            if crate::time::later(now, delay) >= call.deadline {
                 refused(attempt, "deadline_exceeded", &error);
                 return report.fail(OutcomeError {
                     kind: FailureKind::DeadlineExceeded,
@@ -430,7 +446,7 @@ fn feedback(sent: &Sent) -> Feedback {
             signal: Signal::Success(sent.took),
             input_tokens: (c.usage.input_tokens > 0).then_some(c.usage.input_tokens),
             output_tokens: c.usage.output_tokens,
-            reported: c.rate_limits.as_ref().map(|r| r.per_minute()),
+            reported: c.rate_limits.as_ref().map(per_minute),
         },
         Err(_) if sent.cut_by_deadline => Feedback::signal(Signal::Neutral),
         Err(e) => Feedback {
@@ -443,8 +459,25 @@ fn feedback(sent: &Sent) -> Feedback {
             },
             input_tokens: None,
             output_tokens: 0,
-            reported: e.rate_limits.as_ref().map(|r| r.per_minute()),
+            reported: e.rate_limits.as_deref().map(per_minute),
         },
+    }
+}
+
+/// The account's limits per minute, as flow control takes them: requests, and tokens —
+/// Anthropic's input and output limits when it states them (its combined `tokens`
+/// limit only otherwise), OpenAI's combined one.
+fn per_minute(r: &RateLimits) -> RateConfig {
+    let split = r.input_tokens_limit.is_some() || r.output_tokens_limit.is_some();
+    RateConfig {
+        rpm: r.requests_limit.filter(|n| *n > 0),
+        tpm: if split {
+            None
+        } else {
+            r.tokens_limit.filter(|n| *n > 0)
+        },
+        input_tpm: r.input_tokens_limit.filter(|n| *n > 0),
+        output_tpm: r.output_tokens_limit.filter(|n| *n > 0),
     }
 }
 
@@ -493,7 +526,7 @@ fn deadline(message: String) -> OutcomeError {
 async fn acquire_slot(
     limiter: &dyn Limiter,
     report: &mut CallReport,
-    progress: &Progress,
+    progress: &dyn CallProgress,
 ) -> Permit {
     if let Some(permit) = limiter.try_acquire() {
         return permit;

@@ -20,12 +20,10 @@ use std::time::Duration;
 
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use serde::Serialize;
 
-use crate::executor::as_millis;
 use crate::per_model::PerModel;
-use crate::provider::ErrorKind;
 
+pub use crate::outcome::{DelaySource, RetryRecord};
 pub use backoff::{Jitter, RetryPolicy};
 pub use breaker::{
     BreakerConfig, BreakerPermit, BreakerSnapshot, BreakerState, CallResult, CircuitBreaker,
@@ -33,7 +31,7 @@ pub use breaker::{
 };
 pub use budget::{RetryBudget, RetryBudgetConfig};
 pub use call::MAX_PAUSE;
-pub(crate) use call::{Call, CallReport};
+pub(crate) use call::{Call, CallProgress, CallReport};
 pub use classify::{counts_against_provider, is_flow_control, is_retryable, kind_is_retryable};
 
 /// The per-agent part of the policy: how to retry, and how long one attempt may take.
@@ -69,45 +67,6 @@ impl CallPolicy {
             ..CallPolicy::default()
         }
     }
-}
-
-/// Why a retry waited as long as it did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DelaySource {
-    /// The policy's backoff and jitter.
-    Backoff,
-    /// The server's `Retry-After` (clamped to `retry_after_max`).
-    RetryAfter,
-}
-
-impl DelaySource {
-    /// The stable snake_case name used in output and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DelaySource::Backoff => "backoff",
-            DelaySource::RetryAfter => "retry_after",
-        }
-    }
-}
-
-/// One retry: which attempt failed, how, and how long the call waited before the next.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RetryRecord {
-    /// The attempt that failed (1 for the first try).
-    pub attempt: u32,
-    /// The model the attempt asked for: the agent's, or its fallback's.
-    pub model: String,
-    /// How it failed.
-    pub error: ErrorKind,
-    /// Its HTTP status, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-    /// The wait before the next attempt.
-    #[serde(rename = "delay_ms", serialize_with = "as_millis")]
-    pub delay: Duration,
-    /// Where the wait came from.
-    pub source: DelaySource,
 }
 
 /// The state the policy shares across every request of a process: the retry budgets

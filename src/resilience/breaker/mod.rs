@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::executor::millis;
+use crate::time::millis;
 use window::{Counts, Settled, Ticket};
 
 /// How the breaker's window is measured.
@@ -133,7 +133,7 @@ pub struct BreakerSnapshot {
     /// While open: how long until probes are let through.
     #[serde(
         rename = "half_open_in_ms",
-        serialize_with = "crate::executor::as_opt_millis",
+        serialize_with = "crate::time::as_opt_millis",
         skip_serializing_if = "Option::is_none"
     )]
     pub retry_in: Option<Duration>,
@@ -324,7 +324,7 @@ impl CircuitBreaker {
         if !self.config.enabled {
             return;
         }
-        let until = until.min(crate::executor::later(
+        let until = until.min(crate::time::later(
             Instant::now(),
             crate::provider::retry_after::MAX_RETRY_AFTER,
         ));
@@ -413,7 +413,7 @@ impl CircuitBreaker {
                     };
                     reason.map(|reason| {
                         inner.set(State::Open {
-                            until: crate::executor::later(now, self.config.open_for),
+                            until: crate::time::later(now, self.config.open_for),
                         });
                         // Report the rates that tripped it, before the reset.
                         Transition {
@@ -471,7 +471,7 @@ impl CircuitBreaker {
 
     fn reopen(&self, inner: &mut Inner, now: Instant, reason: &'static str) -> Transition {
         inner.set(State::Open {
-            until: crate::executor::later(now, self.config.open_for),
+            until: crate::time::later(now, self.config.open_for),
         });
         inner.transition(BreakerState::Open, reason, Some(self.config.open_for))
     }

@@ -1,4 +1,7 @@
-//! `AgentOutcome`: what became of one agent's task. There is exactly one per agent.
+//! The vocabulary of outcomes, spoken by every layer from the resilience policy up:
+//! `AgentOutcome` (what became of one agent's task — exactly one per agent), its
+//! status and failure kinds, fallbacks, and the retries a call made. It sits below the
+//! layers that produce and read it, so that none of them imports another to name it.
 
 use std::fmt;
 use std::time::Duration;
@@ -6,7 +9,7 @@ use std::time::Duration;
 use serde::{Serialize, Serializer};
 
 use crate::provider::{ErrorKind, ProviderError, Usage};
-use crate::resilience::RetryRecord;
+use crate::time::as_millis;
 
 /// How an agent's task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -222,31 +225,41 @@ impl AgentOutcome {
     }
 }
 
-/// Serializes a duration as fractional milliseconds (microsecond precision).
-pub(crate) fn as_millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(millis(*d))
+/// Why a retry waited as long as it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DelaySource {
+    /// The policy's backoff and jitter.
+    Backoff,
+    /// The server's `Retry-After` (clamped to `retry_after_max`).
+    RetryAfter,
 }
 
-/// Serializes an optional duration as fractional milliseconds.
-pub(crate) fn as_opt_millis<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => s.serialize_some(&millis(*d)),
-        None => s.serialize_none(),
+impl DelaySource {
+    /// The stable snake_case name used in output and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DelaySource::Backoff => "backoff",
+            DelaySource::RetryAfter => "retry_after",
+        }
     }
 }
 
-/// A duration as milliseconds, rounded to the microsecond.
-pub(crate) fn millis(d: Duration) -> f64 {
-    (d.as_micros() as f64) / 1000.0
-}
-
-/// As far ahead as an instant is taken to go: a century.
-const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-
-/// `t + d`, held to a century ahead: a deadline or a cool-down computed from a duration
-/// a caller chose never overflows.
-pub(crate) fn later(t: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
-    t.checked_add(d.min(FAR))
-        .or_else(|| t.checked_add(Duration::from_secs(3600)))
-        .unwrap_or(t)
+/// One retry: which attempt failed, how, and how long the call waited before the next.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RetryRecord {
+    /// The attempt that failed (1 for the first try).
+    pub attempt: u32,
+    /// The model the attempt asked for: the agent's, or its fallback's.
+    pub model: String,
+    /// How it failed.
+    pub error: ErrorKind,
+    /// Its HTTP status, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// The wait before the next attempt.
+    #[serde(rename = "delay_ms", serialize_with = "as_millis")]
+    pub delay: Duration,
+    /// Where the wait came from.
+    pub source: DelaySource,
 }
