@@ -8,13 +8,16 @@ use serde::Serialize;
 use crate::executor::{AgentOutcome, OutcomeStatus, as_millis};
 use crate::provider::Usage;
 use crate::resilience::BreakerSnapshot;
-use crate::telemetry::TraceId;
+use crate::telemetry::{RequestId, TraceId};
 
 /// The result of one request.
 #[derive(Debug, Clone, Serialize)]
 pub struct Response {
     /// The request's trace id; every log line of the request carries it.
     pub trace_id: TraceId,
+    /// The request's own id: requests that share a trace id (one caller's
+    /// `traceparent`) are told apart by it. Every log line of the request carries it.
+    pub request_id: RequestId,
     /// The query as asked.
     pub query: String,
     /// The synthesized answer.
