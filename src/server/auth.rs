@@ -159,7 +159,13 @@ mod tests {
         let tokens = Tokens::new(&[Secret::new("s3cret-token"), Secret::new("other")]);
         assert!(tokens.accepts(b"s3cret-token"));
         assert!(tokens.accepts(b"other"));
-        for wrong in [&b""[..], b"s3cret-tokeX", b"s3cret-token ", b"s3cret", b"othe"] {
+        for wrong in [
+            &b""[..],
+            b"s3cret-tokeX",
+            b"s3cret-token ",
+            b"s3cret",
+            b"othe",
+        ] {
             assert!(!tokens.accepts(wrong), "{wrong:?}");
         }
         assert!(Tokens::new(&[]).is_empty());

@@ -101,7 +101,9 @@ pub(super) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Ap
     };
     if let Some(shape) = shape {
         return Err(ApiError::bad_request(
-            format!("the body must be a JSON object, such as {{\"query\": \"...\"}}; it is {shape}"),
+            format!(
+                "the body must be a JSON object, such as {{\"query\": \"...\"}}; it is {shape}"
+            ),
             None,
         ));
     }
@@ -162,7 +164,10 @@ mod tests {
         ] {
             let e = parse::<Body>(body).unwrap_err();
             assert_eq!(e.status(), StatusCode::BAD_REQUEST);
-            assert!(format!("{e:?}").contains(&format!("it is {shape}")), "{e:?}");
+            assert!(
+                format!("{e:?}").contains(&format!("it is {shape}")),
+                "{e:?}"
+            );
         }
     }
 }

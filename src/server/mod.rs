@@ -4,10 +4,10 @@
 //! One orchestrator serves every request, so limits, the retry budget and breakers are
 //! shared as provider keys require. Requests past `max_in_flight` are refused at once
 //! with 503 and `Retry-After`: no unbounded queue. Connections are bounded too
-//! ([`listener`]): slow clients are cut off by header and body timeouts, and past
+//! (`listener.rs`): slow clients are cut off by header and body timeouts, and past
 //! `max_connections` new ones get 503 (`/healthz` still answers). Each request runs in
-//! a task of its own ([`running`]), so one whose client goes away still ends properly.
-//! Shutdown ([`shutdown`]) drains, then closes, within `drain_timeout`.
+//! a task of its own (`running.rs`), so one whose client goes away still ends properly.
+//! Shutdown (`shutdown.rs`) drains, then closes, within `drain_timeout`.
 
 mod auth;
 mod body;
@@ -150,7 +150,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
 }
 
 /// Serves until `shutdown` resolves, then drains and closes within `drain_timeout`
-/// (see [`shutdown`]): readiness fails, new work gets 503, in-flight requests finish or
+/// (see `shutdown.rs`): readiness fails, new work gets 503, in-flight requests finish or
 /// — past the timeout — are cancelled, and every connection closes. Returns once the
 /// last one has.
 pub async fn serve(
@@ -261,7 +261,9 @@ async fn trace(
         (None, Some(r)) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("no recent request of trace {id} has request id {r}; only the most recent ones are kept"),
+            format!(
+                "no recent request of trace {id} has request id {r}; only the most recent ones are kept"
+            ),
         )),
     }
 }

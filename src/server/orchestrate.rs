@@ -75,7 +75,7 @@ pub(super) async fn orchestrate(
                 .event("result")
                 .json_data(redact::response(response))
                 .unwrap_or_default(),
-            Err(e) => error_event(&e.message()),
+            Err(e) => error_event(e.message()),
         };
         Some((Ok(event), (rx, None)))
     });

@@ -15,8 +15,8 @@ use tokio_util::sync::DropGuard;
 
 use super::orchestrate::request_error;
 use super::{Admission, ApiError, ServerState};
-use crate::orchestrator::{Request, RequestError};
 use crate::Response;
+use crate::orchestrator::{Request, RequestError};
 
 /// A request in its task; dropping it cancels the request.
 #[derive(Debug)]

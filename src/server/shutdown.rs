@@ -65,5 +65,8 @@ pub(super) async fn close(state: &ServerState, connections: &mut Connections, de
         let _ = tokio::time::timeout(CANCEL_GRACE, state.requests.wait()).await;
         connections.abort().await;
     }
-    tracing::info!(event = "server.stopped", "stopped: every connection is closed");
+    tracing::info!(
+        event = "server.stopped",
+        "stopped: every connection is closed"
+    );
 }

@@ -135,9 +135,7 @@ where
         LogFormat::Json => JsonLayer::new(writer).with_filter(filter).boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .with_ansi(colours)
-            .fmt_fields(
-                tracing_subscriber::fmt::format::debug_fn(safe_field).delimited(" "),
-            )
+            .fmt_fields(tracing_subscriber::fmt::format::debug_fn(safe_field).delimited(" "))
             .with_writer(writer)
             .with_filter(filter)
             .boxed(),
@@ -146,7 +144,11 @@ where
 
 /// One field of a pretty line, without control characters or escape sequences: a
 /// message or an error from upstream cannot drive the reader's terminal.
-fn safe_field(writer: &mut Writer<'_>, field: &Field, value: &dyn std::fmt::Debug) -> std::fmt::Result {
+fn safe_field(
+    writer: &mut Writer<'_>,
+    field: &Field,
+    value: &dyn std::fmt::Debug,
+) -> std::fmt::Result {
     let text = format!("{value:?}");
     let text = super::terminal_safe_line(&text);
     match field.name() {

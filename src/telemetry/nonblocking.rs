@@ -257,12 +257,19 @@ mod tests {
         drop(guard);
         let text = gate.text();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[..5], ["first", "line 0", "line 1", "line 2", "line 3"]);
+        assert_eq!(
+            lines[..5],
+            ["first", "line 0", "line 1", "line 2", "line 3"]
+        );
         let notice: serde_json::Value = serde_json::from_str(lines[5]).unwrap();
         assert_eq!(notice["event"], "log.dropped");
         assert_eq!(notice["dropped"], 96);
         assert_eq!(notice["level"], "WARN");
         assert_eq!(lines.len(), 6);
-        assert_eq!(writer.unreported.load(Ordering::Relaxed), 0, "reported once");
+        assert_eq!(
+            writer.unreported.load(Ordering::Relaxed),
+            0,
+            "reported once"
+        );
     }
 }

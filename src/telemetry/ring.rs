@@ -167,14 +167,23 @@ mod tests {
     fn oldest_lines_go_first_and_timelines_are_read_back() {
         let ring = TraceRing::new(500);
         let id = "0123456789abcdef0123456789abcdef";
-        let l = line(id, "00f067aa0ba902b7", "agent.success", ",\"agent_id\":\"a\"");
+        let l = line(
+            id,
+            "00f067aa0ba902b7",
+            "agent.success",
+            ",\"agent_id\":\"a\"",
+        );
         for _ in 0..10 {
             ring.make_writer().write_all(l.as_bytes()).unwrap();
         }
         assert!(ring.len() < 10 && !ring.is_empty(), "bounded by bytes");
         let t = ring.timeline(id).unwrap();
         assert_eq!(t.agents[0].agent_id, "a");
-        assert_eq!(t.lines.lines as usize, ring.len(), "only this trace's lines read");
+        assert_eq!(
+            t.lines.lines as usize,
+            ring.len(),
+            "only this trace's lines read"
+        );
         assert!(ring.timeline("ffffffffffffffffffffffffffffffff").is_none());
         assert!(ring.timeline("not a trace id").is_none());
     }
@@ -183,7 +192,8 @@ mod tests {
     fn lines_outside_a_request_are_not_kept_and_evicted_traces_leave_the_index() {
         let ring = TraceRing::new(400);
         let mut w = ring.make_writer();
-        w.write_all(b"{\"trace_id\":null,\"event\":\"server.start\"}\n").unwrap();
+        w.write_all(b"{\"trace_id\":null,\"event\":\"server.start\"}\n")
+            .unwrap();
         assert!(ring.is_empty());
         let a = "0123456789abcdef0123456789abcdef";
         let b = "fedcba9876543210fedcba9876543210";
@@ -209,8 +219,13 @@ mod tests {
             w.write_all(line(id, request, "request.start", "").as_bytes())
                 .unwrap();
             w.write_all(
-                line(id, request, "agent.success", &format!(",\"agent_id\":\"{agent}\""))
-                    .as_bytes(),
+                line(
+                    id,
+                    request,
+                    "agent.success",
+                    &format!(",\"agent_id\":\"{agent}\""),
+                )
+                .as_bytes(),
             )
             .unwrap();
         }

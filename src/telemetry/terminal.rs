@@ -36,7 +36,10 @@ pub fn terminal_safe_line(text: &str) -> Cow<'_, str> {
 }
 
 fn clean(text: &str, one_line: bool) -> Cow<'_, str> {
-    if !text.chars().any(|c| unsafe_char(c) || (one_line && c == '\n')) {
+    if !text
+        .chars()
+        .any(|c| unsafe_char(c) || (one_line && c == '\n'))
+    {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len());

@@ -793,6 +793,73 @@ mod tests {
     }
 
     #[test]
+    fn two_requests_of_one_trace_are_two_timelines() {
+        let r = |id: &str| format!(r#","request_id":"{id}""#);
+        let lines = vec![
+            line(A, "00.000", "request.start", &r("00000000000000a1")),
+            line(A, "00.100", "request.start", &r("00000000000000b2")),
+            line(
+                A,
+                "00.500",
+                "agent.success",
+                &format!(r#"{},"agent_id":"x""#, r("00000000000000a1")),
+            ),
+            line(
+                A,
+                "00.600",
+                "agent.timeout",
+                &format!(
+                    r#"{},"agent_id":"y","error.kind":"cancelled""#,
+                    r("00000000000000b2")
+                ),
+            ),
+            line(
+                A,
+                "00.700",
+                "request.finish",
+                &format!(
+                    r#"{},"status":"cancelled","ok":false"#,
+                    r("00000000000000b2")
+                ),
+            ),
+            line(
+                A,
+                "00.800",
+                "request.finish",
+                &format!(r#"{},"status":"ok","ok":true"#, r("00000000000000a1")),
+            ),
+        ];
+        let mut s = Scanner::new(Select::Trace(A.into()));
+        feed(&mut s, &lines);
+        let all = s.finish_all();
+        assert_eq!(all.len(), 2);
+        let ids: Vec<_> = all.iter().map(|t| t.request_id.clone().unwrap()).collect();
+        assert_eq!(ids, ["00000000000000a1", "00000000000000b2"], "start order");
+        assert_eq!(all[0].agents.len(), 1);
+        assert_eq!(all[0].agents[0].agent_id, "x");
+        assert_eq!((all[0].status.as_str(), all[0].finished), ("ok", true));
+        assert_eq!(all[1].agents[0].agent_id, "y");
+        assert_eq!(all[1].status, "cancelled");
+        assert_eq!(all[1].requests.len(), 2);
+
+        let mut s = Scanner::new(Select::Request {
+            trace_id: A.into(),
+            request_id: "00000000000000a1".into(),
+        });
+        feed(&mut s, &lines);
+        let one = s.finish().unwrap();
+        assert_eq!(one.agents[0].agent_id, "x");
+        assert!(one.requests.is_empty(), "only the request asked for");
+
+        // `--last` picks the request that started last, not the trace.
+        let mut s = Scanner::new(Select::Last);
+        feed(&mut s, &lines);
+        let last = s.finish().unwrap();
+        assert_eq!(last.request_id.as_deref(), Some("00000000000000b2"));
+        assert_eq!(last.agents.len(), 1);
+    }
+
+    #[test]
     fn nothing_found_is_none() {
         let mut s = Scanner::new(Select::Trace(A.into()));
         s.feed(line(B, "00.000", "request.start", "").as_bytes());
