@@ -1,5 +1,7 @@
 //! `metaorch serve` over 127.0.0.1: the API, its errors, auth, traceparent, draining,
-//! admission under load, and the official OpenAI Python client.
+//! admission under load, and the official OpenAI Python client; and its edges — slow
+//! and silent clients, the connection cap, a bounded drain, clients that leave,
+//! requests that share a trace, upstream errors kept from clients.
 
 mod common;
 
@@ -7,12 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::InFlightCounter;
+use common::{Behaviour, InFlightCounter, Scripted};
 use metaorch::config::{Config, ServerConfig};
-use metaorch::provider::{Provider, Secret};
+use metaorch::provider::{ErrorKind, Provider, ProviderError, Secret};
 use metaorch::server::{ServerState, serve};
 use metaorch::{Orchestrator, telemetry::TraceRing};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 struct Server {
@@ -381,14 +385,57 @@ async fn every_bad_request_gets_a_json_error_that_says_why() {
             400,
             "not a trace id",
         ),
+        (
+            client().get(format!(
+                "{}/v1/traces/4bf92f3577b34da6a3ce929d0e0e4736?request_id=nope",
+                server.url
+            )),
+            400,
+            "not a request id",
+        ),
+        (
+            client().post(&orchestrate).json(&json!(["x"])),
+            400,
+            "must be a JSON object",
+        ),
+        (
+            client()
+                .post(&orchestrate)
+                .header("content-type", "application/jsonx")
+                .body(r#"{"query":"x"}"#),
+            415,
+            "Content-Type: application/json",
+        ),
+        (
+            client().get(&orchestrate),
+            405,
+            "GET is not allowed on /v1/orchestrate",
+        ),
+        (
+            client().delete(format!("{}/healthz", server.url)),
+            405,
+            "DELETE is not allowed on /healthz",
+        ),
     ];
     for (request, status, says) in cases {
         let response = request.send().await.unwrap();
         assert_eq!(response.status().as_u16(), status, "{says}");
+        if status == 405 {
+            assert!(response.headers().contains_key("allow"), "{says}");
+        }
         let body: Value = response.json().await.unwrap();
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains(says), "{status}: {message}");
     }
+    // JSON with parameters is JSON.
+    let ok = client()
+        .post(&orchestrate)
+        .header("content-type", "Application/JSON; charset=utf-8")
+        .body(r#"{"query":"x"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
     server.stop().await;
 }
 
@@ -436,7 +483,72 @@ async fn bearer_auth_when_tokens_are_configured() {
         .send()
         .await
         .unwrap();
-    assert_eq!(ready.status(), 401, "everything else needs the token");
+    assert_eq!(ready.status(), 200, "probes carry no token");
+    let metrics = client()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 401, "metrics need the token by default");
+    let agents = client()
+        .get(format!("{}/v1/agents", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(agents.status(), 401, "everything else needs the token");
+
+    // The scheme in any case; one Authorization header, not two.
+    let lower = client()
+        .post(&url)
+        .header("authorization", "bearer other")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status(), 200);
+    let two = client()
+        .post(&url)
+        .header("authorization", "Bearer other")
+        .header("authorization", "Bearer other")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(two.status(), 401);
+    assert_eq!(two.headers()["www-authenticate"], "Bearer");
+    let error: Value = two.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("one Authorization header"),
+        "{error}"
+    );
+    server.stop().await;
+
+    // `server.metrics_auth = false`: a scraper needs no token.
+    let server = Server::start(
+        ServerConfig {
+            auth_tokens: vec![Secret::new("s3cret-token")],
+            metrics_auth: false,
+            ..ServerConfig::default()
+        },
+        None,
+        1,
+    )
+    .await;
+    let metrics = client()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    let agents = client()
+        .get(format!("{}/v1/agents", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(agents.status(), 401);
     server.stop().await;
 }
 
@@ -782,4 +894,662 @@ provider = "flaky"
         "histograms have buckets"
     );
     server.stop().await;
+}
+
+// ---- Hardening the edges: slow clients, connection caps, drains, disconnects. ----
+
+/// A safety bound on waits that should end long before it: a test that hits it has
+/// found a hang, not a slow machine.
+const BOUND: Duration = Duration::from_secs(20);
+
+/// A raw connection, for the clients reqwest cannot be: slow, silent or half-sent.
+async fn raw(url: &str) -> TcpStream {
+    TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap()
+}
+
+/// Everything the server sends until it closes the connection.
+async fn read_to_close(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    match tokio::time::timeout(BOUND, stream.read_to_end(&mut buf)).await {
+        // A reset is a close too.
+        Ok(_) => String::from_utf8_lossy(&buf).into_owned(),
+        Err(_) => panic!("the server kept the connection open"),
+    }
+}
+
+/// Sends `request` and reads one response (headers and a `Content-Length` body).
+async fn exchange(stream: &mut TcpStream, request: &str) -> String {
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let read = async {
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "closed mid-response: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    })
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + length {
+                    return text;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(BOUND, read).await.expect("a response")
+}
+
+/// Waits for `done` to hold, within [`BOUND`].
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let waited = tokio::time::timeout(BOUND, async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "never happened: {what}");
+}
+
+/// Two agents, `a` and `b`, on whatever provider the test puts in place of `sim`, with
+/// a single attempt each.
+fn two_agents(extra: &str) -> Config {
+    Config::from_toml_str(
+        &format!(
+            "{extra}\n[defaults.retry]\nmax_attempts = 1\n[[agents]]\nid = \"a\"\nprovider = \"sim\"\n[[agents]]\nid = \"b\"\nprovider = \"sim\"\n"
+        ),
+        "two.toml",
+    )
+    .unwrap()
+}
+
+fn hanging() -> Arc<dyn Provider> {
+    Arc::new(Scripted::new(&[
+        ("a", Behaviour::Hang),
+        ("b", Behaviour::Hang),
+    ]))
+}
+
+async fn timeline(url: &str, trace_id: &str, query: &str) -> (u16, Value) {
+    let r = client()
+        .get(format!("{url}/v1/traces/{trace_id}{query}"))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_client_slow_to_send_its_headers_or_silent_is_closed() {
+    let server = Server::start(
+        ServerConfig {
+            header_read_timeout: Duration::from_millis(200),
+            ..ServerConfig::default()
+        },
+        None,
+        1,
+    )
+    .await;
+    let mut slow = raw(&server.url).await;
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: 1")
+        .await
+        .unwrap();
+    let mut silent = raw(&server.url).await;
+    let said = read_to_close(&mut slow).await;
+    assert!(!said.contains("200 OK"), "never served: {said:?}");
+    read_to_close(&mut silent).await;
+    // An idle keep-alive connection is closed the same way after its last response.
+    let mut kept = raw(&server.url).await;
+    let first = exchange(&mut kept, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    read_to_close(&mut kept).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_too_slow_to_arrive_is_answered_408_and_its_connection_closed() {
+    let server = Server::start(
+        ServerConfig {
+            body_read_timeout: Duration::from_millis(200),
+            ..ServerConfig::default()
+        },
+        None,
+        1,
+    )
+    .await;
+    let mut slow = raw(&server.url).await;
+    slow.write_all(
+        b"POST /v1/orchestrate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"query\"",
+    )
+    .await
+    .unwrap();
+    let said = read_to_close(&mut slow).await;
+    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    assert!(
+        said.to_ascii_lowercase().contains("connection: close"),
+        "{said}"
+    );
+    assert!(said.contains("server.body_read_timeout"), "{said}");
+    assert_eq!(server.state.in_flight(), 0, "never admitted");
+    server.stop().await;
+}
+
+/// Past `max_connections`: the API answers 503 and `/healthz` 200 on the overflow
+/// connections; past those, connections are closed at once; a freed slot serves again.
+#[tokio::test]
+async fn past_max_connections_new_ones_get_503_healthz_answers_and_then_they_are_refused() {
+    let server = Server::start(
+        ServerConfig {
+            max_connections: 4,
+            header_read_timeout: Duration::from_secs(30),
+            ..ServerConfig::default()
+        },
+        None,
+        1,
+    )
+    .await;
+    let mut kept = Vec::new();
+    for _ in 0..4 {
+        let mut s = raw(&server.url).await;
+        let r = exchange(&mut s, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        kept.push(s);
+    }
+    let full = client()
+        .get(format!("{}/v1/agents", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(full.status(), 503);
+    assert_eq!(full.headers()["retry-after"], "1");
+    let error: Value = full.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("server.max_connections"),
+        "{error}"
+    );
+    let health = client()
+        .get(format!("{}/healthz", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200, "probes still answered");
+
+    // Fill the overflow with half-sent requests: the next connection is closed unserved.
+    let mut waiting = Vec::new();
+    for _ in 0..metaorch::server::OVERFLOW_CONNECTIONS {
+        let mut s = raw(&server.url).await;
+        s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        waiting.push(s);
+    }
+    let mut refused = raw(&server.url).await;
+    let _ = refused
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    assert_eq!(
+        read_to_close(&mut refused).await,
+        "",
+        "closed without an answer"
+    );
+
+    // A connection that closes frees its slot.
+    drop(kept.pop());
+    drop(waiting);
+    let url = format!("{}/v1/agents", server.url);
+    let mut status = 0;
+    for _ in 0..400 {
+        status = client().get(&url).send().await.unwrap().status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(status, 200);
+    server.stop().await;
+}
+
+/// The tail of the issue: 500 clients sending their headers slowly and 3,000 idle
+/// connections, held open (long timeouts), while normal requests are served. The
+/// figures are printed (`--nocapture`), not asserted: the test pins that every normal
+/// request is answered and that the held connections are still served afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_header_clients_and_idle_connections_do_not_hold_up_normal_requests() {
+    const SLOW: usize = 500;
+    const IDLE: usize = 3_000;
+    if !enough_files((2 * (SLOW + IDLE) + 2_000) as u64) {
+        eprintln!(
+            "SKIPPED slow_header_clients_and_idle_connections_do_not_hold_up_normal_requests: the open-file limit is below {}",
+            2 * (SLOW + IDLE) + 2_000
+        );
+        return;
+    }
+    let server = Server::start(
+        ServerConfig {
+            header_read_timeout: Duration::from_secs(120),
+            ..ServerConfig::default()
+        },
+        None,
+        1,
+    )
+    .await;
+    let client = client();
+    let url = format!("{}/v1/orchestrate", server.url);
+    let alone = latencies(&client, &url, 60).await;
+
+    let mut held = Vec::with_capacity(SLOW + IDLE);
+    for _ in 0..SLOW {
+        let mut s = raw(&server.url).await;
+        s.write_all(b"POST /v1/orchestrate HTTP/1.1\r\nHost: x\r\nContent-Ty")
+            .await
+            .unwrap();
+        held.push(s);
+    }
+    for _ in 0..IDLE {
+        held.push(raw(&server.url).await);
+    }
+    let crowded = latencies(&client, &url, 60).await;
+    eprintln!(
+        "normal requests (6 sim agents at 1 ms), p50 / p90 / max: alone {} ; with {SLOW} slow-header clients and {IDLE} idle connections open {}",
+        figures(&alone),
+        figures(&crowded)
+    );
+    // The crowd was held, not dropped: its last idle connection is served now.
+    let last = held.last_mut().unwrap();
+    let r = exchange(last, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    drop(held);
+    server.stop().await;
+}
+
+/// `n` orchestrate requests one after another, each answered 200; their latencies.
+async fn latencies(client: &reqwest::Client, url: &str, n: usize) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let started = std::time::Instant::now();
+        let r = client
+            .post(url)
+            .json(&json!({"query": format!("q{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await.unwrap();
+        out.push(started.elapsed());
+    }
+    out.sort();
+    out
+}
+
+fn figures(sorted: &[Duration]) -> String {
+    let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
+    format!("{:.2} / {:.2} / {:.2} ms", at(0.5), at(0.9), at(1.0))
+}
+
+/// Raises the open-file limit to `n` if it is lower and the hard limit allows; whether
+/// `n` files can be open.
+fn enough_files(n: u64) -> bool {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return false;
+        }
+        if limit.rlim_cur >= n as libc::rlim_t {
+            return true;
+        }
+        if limit.rlim_max < n as libc::rlim_t {
+            return false;
+        }
+        limit.rlim_cur = n as libc::rlim_t;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+    }
+}
+
+/// A request whose client goes away mid-request still ends inside metaorch: its
+/// outcomes and `request.finish` logged as `cancelled`, counted, its timeline finished.
+#[tokio::test]
+async fn a_client_that_disconnects_mid_request_leaves_a_finished_cancelled_request() {
+    let server = Server::start_with(two_agents(""), ServerConfig::default(), Some(hanging())).await;
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let body = r#"{"query": "will you wait?"}"#;
+    let mut gone = raw(&server.url).await;
+    gone.write_all(
+        format!(
+            "POST /v1/orchestrate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\ntraceparent: 00-{trace_id}-00f067aa0ba902b7-01\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    until("the request is admitted", || server.state.in_flight() == 1).await;
+    drop(gone);
+    until("the request ends", || server.state.in_flight() == 0).await;
+
+    let (status, t) = timeline(&server.url, trace_id, "").await;
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(t["finished"], true, "{t}");
+    assert_eq!(t["status"], "cancelled", "{t}");
+    let agents = t["agents"].as_array().unwrap();
+    assert_eq!(agents.len(), 2, "{t}");
+    for a in agents {
+        assert_eq!(a["status"], "timed_out", "{a}");
+        assert_eq!(a["error"]["kind"], "cancelled", "{a}");
+    }
+    let metrics = client()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"metaorch_requests_total{outcome="cancelled"}"#),
+        "counted"
+    );
+    server.stop().await;
+}
+
+/// The same through the streaming chat completion: the client leaves after the first
+/// chunk.
+#[tokio::test]
+async fn a_streaming_client_that_leaves_cancels_its_request() {
+    let server = Server::start_with(two_agents(""), ServerConfig::default(), Some(hanging())).await;
+    let trace_id = "6bf92f3577b34da6a3ce929d0e0e4736";
+    let response = client()
+        .post(format!("{}/v1/chat/completions", server.url))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&json!({"model": "metaorch", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(server.state.in_flight(), 1);
+    drop(response);
+    until("the request ends", || server.state.in_flight() == 0).await;
+    let (_, t) = timeline(&server.url, trace_id, "").await;
+    assert_eq!(t["status"], "cancelled", "{t}");
+    assert_eq!(t["finished"], true, "{t}");
+    server.stop().await;
+}
+
+/// `drain_timeout` is a hard bound: past it, the request in flight is cancelled (and
+/// logged as such), and a half-sent request and a slow body do not keep the server up.
+#[tokio::test]
+async fn past_the_drain_timeout_requests_are_cancelled_and_the_server_stops() {
+    let mut server = Server::start_with(
+        two_agents(""),
+        ServerConfig {
+            drain_timeout: Duration::from_millis(300),
+            ..ServerConfig::default()
+        },
+        Some(hanging()),
+    )
+    .await;
+    let trace_id = "7bf92f3577b34da6a3ce929d0e0e4736";
+    let url = format!("{}/v1/orchestrate", server.url);
+    let in_flight = tokio::spawn(async move {
+        let r = client()
+            .post(url)
+            .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+            .json(&json!({"query": "forever"}))
+            .send()
+            .await;
+        match r {
+            Ok(r) => Some(r.json::<Value>().await.ok()),
+            Err(_) => None,
+        }
+    });
+    let mut half_sent = raw(&server.url).await;
+    half_sent
+        .write_all(b"POST /v1/orchestrate HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut slow_body = raw(&server.url).await;
+    slow_body
+        .write_all(b"POST /v1/orchestrate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{")
+        .await
+        .unwrap();
+    until("the request is admitted", || server.state.in_flight() == 1).await;
+
+    let _ = server.stop.take().unwrap().send(());
+    let stopped = tokio::time::timeout(BOUND, &mut server.task).await;
+    assert!(matches!(stopped, Ok(Ok(Ok(())))), "the server stopped");
+    read_to_close(&mut half_sent).await;
+    read_to_close(&mut slow_body).await;
+    // The client got the cancelled outcomes, or lost its connection: either way the
+    // request ended inside metaorch.
+    if let Some(Some(body)) = in_flight.await.unwrap() {
+        assert_eq!(body["outcomes"][0]["error"]["kind"], "cancelled", "{body}");
+    }
+    let t = ring()
+        .timeline(trace_id)
+        .expect("its lines are in the ring");
+    assert!(t.finished);
+    assert_eq!(t.status, "cancelled");
+    assert!(
+        t.agents
+            .iter()
+            .all(|a| a.error.as_ref().is_some_and(|e| e.kind == "cancelled")),
+        "{t:?}"
+    );
+}
+
+/// `timeout_ms` may shorten the server's deadline, never lengthen it past
+/// `server.max_request_timeout`.
+#[tokio::test]
+async fn a_request_cannot_lengthen_its_deadline_past_the_servers_bound() {
+    let server = Server::start_with(
+        two_agents("request_timeout = \"10m\""),
+        ServerConfig {
+            max_request_timeout: Some(Duration::from_millis(100)),
+            ..ServerConfig::default()
+        },
+        Some(hanging()),
+    )
+    .await;
+    let url = format!("{}/v1/orchestrate", server.url);
+    for body in [
+        json!({"query": "q", "timeout_ms": 600_000}),
+        json!({"query": "q"}),
+    ] {
+        let r = tokio::time::timeout(BOUND, post(&url, body))
+            .await
+            .expect("held to 100 ms, not 10 minutes");
+        let body: Value = r.json().await.unwrap();
+        for o in body["outcomes"].as_array().unwrap() {
+            assert_eq!(o["error"]["kind"], "deadline_exceeded", "{o}");
+        }
+    }
+    server.stop().await;
+}
+
+/// Two requests inside one caller's `traceparent` are two requests: two request ids,
+/// two timelines.
+#[tokio::test]
+async fn two_requests_in_one_traceparent_stay_two() {
+    let server = Server::start(ServerConfig::default(), None, 1).await;
+    let trace_id = "8bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request_ids = Vec::new();
+    for agents in [json!(["critic"]), json!(["writer", "planner"])] {
+        let r = client()
+            .post(format!("{}/v1/orchestrate", server.url))
+            .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+            .json(&json!({"query": "q", "agents": agents}))
+            .send()
+            .await
+            .unwrap();
+        let header = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["trace_id"], trace_id);
+        assert_eq!(body["request_id"], header);
+        request_ids.push(header);
+    }
+    assert_ne!(request_ids[0], request_ids[1]);
+
+    let (_, last) = timeline(&server.url, trace_id, "").await;
+    assert_eq!(last["request_id"], request_ids[1], "{last}");
+    assert_eq!(last["agents"].as_array().unwrap().len(), 2, "{last}");
+    assert_eq!(last["requests"].as_array().unwrap().len(), 2, "{last}");
+    let (_, first) = timeline(
+        &server.url,
+        trace_id,
+        &format!("?request_id={}", request_ids[0]),
+    )
+    .await;
+    assert_eq!(first["request_id"], request_ids[0]);
+    let agents: Vec<_> = first["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["agent_id"].clone())
+        .collect();
+    assert_eq!(agents, [json!("critic")], "{first}");
+    let (status, _) = timeline(&server.url, trace_id, "?request_id=0000000000000001").await;
+    assert_eq!(status, 404);
+    server.stop().await;
+}
+
+/// Upstream error bodies stay in the log; clients get the kind, the status and a
+/// sentence of metaorch's own, and URLs without their credentials.
+#[tokio::test]
+async fn upstream_error_bodies_are_not_forwarded_to_clients() {
+    let provider: Arc<dyn Provider> = Arc::new(Scripted::new(&[
+        (
+            "a",
+            Behaviour::Fail(
+                Duration::ZERO,
+                ProviderError::new(
+                    ErrorKind::Server,
+                    "{\"error\":\"org-secret-42 is over its quota\"} (request-id req_abc123)",
+                )
+                .with_status(500),
+            ),
+        ),
+        (
+            "b",
+            Behaviour::Fail(
+                Duration::ZERO,
+                ProviderError::new(
+                    ErrorKind::Connection,
+                    "error sending request for url (https://user:hunter2@upstream.example/v1/messages?key=sk-live-1): connection refused",
+                ),
+            ),
+        ),
+    ]));
+    let server = Server::start_with(
+        two_agents("min_successes = 0"),
+        ServerConfig::default(),
+        Some(provider),
+    )
+    .await;
+    let trace_id = "9bf92f3577b34da6a3ce929d0e0e4736";
+    let text = client()
+        .post(format!("{}/v1/orchestrate", server.url))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&json!({"query": "q"}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for secret in ["org-secret-42", "req_abc123", "hunter2", "sk-live-1"] {
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+    }
+    let body: Value = serde_json::from_str(&text).unwrap();
+    let a = &body["outcomes"][0]["error"];
+    assert_eq!(
+        (a["kind"].as_str(), a["status"].as_u64()),
+        (Some("server"), Some(500))
+    );
+    assert_eq!(a["message"], "the provider failed with a server error");
+    assert_eq!(
+        body["outcomes"][1]["error"]["message"],
+        "error sending request for url (https://upstream.example/v1/messages): connection refused"
+    );
+    // The log keeps the whole story, request id included.
+    let (_, t) = timeline(&server.url, trace_id, "").await;
+    assert!(t.to_string().contains("req_abc123"), "{t}");
+    server.stop().await;
+}
+
+#[test]
+fn server_keys_are_read_and_bounded() {
+    let config = Config::from_toml_str(
+        "[server]\nmax_connections = 100\nheader_read_timeout = \"5s\"\nbody_read_timeout = \"1m\"\nmax_request_timeout = \"2m\"\nmetrics_auth = false\ndrain_timeout = \"0s\"\n",
+        "server.toml",
+    )
+    .unwrap();
+    let s = &config.server;
+    assert_eq!(s.max_connections, 100);
+    assert_eq!(s.header_read_timeout, Duration::from_secs(5));
+    assert_eq!(s.body_read_timeout, Duration::from_secs(60));
+    assert_eq!(s.max_request_timeout, Some(Duration::from_secs(120)));
+    assert!(!s.metrics_auth);
+    assert_eq!(s.drain_timeout, Duration::ZERO, "zero: cancel at once");
+    let debug = format!("{s:?}");
+    assert!(debug.contains("max_connections: 100") && debug.contains("metrics_auth: false"));
+
+    let defaults = Config::from_toml_str("", "empty.toml").unwrap().server;
+    assert_eq!(defaults.max_connections, 4096);
+    assert_eq!(defaults.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(defaults.body_read_timeout, Duration::from_secs(30));
+    assert_eq!(
+        defaults.max_request_timeout, None,
+        "the config's request_timeout"
+    );
+    assert!(defaults.metrics_auth);
+
+    for (toml, says) in [
+        (
+            "max_connections = 0",
+            "server.max_connections: 0 would refuse every request",
+        ),
+        (
+            "max_connections = 2000000",
+            "2000000 is out of range; expected 1 to 1000000",
+        ),
+        (
+            "header_read_timeout = \"0s\"",
+            "0 would close every connection before its first request",
+        ),
+        (
+            "header_read_timeout = \"10m\"",
+            "\"10m\" is too long; expected at most \"5m\"",
+        ),
+        (
+            "body_read_timeout = \"1h\"",
+            "server.body_read_timeout: \"1h\" is too long; expected at most \"10m\"",
+        ),
+        ("max_request_timeout = \"2h\"", "expected at most \"1h\""),
+        (
+            "drain_timeout = \"2h\"",
+            "server.drain_timeout: \"2h\" is too long",
+        ),
+        ("max_body_bytes = 100000000", "expected 1 to 67108864"),
+    ] {
+        let e = Config::from_toml_str(&format!("[server]\n{toml}\n"), "bad.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{toml}: {e}");
+    }
 }

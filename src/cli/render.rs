@@ -1,9 +1,12 @@
-//! Text output for people: a table of agent outcomes, the answer, the trace id.
+//! Text output for people: a table of agent outcomes, the answer, the trace id. The
+//! replies and errors in it come from upstream, so the whole is stripped of control
+//! characters and escape sequences before it reaches a terminal.
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use metaorch::config::Config;
+use metaorch::telemetry::terminal_safe;
 use metaorch::{OutcomeStatus, Response};
 
 /// The whole text report of a response.
@@ -119,7 +122,7 @@ pub fn response(response: &Response, config: &Config) -> String {
     );
     let _ = writeln!(out, "\n{}\n", response.answer);
     let _ = writeln!(out, "trace_id: {}", response.trace_id);
-    out
+    terminal_safe(&out).into_owned()
 }
 
 fn seconds(d: Duration) -> String {

@@ -2,17 +2,22 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use metaorch::Orchestrator;
 use metaorch::config::Overrides;
 use metaorch::server::{ServerState, serve as run_server};
-use metaorch::telemetry::{TraceRing, init_telemetry, otel};
+use metaorch::telemetry::{TraceRing, init_server_telemetry, otel};
 
 use super::args::{Cli, ServeArgs};
 
 /// Recent log lines kept for `GET /v1/traces/{id}`.
 const RING_BYTES: usize = 16 << 20;
+
+/// How long the runtime may take, once the server has returned, to stop what is left
+/// (an exporter's last batch): the process exits within it.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
 
 pub fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let config = match super::config_or_exit(cli, Overrides::default()) {
@@ -20,7 +25,9 @@ pub fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     let ring = TraceRing::new(RING_BYTES);
-    let otel = init_telemetry(
+    // Log lines go through a queue and a thread of their own: a slow disk or pipe
+    // never blocks the workers that serve requests.
+    let telemetry = init_server_telemetry(
         // A server's log is read later: info unless told otherwise.
         config.log_level.as_deref().unwrap_or("info"),
         cli.log_format.into(),
@@ -52,13 +59,25 @@ pub fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
             config.origin,
             if server.auth_tokens.is_empty() { ", no auth" } else { ", bearer auth" }
         );
+        if server.auth_tokens.is_empty() && !server.bind.is_loopback() {
+            eprintln!(
+                "warning: listening on {} with no bearer token: anyone who can reach this address can run requests on your provider keys; set server.auth_tokens or METAORCH_SERVER_TOKENS, or bind 127.0.0.1",
+                server.bind
+            );
+            tracing::warn!(
+                event = "server.unauthenticated",
+                addr = %local,
+                "serving a non-loopback address with no bearer token"
+            );
+        }
         tracing::info!(event = "server.start", addr = %local, agents = orchestrator.agents().count(), "serving");
         let state = ServerState::new(orchestrator, server, Some(ring));
         run_server(listener, state, super::shutdown_signal()).await?;
         Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
     });
-    // Flush the last spans outside the runtime.
-    drop(runtime);
-    drop(otel);
+    // The server has drained; whatever task is left must not keep the process.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    // Outside the runtime: write the queued log lines, flush the last spans.
+    drop(telemetry);
     code
 }

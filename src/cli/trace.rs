@@ -1,5 +1,12 @@
-//! `metaorch trace TRACE_ID | --last [--log FILE ...]`: one request's timeline, read
-//! from JSON log lines as a stream (files, gzip, or stdin).
+//! `metaorch trace TRACE_ID[/REQUEST_ID] | --last [--log FILE ...]`: one request's
+//! timeline, read from JSON log lines as a stream (files, gzip, or stdin).
+//!
+//! One trace id may hold several requests (a caller's `traceparent` shared by several
+//! calls); each has its own request id. The text output shows every request of the
+//! trace, one after another; `--format json` shows the one that started last (or the
+//! one named by `TRACE_ID/REQUEST_ID`) with the others listed in `requests`. Text that
+//! came from upstream is stripped of control characters before it reaches the
+//! terminal.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -9,8 +16,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use metaorch::config::Overrides;
-use metaorch::telemetry::TraceId;
 use metaorch::telemetry::timeline::{AgentRow, Scanner, Select, Timeline};
+use metaorch::telemetry::{RequestId, TraceId, terminal_safe};
 
 use super::args::{Cli, OutputFormat, TraceArgs};
 
@@ -20,14 +27,7 @@ const BUFFER: usize = 1 << 18;
 
 pub fn trace(cli: &Cli, args: &TraceArgs) -> anyhow::Result<ExitCode> {
     let select = match &args.trace_id {
-        Some(id) => {
-            let id: TraceId = id.trim().to_ascii_lowercase().parse().map_err(|_| {
-                anyhow::anyhow!(
-                    "\"{id}\" is not a trace id; expected 32 hex digits, as printed by `metaorch run` (trace_id: ...)"
-                )
-            })?;
-            Select::Trace(id.to_string())
-        }
+        Some(id) => select(id)?,
         None => Select::Last,
     };
     let logs = log_paths(cli, args)?;
@@ -50,7 +50,11 @@ pub fn trace(cli: &Cli, args: &TraceArgs) -> anyhow::Result<ExitCode> {
 
     let stats = scanner.stats();
     let wanted = scanner.trace_id().map(str::to_owned);
-    let Some(timeline) = scanner.finish() else {
+    let timelines = match args.format {
+        OutputFormat::Json => scanner.finish().into_iter().collect(),
+        OutputFormat::Text => scanner.finish_all(),
+    };
+    if timelines.is_empty() {
         let what = match wanted {
             Some(id) if args.trace_id.is_some() => format!("no lines of trace {id}"),
             Some(id) => format!("the last request ({id}) left no readable lines"),
@@ -70,15 +74,48 @@ pub fn trace(cli: &Cli, args: &TraceArgs) -> anyhow::Result<ExitCode> {
             "hint: the log needs info level to hold each request's story (log.level = \"info\", the default for log files)"
         );
         return Ok(ExitCode::from(1));
-    };
+    }
 
     match args.format {
         OutputFormat::Json => {
-            super::print_out(&format!("{}\n", serde_json::to_string_pretty(&timeline)?))?
+            for timeline in &timelines {
+                super::print_out(&format!("{}\n", serde_json::to_string_pretty(timeline)?))?;
+            }
         }
-        OutputFormat::Text => super::print_out(&render(&timeline))?,
+        OutputFormat::Text => {
+            let texts: Vec<String> = timelines.iter().map(render).collect();
+            super::print_out(&terminal_safe(&texts.join("\n")))?;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `TRACE_ID` (every request of the trace) or `TRACE_ID/REQUEST_ID` (one of them).
+fn select(arg: &str) -> anyhow::Result<Select> {
+    let arg = arg.trim().to_ascii_lowercase();
+    let (trace, request) = match arg.split_once('/') {
+        Some((trace, request)) => (trace, Some(request)),
+        None => (arg.as_str(), None),
+    };
+    let trace_id: TraceId = trace.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "\"{trace}\" is not a trace id; expected 32 hex digits, as printed by `metaorch run` (trace_id: ...), optionally followed by /REQUEST_ID"
+        )
+    })?;
+    Ok(match request {
+        None => Select::Trace(trace_id.to_string()),
+        Some(request) => {
+            let request_id: RequestId = request.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "\"{request}\" is not a request id; expected 16 hex digits after the trace id, as in TRACE_ID/REQUEST_ID"
+                )
+            })?;
+            Select::Request {
+                trace_id: trace_id.to_string(),
+                request_id: request_id.to_string(),
+            }
+        }
+    })
 }
 
 /// The logs to read: `--log`, else the config's `log.file`, else stdin when it is not a
@@ -141,14 +178,33 @@ pub fn render(t: &Timeline) -> String {
     let outcome = match (t.ok, t.summary) {
         (Some(ok), Some(s)) => format!(
             "{}: {} succeeded, {} failed, {} timed out",
-            if ok { "ok" } else { "NOT ok" },
+            match t.status.as_str() {
+                "cancelled" => "cancelled",
+                _ if ok => "ok",
+                _ => "NOT ok",
+            },
             s.succeeded,
             s.failed,
             s.timed_out
         ),
         _ => "unfinished: no request.finish line".to_owned(),
     };
-    let _ = writeln!(out, "trace {}", t.trace_id);
+    match (&t.request_id, t.requests.len()) {
+        (Some(r), n) if n > 1 => {
+            let i = t
+                .requests
+                .iter()
+                .position(|q| q.request_id.as_deref() == Some(r.as_str()))
+                .map_or(0, |i| i + 1);
+            let _ = writeln!(out, "trace {} request {r} ({i} of {n})", t.trace_id);
+        }
+        (Some(r), _) => {
+            let _ = writeln!(out, "trace {} request {r}", t.trace_id);
+        }
+        (None, _) => {
+            let _ = writeln!(out, "trace {}", t.trace_id);
+        }
+    }
     let _ = writeln!(
         out,
         "started {}, took {}, {outcome}\n",

@@ -95,27 +95,88 @@ pub struct ServerConfig {
     pub port: u16,
     /// Bearer tokens that may call the API; empty means no authentication.
     pub auth_tokens: Vec<crate::provider::Secret>,
+    /// Whether `GET /metrics` needs a token when tokens are configured (`/healthz` and
+    /// `/readyz` never do: probes carry none).
+    pub metrics_auth: bool,
     /// Requests in flight at once; past it, 503 with `Retry-After`.
     pub max_in_flight: usize,
+    /// Connections open at once. Past it a few more are let in to answer `/healthz`
+    /// (and 503 to everything else); past those, new connections are closed at once.
+    pub max_connections: usize,
     /// The largest request body accepted (413 past it).
     pub max_body_bytes: usize,
     /// The longest query accepted, in characters.
     pub max_query_chars: usize,
-    /// How long in-flight requests may take to finish after SIGTERM.
+    /// How long a client may take to send a request's headers; also how long an idle
+    /// keep-alive connection is kept. Past it the connection is closed.
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a request's body, once its headers are in
+    /// (408 and the connection closed past it).
+    pub body_read_timeout: Duration,
+    /// The longest deadline a request's `timeout_ms` may ask for; `None` for the
+    /// config's `request_timeout`. Requests without `timeout_ms` get
+    /// `request_timeout`, held to this bound too.
+    pub max_request_timeout: Option<Duration>,
+    /// How long in-flight requests may take to finish after SIGTERM: a hard bound —
+    /// past it, the requests left are cancelled and the server stops.
     pub drain_timeout: Duration,
 }
 
+impl ServerConfig {
+    /// The most `max_connections` may be.
+    pub const MAX_CONNECTIONS: usize = 1_000_000;
+    /// The most `max_in_flight` may be.
+    pub const MAX_IN_FLIGHT: usize = 1_000_000;
+    /// The most `max_body_bytes` may be: 64 MiB.
+    pub const MAX_BODY_BYTES: usize = 64 << 20;
+    /// The most `header_read_timeout` may be.
+    pub const MAX_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+    /// The most `body_read_timeout` may be.
+    pub const MAX_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+    /// The most `max_request_timeout` may be.
+    pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+    /// The most `drain_timeout` may be.
+    pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+
+    /// The deadline a request gets: the one it asks for (`timeout_ms`) or else
+    /// `request_timeout`, never past `max_request_timeout` (which defaults to
+    /// `request_timeout`). A request may shorten the server's deadline, never lengthen
+    /// it past the bound.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use metaorch::config::ServerConfig;
+    ///
+    /// let server = ServerConfig::default();
+    /// let configured = Duration::from_secs(60);
+    /// assert_eq!(server.request_deadline(None, configured), configured);
+    /// assert_eq!(server.request_deadline(Some(Duration::from_secs(5)), configured), Duration::from_secs(5));
+    /// assert_eq!(server.request_deadline(Some(Duration::from_secs(600)), configured), configured);
+    /// ```
+    pub fn request_deadline(&self, asked: Option<Duration>, request_timeout: Duration) -> Duration {
+        let bound = self.max_request_timeout.unwrap_or(request_timeout);
+        asked.unwrap_or(request_timeout).min(bound)
+    }
+}
+
 impl Default for ServerConfig {
-    /// 127.0.0.1:8080, no auth, 256 requests in flight, 1 MiB bodies, 32,768-character
-    /// queries, 30 s to drain.
+    /// 127.0.0.1:8080, no auth (`/metrics` behind the token once there is one), 256
+    /// requests in flight, 4,096 connections, 1 MiB bodies, 32,768-character queries,
+    /// 10 s to send headers, 30 s to send a body, deadlines up to `request_timeout`,
+    /// 30 s to drain.
     fn default() -> Self {
         ServerConfig {
             bind: std::net::IpAddr::from([127, 0, 0, 1]),
             port: 8080,
             auth_tokens: Vec::new(),
+            metrics_auth: true,
             max_in_flight: 256,
+            max_connections: 4096,
             max_body_bytes: 1 << 20,
             max_query_chars: 32_768,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_request_timeout: None,
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -130,9 +191,14 @@ impl std::fmt::Debug for ServerConfig {
                 "auth_tokens",
                 &format_args!("[{} redacted]", self.auth_tokens.len()),
             )
+            .field("metrics_auth", &self.metrics_auth)
             .field("max_in_flight", &self.max_in_flight)
+            .field("max_connections", &self.max_connections)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_query_chars", &self.max_query_chars)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("body_read_timeout", &self.body_read_timeout)
+            .field("max_request_timeout", &self.max_request_timeout)
             .field("drain_timeout", &self.drain_timeout)
             .finish()
     }

@@ -53,7 +53,12 @@ pub(crate) struct RawServer {
     pub max_in_flight: Option<Spanned<usize>>,
     pub max_body_bytes: Option<Spanned<usize>>,
     pub max_query_chars: Option<Spanned<usize>>,
-    pub drain_timeout: Option<HumanDuration>,
+    pub drain_timeout: Option<Spanned<HumanDuration>>,
+    pub max_request_timeout: Option<Spanned<HumanDuration>>,
+    pub header_read_timeout: Option<Spanned<HumanDuration>>,
+    pub body_read_timeout: Option<Spanned<HumanDuration>>,
+    pub max_connections: Option<Spanned<usize>>,
+    pub metrics_auth: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

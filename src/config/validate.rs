@@ -223,8 +223,10 @@ impl Validator<'_> {
         }
     }
 
+    /// `[server]`: every size and duration bounded, each error naming the bound.
     fn server(&mut self, raw: super::raw::RawServer) -> super::ServerConfig {
-        let mut server = super::ServerConfig::default();
+        use super::ServerConfig as S;
+        let mut server = S::default();
         if let Some(bind) = raw.bind {
             match bind.get_ref().parse() {
                 Ok(ip) => server.bind = ip,
@@ -255,38 +257,114 @@ impl Validator<'_> {
                 .map(crate::provider::Secret::new)
                 .collect();
         }
-        for (value, name, target) in [
+        if let Some(metrics_auth) = raw.metrics_auth {
+            server.metrics_auth = metrics_auth;
+        }
+        for (value, name, max, target) in [
             (
                 &raw.max_in_flight,
                 "max_in_flight",
+                S::MAX_IN_FLIGHT,
                 &mut server.max_in_flight,
+            ),
+            (
+                &raw.max_connections,
+                "max_connections",
+                S::MAX_CONNECTIONS,
+                &mut server.max_connections,
             ),
             (
                 &raw.max_body_bytes,
                 "max_body_bytes",
+                S::MAX_BODY_BYTES,
                 &mut server.max_body_bytes,
             ),
             (
                 &raw.max_query_chars,
                 "max_query_chars",
+                S::MAX_BODY_BYTES,
                 &mut server.max_query_chars,
             ),
         ] {
-            if let Some(v) = value {
-                if *v.get_ref() == 0 {
-                    self.errors.push(ConfigError {
-                        origin: self.origin.to_owned(),
-                        position: Some(line_col(self.text, v.span().start)),
-                        field: format!("server.{name}"),
-                        message: "0 would refuse every request; expected 1 or more".into(),
-                    });
-                } else {
-                    *target = *v.get_ref();
-                }
+            let Some(v) = value else { continue };
+            let n = *v.get_ref();
+            if n == 0 {
+                self.error(
+                    Some(v.span()),
+                    format!("server.{name}"),
+                    "0 would refuse every request; expected 1 or more".into(),
+                );
+            } else if n > max {
+                self.error(
+                    Some(v.span()),
+                    format!("server.{name}"),
+                    format!("{n} is out of range; expected 1 to {max}"),
+                );
+            } else {
+                *target = n;
             }
         }
-        if let Some(d) = raw.drain_timeout {
-            server.drain_timeout = d.0;
+        // A duration within (0, max], or up to max when zero has a meaning (`zero` is
+        // then `None`); an error naming the bound otherwise.
+        fn bounded(
+            v: &mut Validator<'_>,
+            value: Option<Spanned<super::duration::HumanDuration>>,
+            name: &str,
+            max: std::time::Duration,
+            zero: Option<&str>,
+        ) -> Option<std::time::Duration> {
+            let value = value?;
+            let span = value.span();
+            let d = value.into_inner().0;
+            let problem = match zero {
+                Some(why) if d.is_zero() => format!(
+                    "0 {why}; expected a positive duration up to {}",
+                    humantime::format_duration(max)
+                ),
+                _ if d > max => format!(
+                    "\"{}\" is too long; expected at most \"{}\"",
+                    humantime::format_duration(d),
+                    humantime::format_duration(max)
+                ),
+                _ => return Some(d),
+            };
+            v.error(Some(span), format!("server.{name}"), problem);
+            None
+        }
+        if let Some(d) = bounded(
+            self,
+            raw.header_read_timeout,
+            "header_read_timeout",
+            S::MAX_HEADER_READ_TIMEOUT,
+            Some("would close every connection before its first request"),
+        ) {
+            server.header_read_timeout = d;
+        }
+        if let Some(d) = bounded(
+            self,
+            raw.body_read_timeout,
+            "body_read_timeout",
+            S::MAX_BODY_READ_TIMEOUT,
+            Some("would refuse every request with a body"),
+        ) {
+            server.body_read_timeout = d;
+        }
+        server.max_request_timeout = bounded(
+            self,
+            raw.max_request_timeout,
+            "max_request_timeout",
+            S::MAX_REQUEST_TIMEOUT,
+            Some("would time out every request before it starts"),
+        );
+        // Zero is allowed: cancel whatever is in flight at once.
+        if let Some(d) = bounded(
+            self,
+            raw.drain_timeout,
+            "drain_timeout",
+            S::MAX_DRAIN_TIMEOUT,
+            None,
+        ) {
+            server.drain_timeout = d;
         }
         server
     }

@@ -21,7 +21,7 @@ use crate::executor::{AgentTask, Executor, Fallback};
 use crate::limits::{FlowControl, FlowLane, LaneSnapshot};
 use crate::provider::{CompletionRequest, Provider, RequestMeta, Usage};
 use crate::resilience::{BreakerSnapshot, BreakerState, CallPolicy, CircuitBreaker, RetryBudget};
-use crate::telemetry::TraceId;
+use crate::telemetry::{RequestId, TraceId};
 use crate::time::millis;
 
 pub use builder::{BuildError, OrchestratorBuilder};
@@ -151,6 +151,11 @@ impl Orchestrator {
         }
     }
 
+    /// The configured deadline of a request that sets none.
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.request_timeout
+    }
+
     /// The executor, whose limiter every request shares.
     pub fn executor(&self) -> &Executor {
         &self.inner.executor
@@ -167,11 +172,15 @@ impl Orchestrator {
         request.validate()?;
         let selected = self.select(request.agents.as_deref())?;
         let trace_id = request.trace_id.unwrap_or_else(TraceId::random);
-        // ERROR level, so the span (and the trace id it carries) is enabled whenever any
+        let request_id = request.request_id.unwrap_or_else(RequestId::random);
+        // ERROR level, so the span (and the ids it carries) is enabled whenever any
         // event is: a `warn` filter must still tie each warning to its request.
-        let span = tracing::error_span!("request", trace_id = %trace_id);
+        let span = tracing::error_span!("request", trace_id = %trace_id, request_id = %request_id);
         crate::telemetry::otel::adopt_trace_id(&span, trace_id, request.parent_span);
-        Ok(self.run(request, trace_id, selected).instrument(span).await)
+        Ok(self
+            .run(request, trace_id, request_id, selected)
+            .instrument(span)
+            .await)
     }
 
     /// Checks a request without running it: what [`Orchestrator::process_request`]
@@ -212,7 +221,13 @@ impl Orchestrator {
             .collect())
     }
 
-    async fn run(&self, request: Request, trace_id: TraceId, selected: Vec<usize>) -> Response {
+    async fn run(
+        &self,
+        request: Request,
+        trace_id: TraceId,
+        request_id: RequestId,
+        selected: Vec<usize>,
+    ) -> Response {
         let inner = &*self.inner;
         let started = Instant::now();
         let timeout = request.timeout.unwrap_or(inner.request_timeout);
@@ -253,9 +268,19 @@ impl Orchestrator {
             sum_of_agents: outcomes.iter().map(|o| o.latency).sum(),
         };
         let ok = summary.succeeded >= summary.min_successes;
-        crate::telemetry::metrics::request_finished(ok, timings.total);
+        // Cancelled: the caller went away or the server stopped waiting. The outcomes
+        // were still logged, each ending `cancelled`.
+        let status = if request.cancel.is_cancelled() {
+            "cancelled"
+        } else if ok {
+            "ok"
+        } else {
+            "failed"
+        };
+        crate::telemetry::metrics::request_finished(status, timings.total);
         tracing::info!(
             event = "request.finish",
+            status,
             ok,
             succeeded = summary.succeeded,
             failed = summary.failed,
@@ -283,6 +308,7 @@ impl Orchestrator {
             });
         Response {
             trace_id,
+            request_id,
             query: request.query,
             answer,
             ok,

@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::EventSink;
-use crate::telemetry::TraceId;
+use crate::telemetry::{RequestId, TraceId};
 
 /// A query with per-request options. Built with [`Request::new`] and the `with_*`
 /// methods; anything unset takes the orchestrator's configured value.
@@ -15,6 +15,9 @@ pub struct Request {
     pub query: String,
     /// Use this trace id (e.g. from an incoming `traceparent`) instead of a new one.
     pub trace_id: Option<TraceId>,
+    /// Use this request id instead of a new one. Several requests may share a trace
+    /// id (one caller's `traceparent`); each has its own request id.
+    pub request_id: Option<RequestId>,
     /// The caller's span id from an incoming `traceparent`: the request's span is its
     /// child in exported traces.
     pub parent_span: Option<u64>,
@@ -35,6 +38,7 @@ impl Request {
         Request {
             query: query.into(),
             trace_id: None,
+            request_id: None,
             parent_span: None,
             timeout: None,
             cancel: CancellationToken::new(),
@@ -58,6 +62,12 @@ impl Request {
     /// Sets the trace id.
     pub fn with_trace_id(mut self, trace_id: TraceId) -> Request {
         self.trace_id = Some(trace_id);
+        self
+    }
+
+    /// Sets the request id.
+    pub fn with_request_id(mut self, request_id: RequestId) -> Request {
+        self.request_id = Some(request_id);
         self
     }
 

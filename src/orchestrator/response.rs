@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::executor::{AgentOutcome, OutcomeStatus};
 use crate::provider::Usage;
 use crate::resilience::BreakerSnapshot;
-use crate::telemetry::TraceId;
+use crate::telemetry::{RequestId, TraceId};
 use crate::time::as_millis;
 
 /// The result of one request.
@@ -16,6 +16,9 @@ use crate::time::as_millis;
 pub struct Response {
     /// The request's trace id; every log line of the request carries it.
     pub trace_id: TraceId,
+    /// The request's own id: requests that share a trace id (one caller's
+    /// `traceparent`) are told apart by it. Every log line of the request carries it.
+    pub request_id: RequestId,
     /// The query as asked.
     pub query: String,
     /// The synthesized answer.

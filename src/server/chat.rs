@@ -9,7 +9,6 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -18,8 +17,10 @@ use futures_util::stream;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::orchestrate::{prepare, request_error, with_trace_id};
-use super::{ApiError, ServerState, json_body, parse};
+use super::body::{json_body, parse};
+use super::orchestrate::prepare;
+use super::running::RunningRequest;
+use super::{ApiError, ServerState, redact};
 use crate::orchestrator::{Request, Response as Answer};
 
 /// The model name the orchestrator answers to.
@@ -64,7 +65,7 @@ struct StreamOptions {
 pub(super) async fn completions(
     State(state): State<Arc<ServerState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
     let admission = state.admit()?;
     let body: Body = parse(&json_body(&headers, body)?)?;
@@ -93,18 +94,14 @@ pub(super) async fn completions(
     if let Some(agents) = agents {
         request = request.with_agents(agents);
     }
-    let (request, trace_id) = prepare(&state, &headers, request)?;
-    let id = format!("chatcmpl-{trace_id}");
+    let (request, ids) = prepare(&state, &headers, request)?;
+    let id = format!("chatcmpl-{}{}", ids.trace_id, ids.request_id);
     let created = now();
     let model = body.model.clone();
 
+    let running = RunningRequest::spawn(&state, request, admission);
     if !body.stream {
-        let answer = state
-            .orchestrator
-            .process_request(request)
-            .await
-            .map_err(request_error)?;
-        drop(admission);
+        let answer = redact::response(running.finish().await?);
         if !answer.ok {
             return Err(too_few(&answer));
         }
@@ -122,7 +119,7 @@ pub(super) async fn completions(
             "usage": usage(&answer),
             "system_fingerprint": null
         });
-        return Ok(with_trace_id(Json(completion).into_response(), trace_id));
+        return Ok(ids.on(Json(completion).into_response()));
     }
 
     let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
@@ -134,11 +131,10 @@ pub(super) async fn completions(
         })
     };
     let first = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
-    let cancel = request.cancel.clone().drop_guard();
-    let orchestrator = state.orchestrator.clone();
+    // The stream holds the running request: if the client goes away and the stream
+    // is dropped, the request is cancelled and ends as `cancelled`.
     let work = async move {
-        let result = orchestrator.process_request(request).await;
-        drop((admission, cancel));
+        let result = running.finish().await.map(redact::response);
         let mut events = Vec::new();
         match result {
             Ok(answer) if answer.ok => {
@@ -152,7 +148,7 @@ pub(super) async fn completions(
                 }
             }
             Ok(answer) => events.push(json!({"error": error_body(&answer)})),
-            Err(e) => events.push(json!({"error": {"type": "invalid_request_error", "message": e.to_string(), "param": null, "code": null}})),
+            Err(e) => events.push(json!({"error": {"type": "server_error", "message": e.message(), "param": null, "code": null}})),
         }
         events
     };
@@ -167,7 +163,7 @@ pub(super) async fn completions(
         )
     });
     let sse = Sse::new(head.chain(tail)).keep_alive(KeepAlive::default());
-    Ok(with_trace_id(sse.into_response(), trace_id))
+    Ok(ids.on(sse.into_response()))
 }
 
 pub(super) async fn models() -> Json<Value> {

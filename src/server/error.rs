@@ -1,5 +1,8 @@
 //! Errors as JSON: `{"error": {"type", "message", "param"}}`, the shape OpenAI clients
-//! parse, with the status that says what to do about them.
+//! parse, with the status that says what to do about them. Every error a handler or a
+//! middleware answers is an [`ApiError`], and this is the one place it becomes a
+//! response (with `Retry-After` on 503, `WWW-Authenticate` on 401, and
+//! `Connection: close` on 408).
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -39,9 +42,24 @@ impl ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
     }
 
+    /// 401 with `WWW-Authenticate: Bearer`.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", message)
+    }
+
+    /// 408: the client was too slow; the connection is closed after the answer.
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message)
+    }
+
     /// The status.
     pub fn status(&self) -> StatusCode {
         self.status
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
     }
 }
 
@@ -51,10 +69,20 @@ impl IntoResponse for ApiError {
             "error": {"type": self.kind, "message": self.message, "param": self.param, "code": null}
         });
         let mut response = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let headers = response.headers_mut();
+        match self.status {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            StatusCode::UNAUTHORIZED => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            // What is left of a body too slow to arrive cannot be told from the next
+            // request: the connection goes.
+            StatusCode::REQUEST_TIMEOUT => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }

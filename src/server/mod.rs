@@ -3,43 +3,61 @@
 //!
 //! One orchestrator serves every request, so limits, the retry budget and breakers are
 //! shared as provider keys require. Requests past `max_in_flight` are refused at once
-//! with 503 and `Retry-After`: no unbounded queue. On shutdown the server first reports
-//! not-ready and refuses new work while in-flight requests finish (up to
-//! `drain_timeout`), then stops accepting connections.
+//! with 503 and `Retry-After`: no unbounded queue. Connections are bounded too
+//! (`listener.rs`): slow clients are cut off by header and body timeouts, and past
+//! `max_connections` new ones get 503 (`/healthz` still answers). Each request runs in
+//! a task of its own (`running.rs`), so one whose client goes away still ends properly.
+//! Shutdown (`shutdown.rs`) drains, then closes, within `drain_timeout`.
 
+mod auth;
+mod body;
 mod chat;
 mod error;
+mod listener;
 mod orchestrate;
+mod redact;
+mod running;
+mod shutdown;
 
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::Orchestrator;
 use crate::config::ServerConfig;
-use crate::telemetry::{TraceId, TraceRing};
+use crate::telemetry::{RequestId, TraceId, TraceRing};
 
 pub use error::ApiError;
+pub use listener::OVERFLOW_CONNECTIONS;
+pub use shutdown::CANCEL_GRACE;
 
 /// What every handler shares.
 #[derive(Debug)]
 pub struct ServerState {
     orchestrator: Orchestrator,
     config: ServerConfig,
+    /// One permit per request in flight (`max_in_flight`).
     admission: Arc<Semaphore>,
     draining: AtomicBool,
+    /// The bearer tokens, as tags (see [`auth`]).
+    tokens: auth::Tokens,
+    /// The parent of every request's cancellation: cancelled when the drain times out.
+    cancel: CancellationToken,
+    /// Every request's task, so the drain can wait for them.
+    requests: TaskTracker,
     ring: Option<TraceRing>,
     metrics: Option<&'static metrics_exporter_prometheus::PrometheusHandle>,
 }
@@ -54,9 +72,12 @@ impl ServerState {
     ) -> Arc<Self> {
         Arc::new(ServerState {
             admission: Arc::new(Semaphore::new(config.max_in_flight)),
+            tokens: auth::Tokens::new(&config.auth_tokens),
             orchestrator,
             config,
             draining: AtomicBool::new(false),
+            cancel: CancellationToken::new(),
+            requests: TaskTracker::new(),
             ring,
             // A server is scraped: install the process's Prometheus recorder.
             metrics: crate::telemetry::metrics::install(),
@@ -90,108 +111,69 @@ impl ServerState {
     }
 }
 
-/// Holds a request's admission slot until the request (and its stream) is done.
+/// Holds a request's admission slot until the request is done.
+#[derive(Debug)]
 struct Admission {
     _permit: OwnedSemaphorePermit,
 }
 
-/// The HTTP API.
+/// The HTTP API. `/healthz` and `/readyz` never need a token (probes carry none);
+/// `/metrics` needs one when `server.metrics_auth` is on; everything else does
+/// whenever tokens are configured. Bodies are read (within `body_read_timeout`) only
+/// once the token is checked.
 pub fn router(state: Arc<ServerState>) -> Router {
+    let auth = || middleware::from_fn_with_state(Arc::clone(&state), auth::require_token);
     let api = Router::new()
         .route("/v1/orchestrate", post(orchestrate::orchestrate))
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/models", get(chat::models))
         .route("/v1/agents", get(agents))
         .route("/v1/traces/{trace_id}", get(trace))
-        .route("/metrics", get(metrics))
-        .route("/readyz", get(readyz))
-        .layer(middleware::from_fn_with_state(
+        .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
-            authenticate,
+            body::read_body,
         ))
-        .layer(DefaultBodyLimit::max(state.config.max_body_bytes));
+        .route_layer(auth());
+    let mut metrics_route = Router::new().route("/metrics", get(metrics));
+    if state.config.metrics_auth {
+        metrics_route = metrics_route.route_layer(auth());
+    }
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(metrics_route)
         .merge(api)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)
 }
 
-/// Serves until `shutdown` resolves, then drains: readiness fails, new work gets 503,
-/// in-flight requests finish (up to `drain_timeout`), and the listener closes.
+/// Serves until `shutdown` resolves, then drains and closes within `drain_timeout`
+/// (see `shutdown.rs`): readiness fails, new work gets 503, in-flight requests finish or
+/// — past the timeout — are cancelled, and every connection closes. Returns once the
+/// last one has.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ServerState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let app = router(Arc::clone(&state));
-    let drain_state = Arc::clone(&state);
-    let stop = async move {
-        shutdown.await;
-        let state = drain_state;
-        state.draining.store(true, Ordering::Release);
-        let in_flight = state.in_flight();
-        tracing::warn!(
-            event = "server.draining",
-            in_flight,
-            drain_timeout_ms = state.config.drain_timeout.as_secs_f64() * 1000.0,
-            "shutting down: refusing new requests, waiting for {in_flight} in flight"
-        );
-        // Poll rather than wait for a wake-up, which two requests finishing at once
-        // could both miss. Responses still being written are then awaited by the
-        // graceful shutdown itself.
-        let deadline = tokio::time::Instant::now() + state.config.drain_timeout;
-        while state.in_flight() > 0 {
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(
-                    event = "server.drain_timeout",
-                    in_flight = state.in_flight(),
-                    "drain timeout passed; closing with requests still in flight"
-                );
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    let mut connections = listener::Connections::new(&state);
+    let drained = shutdown::drain(&state, shutdown);
+    tokio::pin!(drained);
+    let deadline = loop {
+        tokio::select! {
+            deadline = &mut drained => break deadline,
+            accepted = listener.accept() => connections.accept(accepted).await,
+            () = connections.reap() => {}
         }
-        tracing::info!(event = "server.stopped", "stopped accepting connections");
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
+    drop(listener);
+    shutdown::close(&state, &mut connections, deadline).await;
+    Ok(())
 }
 
-/// Optional bearer-token auth, compared in constant time.
-async fn authenticate(
-    State(state): State<Arc<ServerState>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let tokens = &state.config.auth_tokens;
-    if tokens.is_empty() {
-        return next.run(request).await;
-    }
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    // Every token is compared, so the time taken says nothing about which matched.
-    let matched = tokens.iter().fold(0u8, |acc, t| {
-        acc | t.expose().as_bytes().ct_eq(given.as_bytes()).unwrap_u8()
-    });
-    if matched == 1 {
-        next.run(request).await
-    } else {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "authentication_error",
-            "a valid bearer token is required: send Authorization: Bearer <token> (server.auth_tokens or METAORCH_SERVER_TOKENS)",
-        )
-        .into_response()
-    }
-}
-
-async fn healthz() -> Json<serde_json::Value> {
+pub(super) async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
@@ -234,9 +216,12 @@ async fn agents(State(state): State<Arc<ServerState>>) -> Json<serde_json::Value
     Json(json!({ "agents": agents }))
 }
 
+/// `GET /v1/traces/{trace_id}[?request_id=…]`: a recent request's timeline; of a trace
+/// that holds several requests, the one named, else the one that started last.
 async fn trace(
     State(state): State<Arc<ServerState>>,
     Path(trace_id): Path<String>,
+    uri: Uri,
 ) -> Result<Response, ApiError> {
     let id: TraceId = trace_id.to_ascii_lowercase().parse().map_err(|_| {
         ApiError::bad_request(
@@ -244,6 +229,16 @@ async fn trace(
             Some("trace_id"),
         )
     })?;
+    let request_id = query_param(&uri, "request_id")
+        .map(|r| {
+            r.to_ascii_lowercase().parse::<RequestId>().map_err(|_| {
+                ApiError::bad_request(
+                    format!("\"{r}\" is not a request id; expected 16 hex digits"),
+                    Some("request_id"),
+                )
+            })
+        })
+        .transpose()?;
     let ring = state.ring.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -251,12 +246,24 @@ async fn trace(
             "this server keeps no recent traces",
         )
     })?;
-    match ring.timeline(&id.to_string()) {
-        Some(timeline) => Ok(Json(timeline).into_response()),
-        None => Err(ApiError::new(
+    let id = id.to_string();
+    let timeline = match request_id {
+        Some(r) => ring.request_timeline(&id, &r.to_string()),
+        None => ring.timeline(&id),
+    };
+    match (timeline, request_id) {
+        (Some(timeline), _) => Ok(Json(timeline).into_response()),
+        (None, None) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no recent request has trace id {id}; only the most recent ones are kept"),
+        )),
+        (None, Some(r)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no recent request of trace {id} has request id {r}; only the most recent ones are kept"
+            ),
         )),
     }
 }
@@ -289,6 +296,27 @@ async fn not_found() -> ApiError {
     )
 }
 
+/// 405, with the JSON error body (axum adds the `Allow` header).
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{method} is not allowed on {}; the Allow header lists the methods that are",
+            uri.path()
+        ),
+    )
+}
+
+/// The value of `name` in the URI's query string (ids only: no percent-decoding).
+fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
+    uri.query()?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
 /// The trace id of an incoming W3C `traceparent` (`00-<trace id>-<parent id>-<flags>`).
 fn traceparent(headers: &HeaderMap) -> Option<(TraceId, u64)> {
     let value = headers.get("traceparent")?.to_str().ok()?;
@@ -300,55 +328,6 @@ fn traceparent(headers: &HeaderMap) -> Option<(TraceId, u64)> {
     }
     let parent = u64::from_str_radix(parent, 16).ok().filter(|p| *p != 0)?;
     Some((trace_id.parse().ok()?, parent))
-}
-
-/// The body's bytes, or the JSON error a client should see: 413 past the limit, 415
-/// for anything but JSON.
-fn json_body(
-    headers: &HeaderMap,
-    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<axum::body::Bytes, ApiError> {
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("application/json")
-        });
-    if !json {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send the body as JSON with Content-Type: application/json",
-        ));
-    }
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_too_large",
-                "the request body is larger than server.max_body_bytes",
-            )
-        } else {
-            ApiError::bad_request(format!("cannot read the body: {rejection}"), None)
-        }
-    })
-}
-
-/// Parses a JSON body, naming the field in the error.
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = (path != ".").then_some(path);
-        let inner = e.into_inner();
-        let message = match &field {
-            Some(f) => format!("{f}: {inner}"),
-            None => format!("the body is not valid JSON for this endpoint: {inner}"),
-        };
-        ApiError::bad_request(message, field.as_deref())
-    })
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -17,10 +16,12 @@ use futures_util::stream;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApiError, ServerState, json_body, parse, traceparent};
+use super::body::{json_body, parse};
+use super::running::RunningRequest;
+use super::{ApiError, ServerState, redact, traceparent};
 use crate::executor::AgentEvent;
 use crate::orchestrator::{Request, RequestError};
-use crate::telemetry::TraceId;
+use crate::telemetry::{RequestId, TraceId};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +29,7 @@ struct Body {
     query: String,
     #[serde(default)]
     agents: Option<Vec<String>>,
+    /// Shortens the server's deadline; held to `server.max_request_timeout`.
     #[serde(default)]
     timeout_ms: Option<u64>,
 }
@@ -35,7 +37,7 @@ struct Body {
 pub(super) async fn orchestrate(
     State(state): State<Arc<ServerState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
     let admission = state.admit()?;
     let body: Body = parse(&json_body(&headers, body)?)?;
@@ -46,58 +48,71 @@ pub(super) async fn orchestrate(
     if let Some(ms) = body.timeout_ms {
         request = request.with_timeout(Duration::from_millis(ms));
     }
-    let (request, trace_id) = prepare(&state, &headers, request)?;
+    let (request, ids) = prepare(&state, &headers, request)?;
 
     let wants_events = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if !wants_events {
-        let response = state
-            .orchestrator
-            .process_request(request)
-            .await
-            .map_err(request_error)?;
-        drop(admission);
-        return Ok(with_trace_id((Json(response)).into_response(), trace_id));
+        let response = RunningRequest::spawn(&state, request, admission)
+            .finish()
+            .await?;
+        return Ok(ids.on(Json(redact::response(response)).into_response()));
     }
 
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let request = request.with_events(tx);
-    // The request stops if the client goes away and the stream is dropped.
-    let cancel = request.cancel.clone().drop_guard();
-    let orchestrator = state.orchestrator.clone();
-    let handle = tokio::spawn(async move { orchestrator.process_request(request).await });
-    let events = stream::unfold(
-        (rx, Some(handle), Some((admission, cancel))),
-        |(mut rx, mut handle, mut held)| async move {
-            if let Some(event) = rx.recv().await {
-                return Some((Ok::<_, Infallible>(sse_event(&event)), (rx, handle, held)));
-            }
-            let handle = handle.take()?;
-            let event = match handle.await {
-                Ok(Ok(response)) => Event::default()
-                    .event("result")
-                    .json_data(&response)
-                    .unwrap_or_default(),
-                Ok(Err(e)) => error_event(&e.to_string()),
-                Err(e) => error_event(&format!("the request's task failed: {e}")),
-            };
-            held.take();
-            Some((Ok(event), (rx, None, None)))
-        },
-    );
+    // The stream holds the running request: if the client goes away and the stream
+    // is dropped, the request is cancelled and ends as `cancelled`.
+    let running = RunningRequest::spawn(&state, request, admission);
+    let events = stream::unfold((rx, Some(running)), |(mut rx, running)| async move {
+        if let Some(event) = rx.recv().await {
+            return Some((Ok::<_, Infallible>(sse_event(&event)), (rx, running)));
+        }
+        let event = match running?.finish().await {
+            Ok(response) => Event::default()
+                .event("result")
+                .json_data(redact::response(response))
+                .unwrap_or_default(),
+            Err(e) => error_event(e.message()),
+        };
+        Some((Ok(event), (rx, None)))
+    });
     let sse = Sse::new(events).keep_alive(KeepAlive::default());
-    Ok(with_trace_id(sse.into_response(), trace_id))
+    Ok(ids.on(sse.into_response()))
 }
 
-/// Sets the trace id (from `traceparent`, else new) and checks the request and the
-/// query's length, before any work starts.
+/// A request's ids, sent back as `X-Trace-Id` and `X-Request-Id`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Ids {
+    pub(super) trace_id: TraceId,
+    pub(super) request_id: RequestId,
+}
+
+impl Ids {
+    pub(super) fn on(self, mut response: Response) -> Response {
+        for (name, value) in [
+            ("x-trace-id", self.trace_id.to_string()),
+            ("x-request-id", self.request_id.to_string()),
+        ] {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                response.headers_mut().insert(name, v);
+            }
+        }
+        response
+    }
+}
+
+/// Sets the request's ids (the trace id from `traceparent`, else new; a new request
+/// id), its deadline (held to `server.max_request_timeout`) and its cancellation (a
+/// child of the server's), and checks the request and the query's length, before any
+/// work starts.
 pub(super) fn prepare(
     state: &ServerState,
     headers: &HeaderMap,
-    request: Request,
-) -> Result<(Request, TraceId), ApiError> {
+    mut request: Request,
+) -> Result<(Request, Ids), ApiError> {
     let chars = request.query.chars().count();
     if chars > state.config.max_query_chars {
         return Err(ApiError::bad_request(
@@ -108,18 +123,30 @@ pub(super) fn prepare(
             Some("query"),
         ));
     }
-    let (request, trace_id) = match traceparent(headers) {
-        Some((trace_id, parent)) => (
-            request.with_trace_id(trace_id).with_parent_span(parent),
-            trace_id,
-        ),
-        None => {
-            let trace_id = TraceId::random();
-            (request.with_trace_id(trace_id), trace_id)
+    let trace_id = match traceparent(headers) {
+        Some((trace_id, parent)) => {
+            request = request.with_parent_span(parent);
+            trace_id
         }
+        None => TraceId::random(),
     };
+    let request_id = RequestId::random();
+    let timeout = state
+        .config
+        .request_deadline(request.timeout, state.orchestrator.request_timeout());
+    let request = request
+        .with_trace_id(trace_id)
+        .with_request_id(request_id)
+        .with_timeout(timeout)
+        .with_cancel(state.cancel.child_token());
     state.orchestrator.check(&request).map_err(request_error)?;
-    Ok((request, trace_id))
+    Ok((
+        request,
+        Ids {
+            trace_id,
+            request_id,
+        },
+    ))
 }
 
 pub(super) fn request_error(e: RequestError) -> ApiError {
@@ -133,13 +160,6 @@ pub(super) fn request_error(e: RequestError) -> ApiError {
         None => e.to_string(),
     };
     ApiError::bad_request(message, param)
-}
-
-pub(super) fn with_trace_id(mut response: Response, trace_id: TraceId) -> Response {
-    if let Ok(v) = HeaderValue::from_str(&trace_id.to_string()) {
-        response.headers_mut().insert("x-trace-id", v);
-    }
-    response
 }
 
 fn sse_event(event: &AgentEvent) -> Event {
@@ -158,7 +178,7 @@ fn sse_event(event: &AgentEvent) -> Event {
         ),
         AgentEvent::Done(outcome) => (
             "agent.done",
-            serde_json::to_value(outcome.as_ref()).unwrap_or_default(),
+            serde_json::to_value(redact::outcome(outcome)).unwrap_or_default(),
         ),
     };
     Event::default().event(name).data(data.to_string())

@@ -1,16 +1,28 @@
 //! The process's log output: `tracing` events as JSON lines (the default) or a
 //! human-readable format, on stderr or appended to a file, filtered by a
 //! `RUST_LOG`-style filter.
+//!
+//! Short-lived commands write each line as it comes ([`init_telemetry`]), so nothing is
+//! lost when they exit. A server writes through a bounded queue and a thread of its own
+//! ([`init_server_telemetry`]), so a slow disk or pipe never blocks the runtime's
+//! workers: past the queue's 16,384 lines, lines are dropped and counted (see
+//! [`super::nonblocking`]). The human-readable format strips control characters and
+//! escape sequences from every field (upstream text reaches the log), and writes
+//! colours only to a terminal.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, IsTerminal as _};
 use std::path::Path;
 use std::sync::Mutex;
 
+use tracing::field::Field;
+use tracing_subscriber::field::MakeExt as _;
+use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
+use super::nonblocking::{LogGuard, NonBlocking, Notice, QUEUE_LINES};
 use super::otel::OtelGuard;
 use super::{JsonLayer, TraceRing};
 
@@ -20,7 +32,8 @@ pub enum LogFormat {
     /// One JSON object per line, for machines (see [`JsonLayer`]).
     #[default]
     Json,
-    /// Coloured text, for terminals.
+    /// Text for people: coloured on a terminal (unless `NO_COLOR` is set), plain in a
+    /// pipe or a file.
     Pretty,
 }
 
@@ -56,24 +69,101 @@ pub fn init_telemetry(
     ring: Option<TraceRing>,
     otlp_endpoint: Option<&str>,
 ) -> io::Result<Option<OtelGuard>> {
+    let output = match file {
+        Some(path) => output_layer(filter, format, Mutex::new(open_append(path)?), false),
+        None => output_layer(filter, format, io::stderr, stderr_colours()),
+    };
+    install(output, ring, otlp_endpoint)
+}
+
+/// What [`init_server_telemetry`] started: keep it until the process ends, and drop it
+/// outside any async runtime. Dropping it writes the log lines still queued (waiting at
+/// most two seconds) and flushes the last spans.
+#[derive(Debug)]
+pub struct TelemetryGuard {
+    // Field order is drop order: the spans' exporter may still log.
+    _otel: Option<OtelGuard>,
+    _log: LogGuard,
+}
+
+/// [`init_telemetry`] for a server: log lines are written by a thread of their own
+/// through a bounded queue, so logging never blocks the runtime's workers on a slow
+/// disk or pipe. When the queue is full (16,384 lines), lines are dropped, counted in
+/// `metaorch_log_lines_dropped_total`, and reported by one `log.dropped` line once the
+/// writer catches up.
+pub fn init_server_telemetry(
+    filter: &str,
+    format: LogFormat,
+    file: Option<&Path>,
+    ring: Option<TraceRing>,
+    otlp_endpoint: Option<&str>,
+) -> io::Result<TelemetryGuard> {
+    let notice = match format {
+        LogFormat::Json => Notice::Json,
+        LogFormat::Pretty => Notice::Text,
+    };
+    let (sink, colours): (Box<dyn io::Write + Send>, bool) = match file {
+        Some(path) => (Box::new(open_append(path)?), false),
+        None => (Box::new(io::stderr()), stderr_colours()),
+    };
+    let (writer, log) = NonBlocking::new(sink, QUEUE_LINES, notice)?;
+    let otel = install(
+        output_layer(filter, format, writer, colours),
+        ring,
+        otlp_endpoint,
+    )?;
+    Ok(TelemetryGuard {
+        _otel: otel,
+        _log: log,
+    })
+}
+
+/// Colours only on a terminal, and never with `NO_COLOR` set (no-color.org).
+fn stderr_colours() -> bool {
+    io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// The layer that writes the log itself, in `format`, filtered by `filter`.
+fn output_layer<W>(filter: &str, format: LogFormat, writer: W, colours: bool) -> BoxedLayer
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
     let filter = EnvFilter::builder()
         .parse(filter)
         .unwrap_or_else(|_| EnvFilter::new(crate::config::DEFAULT_LOG_LEVEL));
-    let output: BoxedLayer = match (format, file) {
-        (LogFormat::Json, None) => JsonLayer::new(io::stderr).with_filter(filter).boxed(),
-        (LogFormat::Json, Some(path)) => JsonLayer::new(Mutex::new(open_append(path)?))
+    match format {
+        LogFormat::Json => JsonLayer::new(writer).with_filter(filter).boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_ansi(colours)
+            .fmt_fields(tracing_subscriber::fmt::format::debug_fn(safe_field).delimited(" "))
+            .with_writer(writer)
             .with_filter(filter)
             .boxed(),
-        (LogFormat::Pretty, None) => tracing_subscriber::fmt::layer()
-            .with_writer(io::stderr)
-            .with_filter(filter)
-            .boxed(),
-        (LogFormat::Pretty, Some(path)) => tracing_subscriber::fmt::layer()
-            .with_ansi(false)
-            .with_writer(Mutex::new(open_append(path)?))
-            .with_filter(filter)
-            .boxed(),
-    };
+    }
+}
+
+/// One field of a pretty line, without control characters or escape sequences: a
+/// message or an error from upstream cannot drive the reader's terminal.
+fn safe_field(
+    writer: &mut Writer<'_>,
+    field: &Field,
+    value: &dyn std::fmt::Debug,
+) -> std::fmt::Result {
+    let text = format!("{value:?}");
+    let text = super::terminal_safe_line(&text);
+    match field.name() {
+        "message" => write!(writer, "{text}"),
+        name => write!(writer, "{name}={text}"),
+    }
+}
+
+/// Installs `output` with the ring's and the exporter's layers as the global
+/// subscriber.
+fn install(
+    output: BoxedLayer,
+    ring: Option<TraceRing>,
+    otlp_endpoint: Option<&str>,
+) -> io::Result<Option<OtelGuard>> {
     let mut layers = vec![output];
     if let Some(ring) = ring {
         layers.push(
@@ -113,4 +203,49 @@ pub(crate) fn open_append_as(path: &Path, what: &str) -> io::Result<File> {
 
 fn open_append(path: &Path) -> io::Result<File> {
     open_append_as(path, "the log file")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn pretty_lines_carry_no_escape_sequences_from_upstream_text_and_no_colour_in_a_pipe() {
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let layer = output_layer("info", LogFormat::Pretty, move || writer.clone(), false);
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request", trace_id = "t\x1b[2Jx");
+            let _s = span.enter();
+            let upstream = "bad\x1b]0;pwned\x07 gateway\r\n\x1b[31mred";
+            tracing::warn!(
+                event = "agent.failure",
+                error.message = %upstream,
+                quoted = upstream,
+                "agent failed: {upstream}"
+            );
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains('\x1b') && !text.contains('\r'), "{text:?}");
+        assert_eq!(text.lines().count(), 1, "one event, one line: {text:?}");
+        assert!(text.contains("agent failed: bad gateway red"), "{text:?}");
+        assert!(text.contains("error.message=bad gateway red"), "{text:?}");
+        // A `str` field is written escaped, as Rust writes it: shown, never obeyed.
+        assert!(text.contains(r#"quoted="bad\u{1b}]0;pwned"#), "{text:?}");
+    }
 }

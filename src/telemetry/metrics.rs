@@ -47,7 +47,23 @@ fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         "metaorch_requests_total",
-        "Requests finished, by outcome (ok: min_successes met)."
+        "Requests finished, by outcome (ok: min_successes met; failed; cancelled: the client went away or the drain timed out)."
+    );
+    describe_gauge!(
+        "metaorch_server_connections",
+        "HTTP connections open, by kind (served; overflow: past max_connections, answering /healthz and 503)."
+    );
+    describe_counter!(
+        "metaorch_server_connections_refused_total",
+        "HTTP connections closed at once because max_connections and the overflow were full."
+    );
+    describe_counter!(
+        "metaorch_server_timeouts_total",
+        "Requests whose client was too slow, by what it was sending (body)."
+    );
+    describe_counter!(
+        "metaorch_log_lines_dropped_total",
+        "Log lines dropped because the log's writer (a slow disk or pipe) fell behind."
     );
     describe_histogram!(
         "metaorch_request_duration_seconds",
@@ -174,11 +190,12 @@ pub fn summary(handle: &PrometheusHandle) -> String {
         .join("\n")
 }
 
-pub(crate) fn request_finished(ok: bool, duration: Duration) {
+/// A request ended: `outcome` is `ok`, `failed` or `cancelled`.
+pub(crate) fn request_finished(outcome: &'static str, duration: Duration) {
     if !enabled() {
         return;
     }
-    counter!("metaorch_requests_total", "outcome" => if ok { "ok" } else { "failed" }).increment(1);
+    counter!("metaorch_requests_total", "outcome" => outcome).increment(1);
     histogram!("metaorch_request_duration_seconds").record(duration.as_secs_f64());
 }
 
@@ -325,4 +342,37 @@ pub(crate) fn queue_wait(provider: &str, model: &str, wait: Duration) {
     }
     histogram!("metaorch_queue_wait_seconds", "provider" => provider.to_owned(), "model" => model.to_owned())
         .record(wait.as_secs_f64());
+}
+
+/// A server connection opened (`+1`) or closed (`-1`); `kind` is `served` or
+/// `overflow`.
+pub(crate) fn connection(kind: &'static str, delta: f64) {
+    if !enabled() {
+        return;
+    }
+    gauge!("metaorch_server_connections", "kind" => kind).increment(delta);
+}
+
+/// A connection was closed at once: every slot, overflow included, was taken.
+pub(crate) fn connection_refused() {
+    if !enabled() {
+        return;
+    }
+    counter!("metaorch_server_connections_refused_total").increment(1);
+}
+
+/// A client took too long to send a request's `part` (`body`).
+pub(crate) fn client_timeout(part: &'static str) {
+    if !enabled() {
+        return;
+    }
+    counter!("metaorch_server_timeouts_total", "part" => part).increment(1);
+}
+
+/// Log lines were dropped: the writer fell behind.
+pub(crate) fn log_lines_dropped(n: u64) {
+    if !enabled() {
+        return;
+    }
+    counter!("metaorch_log_lines_dropped_total").increment(n);
 }

@@ -7,13 +7,21 @@
 mod json_layer;
 mod logging;
 pub mod metrics;
+mod nonblocking;
 pub mod otel;
+mod request_id;
 mod ring;
+mod terminal;
 pub mod timeline;
 mod trace_id;
 
 pub use json_layer::JsonLayer;
 pub(crate) use logging::open_append_as;
-pub use logging::{LogFormat, init_logging, init_logging_with_ring, init_telemetry};
+pub use logging::{
+    LogFormat, TelemetryGuard, init_logging, init_logging_with_ring, init_server_telemetry,
+    init_telemetry,
+};
+pub use request_id::{ParseRequestIdError, RequestId};
 pub use ring::{RingWriter, TraceRing};
+pub use terminal::{terminal_safe, terminal_safe_line};
 pub use trace_id::{ParseTraceIdError, TraceId};

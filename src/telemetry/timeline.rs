@@ -1,12 +1,18 @@
 //! Reading one request's story back out of a JSON log: the engine of `metaorch trace`.
 //!
-//! A [`Scanner`] is fed a log line by line and keeps only the lines of the request it
-//! is after, so memory stays flat however big the log is. Lines of other requests are
+//! A [`Scanner`] is fed a log line by line and keeps only the lines of the trace it is
+//! after, so memory stays flat however big the log is. Lines of other requests are
 //! never parsed: a substring search for the trace id (or, for `--last`, for the
 //! `request.start` event) decides first, which is what makes it faster than piping the
 //! log through `grep` into `jq`. [`Scanner::finish`] turns the kept lines into a
 //! [`Timeline`]: one row per agent with its span, attempts, retries, fallback and end,
 //! the breaker events, and the critical path.
+//!
+//! A caller may send several requests inside one `traceparent`, so one trace id can
+//! hold several requests. Each request's lines carry its own `request_id` (from the
+//! request span); the scanner keys on it, so two requests of one trace are two
+//! timelines, never one merged story. Lines without a `request_id` (logs written
+//! before it existed) are one request per trace, as they always were.
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -18,8 +24,16 @@ use serde_json::Value;
 /// Which request to pick out of the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Select {
-    /// The request with this trace id (32 lowercase hex digits).
+    /// The requests of the trace with this id (32 lowercase hex digits): the one that
+    /// started last, with the others listed in [`Timeline::requests`].
     Trace(String),
+    /// One request of a trace, by its request id (16 lowercase hex digits).
+    Request {
+        /// The trace id.
+        trace_id: String,
+        /// The request id.
+        request_id: String,
+    },
     /// The request that started last.
     Last,
 }
@@ -37,16 +51,19 @@ pub struct ScanStats {
     pub skipped: u64,
 }
 
-/// Streams log lines and keeps those of one request.
+/// Streams log lines and keeps those of one trace.
 #[derive(Debug)]
 pub struct Scanner {
     select: Select,
     /// The trace id being collected (for `Last`, the latest `request.start` seen).
     current: Option<String>,
+    /// For `Last`, the request id of the latest `request.start`; for `Request`, the
+    /// one asked for.
+    request: Option<String>,
     finder: Option<memmem::Finder<'static>>,
     start_finder: memmem::Finder<'static>,
-    /// The chosen request's lines, as read: parsed only at the end, so that `--last`
-    /// does not parse every request's lines on the way to the last one.
+    /// The trace's lines, as read: parsed only at the end, so that `--last` does not
+    /// parse every request's lines on the way to the last one.
     kept: Vec<Vec<u8>>,
     stats: ScanStats,
 }
@@ -54,15 +71,20 @@ pub struct Scanner {
 impl Scanner {
     /// A scanner for `select`.
     pub fn new(select: Select) -> Self {
-        let current = match &select {
-            Select::Trace(id) => Some(id.clone()),
-            Select::Last => None,
+        let (current, request) = match &select {
+            Select::Trace(id) => (Some(id.clone()), None),
+            Select::Request {
+                trace_id,
+                request_id,
+            } => (Some(trace_id.clone()), Some(request_id.clone())),
+            Select::Last => (None, None),
         };
         Scanner {
             finder: current
                 .as_ref()
                 .map(|id| memmem::Finder::new(id.as_bytes()).into_owned()),
             current,
+            request,
             select,
             start_finder: memmem::Finder::new(br#""event":"request.start""#).into_owned(),
             kept: Vec::new(),
@@ -85,15 +107,26 @@ impl Scanner {
         }
         if self.select == Select::Last
             && self.start_finder.find(line).is_some()
-            && let Some(id) = parse(line)
-                .as_ref()
-                .and_then(|v| v["trace_id"].as_str())
-                .filter(|id| !id.is_empty())
+            && let Some(v) = parse(line)
+            && let Some(id) = v["trace_id"].as_str().filter(|id| !id.is_empty())
         {
             self.current = Some(id.to_owned());
+            self.request = v["request_id"].as_str().map(str::to_owned);
             self.finder = Some(memmem::Finder::new(id.as_bytes()).into_owned());
             self.kept.clear();
         }
+        self.keep(line);
+    }
+
+    /// Feeds lines already known to be of the trace asked for (a ring indexed by
+    /// trace id): no substring search.
+    pub(crate) fn feed_trace_line(&mut self, line: &[u8]) {
+        self.stats.lines += 1;
+        self.stats.bytes += line.len() as u64;
+        self.kept.push(line.trim_ascii().to_vec());
+    }
+
+    fn keep(&mut self, line: &[u8]) {
         let Some(finder) = &self.finder else {
             return;
         };
@@ -113,28 +146,70 @@ impl Scanner {
     }
 
     /// The timeline of the chosen request, or `None` when none of its lines were seen.
-    pub fn finish(mut self) -> Option<Timeline> {
-        let trace_id = self.current?;
-        let mut lines = Vec::with_capacity(self.kept.len());
+    /// When the trace holds several requests and none was named, it is the one that
+    /// started last; [`Timeline::requests`] lists them all.
+    pub fn finish(self) -> Option<Timeline> {
+        let wanted = self.request.clone();
+        let mut all = self.finish_all();
+        let index = match &wanted {
+            Some(id) => all
+                .iter()
+                .position(|t| t.request_id.as_deref() == Some(id.as_str()))?,
+            None => all.len().checked_sub(1)?,
+        };
+        Some(all.swap_remove(index))
+    }
+
+    /// The timeline of every request of the chosen trace, in the order they started
+    /// (for `Last` and `Request`, the chosen request's alone).
+    pub fn finish_all(mut self) -> Vec<Timeline> {
+        let Some(trace_id) = self.current.take() else {
+            return Vec::new();
+        };
+        // Lines by request id, in the order each request was first seen.
+        let mut groups: Vec<(Option<String>, Vec<Value>)> = Vec::new();
+        let every_request = matches!(self.select, Select::Trace(_));
         for raw in &self.kept {
-            match parse(raw) {
-                Some(v) if v["trace_id"].as_str() == Some(trace_id.as_str()) => {
-                    if v["timestamp"].is_string() && v["event"].is_string() {
-                        lines.push(v);
-                    } else {
-                        self.stats.skipped += 1;
-                    }
-                }
+            let v = match parse(raw) {
+                Some(v) if v["trace_id"].as_str() == Some(trace_id.as_str()) => v,
                 // Another request's line that mentions this id in passing.
-                Some(_) => {}
-                None => self.stats.skipped += 1,
+                Some(_) => continue,
+                None => {
+                    self.stats.skipped += 1;
+                    continue;
+                }
+            };
+            if !(v["timestamp"].is_string() && v["event"].is_string()) {
+                self.stats.skipped += 1;
+                continue;
+            }
+            let request = v["request_id"].as_str().map(str::to_owned);
+            if !every_request && request != self.request {
+                continue;
+            }
+            match groups.iter_mut().find(|(id, _)| *id == request) {
+                Some((_, lines)) => lines.push(v),
+                None => groups.push((request, vec![v])),
             }
         }
-        self.stats.matched = lines.len() as u64;
-        if lines.is_empty() {
-            return None;
+        let mut timelines: Vec<Timeline> = groups
+            .into_iter()
+            .map(|(request_id, lines)| {
+                let stats = ScanStats {
+                    matched: lines.len() as u64,
+                    ..self.stats
+                };
+                Timeline::build(trace_id.clone(), request_id, lines, stats)
+            })
+            .collect();
+        timelines.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+        if timelines.len() > 1 {
+            let requests: Vec<RequestRef> = timelines.iter().map(RequestRef::of).collect();
+            for t in &mut timelines {
+                t.requests = requests.clone();
+            }
         }
-        Some(Timeline::build(trace_id, lines, self.stats))
+        timelines
     }
 }
 
@@ -144,11 +219,38 @@ fn parse(line: &[u8]) -> Option<Value> {
         .filter(Value::is_object)
 }
 
+/// One request of a trace that holds several.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RequestRef {
+    /// Its request id.
+    pub request_id: Option<String>,
+    /// When its first line was written.
+    pub started_at: String,
+    /// `ok`, `failed`, `cancelled`, or `unfinished` when no `request.finish` was seen.
+    pub status: String,
+}
+
+impl RequestRef {
+    fn of(t: &Timeline) -> RequestRef {
+        RequestRef {
+            request_id: t.request_id.clone(),
+            started_at: t.started_at.clone(),
+            status: t.status.clone(),
+        }
+    }
+}
+
 /// One request's story.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Timeline {
     /// The request's trace id.
     pub trace_id: String,
+    /// The request's own id (absent in logs written before request ids existed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// `ok`, `failed`, `cancelled` (the client went away, or the server's drain timed
+    /// out), or `unfinished` when no `request.finish` line was seen.
+    pub status: String,
     /// When the first line was written (the `request.start` when present).
     pub started_at: String,
     /// From the first to the last line, or the `request.finish` duration.
@@ -174,6 +276,10 @@ pub struct Timeline {
     pub finished: bool,
     /// What the scan read.
     pub lines: ScanStats,
+    /// Every request of this trace, in the order they started, when it holds more than
+    /// one (a caller's `traceparent` shared by several requests).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<RequestRef>,
 }
 
 /// Outcome counts of a request.
@@ -344,7 +450,12 @@ fn retry_wait(a: &AgentRow) -> f64 {
 }
 
 impl Timeline {
-    fn build(trace_id: String, mut lines: Vec<Value>, stats: ScanStats) -> Timeline {
+    fn build(
+        trace_id: String,
+        request_id: Option<String>,
+        mut lines: Vec<Value>,
+        stats: ScanStats,
+    ) -> Timeline {
         // Lines from several tasks can reach the log slightly out of order.
         lines.sort_by(|a, b| a["timestamp"].as_str().cmp(&b["timestamp"].as_str()));
         let time = |v: &Value| {
@@ -521,8 +632,22 @@ impl Timeline {
                 queue_ms: a.queue_ms,
                 pause_ms: a.pause_ms,
             });
+        let status = match finish {
+            // `status` is newer than `ok`: older logs have only the latter.
+            Some(f) => f["status"].as_str().map_or_else(
+                || match f["ok"].as_bool() {
+                    Some(true) => "ok".to_owned(),
+                    Some(false) => "failed".to_owned(),
+                    None => "finished".to_owned(),
+                },
+                str::to_owned,
+            ),
+            None => "unfinished".to_owned(),
+        };
         Timeline {
             trace_id,
+            request_id,
+            status,
             started_at,
             total_ms,
             ok: finish.and_then(|f| f["ok"].as_bool()),
@@ -539,6 +664,7 @@ impl Timeline {
             critical_path,
             finished: finish.is_some(),
             lines: stats,
+            requests: Vec::new(),
         }
     }
 }
@@ -671,6 +797,73 @@ mod tests {
         assert_eq!(t.trace_id, B);
         assert_eq!(t.agents[0].agent_id, "y");
         assert!(!t.finished);
+    }
+
+    #[test]
+    fn two_requests_of_one_trace_are_two_timelines() {
+        let r = |id: &str| format!(r#","request_id":"{id}""#);
+        let lines = vec![
+            line(A, "00.000", "request.start", &r("00000000000000a1")),
+            line(A, "00.100", "request.start", &r("00000000000000b2")),
+            line(
+                A,
+                "00.500",
+                "agent.success",
+                &format!(r#"{},"agent_id":"x""#, r("00000000000000a1")),
+            ),
+            line(
+                A,
+                "00.600",
+                "agent.timeout",
+                &format!(
+                    r#"{},"agent_id":"y","error.kind":"cancelled""#,
+                    r("00000000000000b2")
+                ),
+            ),
+            line(
+                A,
+                "00.700",
+                "request.finish",
+                &format!(
+                    r#"{},"status":"cancelled","ok":false"#,
+                    r("00000000000000b2")
+                ),
+            ),
+            line(
+                A,
+                "00.800",
+                "request.finish",
+                &format!(r#"{},"status":"ok","ok":true"#, r("00000000000000a1")),
+            ),
+        ];
+        let mut s = Scanner::new(Select::Trace(A.into()));
+        feed(&mut s, &lines);
+        let all = s.finish_all();
+        assert_eq!(all.len(), 2);
+        let ids: Vec<_> = all.iter().map(|t| t.request_id.clone().unwrap()).collect();
+        assert_eq!(ids, ["00000000000000a1", "00000000000000b2"], "start order");
+        assert_eq!(all[0].agents.len(), 1);
+        assert_eq!(all[0].agents[0].agent_id, "x");
+        assert_eq!((all[0].status.as_str(), all[0].finished), ("ok", true));
+        assert_eq!(all[1].agents[0].agent_id, "y");
+        assert_eq!(all[1].status, "cancelled");
+        assert_eq!(all[1].requests.len(), 2);
+
+        let mut s = Scanner::new(Select::Request {
+            trace_id: A.into(),
+            request_id: "00000000000000a1".into(),
+        });
+        feed(&mut s, &lines);
+        let one = s.finish().unwrap();
+        assert_eq!(one.agents[0].agent_id, "x");
+        assert!(one.requests.is_empty(), "only the request asked for");
+
+        // `--last` picks the request that started last, not the trace.
+        let mut s = Scanner::new(Select::Last);
+        feed(&mut s, &lines);
+        let last = s.finish().unwrap();
+        assert_eq!(last.request_id.as_deref(), Some("00000000000000b2"));
+        assert_eq!(last.agents.len(), 1);
     }
 
     #[test]
