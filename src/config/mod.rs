@@ -39,7 +39,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Successful agents a request needs, unless configured.
 pub const DEFAULT_MIN_SUCCESSES: usize = 1;
 /// The log filter for stderr, unless configured.
-pub const DEFAULT_LOG_LEVEL: &str = "warn";
+pub const DEFAULT_LOG_LEVEL: &str = crate::telemetry::DEFAULT_LOG_LEVEL;
 /// The log filter for a log file, unless configured: a file is read later, to find out
 /// what happened, so it keeps each request's story (`request.*`, `agent.success`).
 pub const DEFAULT_FILE_LOG_LEVEL: &str = "info";

@@ -676,7 +676,16 @@ async fn run_agent(
 /// `agent.timeout`, with its timings, so a timeline can be rebuilt from these lines
 /// alone (dispatch = finish − `latency_ms`).
 fn log_finish(o: &AgentOutcome) {
-    crate::telemetry::metrics::agent_finished(o);
+    crate::telemetry::metrics::agent_finished(&crate::telemetry::metrics::AgentFinished {
+        agent: &o.agent_id,
+        provider: &o.provider,
+        model: &o.model,
+        outcome: o.status.as_str(),
+        latency: o.latency,
+        input_tokens: o.usage.input_tokens,
+        output_tokens: o.usage.output_tokens,
+        fell_back: o.fallback.is_some(),
+    });
     let fallback = o.fallback.as_ref().map(|f| f.source.as_str());
     match &o.error {
         None => tracing::info!(

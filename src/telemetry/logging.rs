@@ -118,6 +118,9 @@ pub fn init_server_telemetry(
     })
 }
 
+/// The log filter for stderr unless one is given: warnings and errors.
+pub const DEFAULT_LOG_LEVEL: &str = "warn";
+
 /// Colours only on a terminal, and never with `NO_COLOR` set (no-color.org).
 fn stderr_colours() -> bool {
     io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
@@ -130,7 +133,7 @@ where
 {
     let filter = EnvFilter::builder()
         .parse(filter)
-        .unwrap_or_else(|_| EnvFilter::new(crate::config::DEFAULT_LOG_LEVEL));
+        .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_LEVEL));
     match format {
         LogFormat::Json => JsonLayer::new(writer).with_filter(filter).boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()

@@ -12,9 +12,6 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::executor::{AgentOutcome, OutcomeStatus};
-use crate::resilience::BreakerState;
-
 /// Seconds: from a fast simulated call to a long generation.
 const BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -199,41 +196,47 @@ pub(crate) fn request_finished(outcome: &'static str, duration: Duration) {
     histogram!("metaorch_request_duration_seconds").record(duration.as_secs_f64());
 }
 
-pub(crate) fn agent_finished(o: &AgentOutcome) {
+/// One agent's end, in plain values: the metrics module sits below the executor and
+/// knows nothing of its types.
+pub(crate) struct AgentFinished<'a> {
+    pub agent: &'a str,
+    pub provider: &'a str,
+    pub model: &'a str,
+    /// `succeeded`, `failed` or `timed_out`.
+    pub outcome: &'static str,
+    pub latency: Duration,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub fell_back: bool,
+}
+
+pub(crate) fn agent_finished(a: &AgentFinished<'_>) {
     if !enabled() {
         return;
     }
-    let outcome = match o.status {
-        OutcomeStatus::Succeeded => "succeeded",
-        OutcomeStatus::Failed => "failed",
-        OutcomeStatus::TimedOut => "timed_out",
-    };
     counter!(
         "metaorch_agent_calls_total",
-        "agent" => o.agent_id.clone(),
-        "provider" => o.provider.clone(),
-        "model" => o.model.clone(),
-        "outcome" => outcome
+        "agent" => a.agent.to_owned(),
+        "provider" => a.provider.to_owned(),
+        "model" => a.model.to_owned(),
+        "outcome" => a.outcome
     )
     .increment(1);
-    histogram!("metaorch_agent_latency_seconds", "agent" => o.agent_id.clone())
-        .record(o.latency.as_secs_f64());
-    for (direction, n) in [
-        ("input", o.usage.input_tokens),
-        ("output", o.usage.output_tokens),
-    ] {
+    histogram!("metaorch_agent_latency_seconds", "agent" => a.agent.to_owned())
+        .record(a.latency.as_secs_f64());
+    for (direction, n) in [("input", a.input_tokens), ("output", a.output_tokens)] {
         if n > 0 {
             counter!(
                 "metaorch_tokens_total",
-                "provider" => o.provider.clone(),
-                "model" => o.model.clone(),
+                "provider" => a.provider.to_owned(),
+                "model" => a.model.to_owned(),
                 "direction" => direction
             )
             .increment(n);
         }
     }
-    if o.fallback.is_some() {
-        counter!("metaorch_fallbacks_total", "agent" => o.agent_id.clone()).increment(1);
+    if a.fell_back {
+        counter!("metaorch_fallbacks_total", "agent" => a.agent.to_owned()).increment(1);
     }
 }
 
@@ -257,18 +260,26 @@ pub(crate) fn retry(reason: &'static str) {
     counter!("metaorch_retries_total", "reason" => reason).increment(1);
 }
 
-pub(crate) fn breaker(provider: &str, model: &str, state: BreakerState, transition: bool) {
+/// A breaker's state: `code` is the gauge's value (0 closed, 1 half-open, 2 open),
+/// `state` its name; `transition` counts a change into it.
+pub(crate) fn breaker(
+    provider: &str,
+    model: &str,
+    code: u8,
+    state: &'static str,
+    transition: bool,
+) {
     if !enabled() {
         return;
     }
     gauge!("metaorch_breaker_state", "provider" => provider.to_owned(), "model" => model.to_owned())
-        .set(f64::from(state.code()));
+        .set(f64::from(code));
     if transition {
         counter!(
             "metaorch_breaker_transitions_total",
             "provider" => provider.to_owned(),
             "model" => model.to_owned(),
-            "to" => state.as_str()
+            "to" => state
         )
         .increment(1);
     }

@@ -18,8 +18,8 @@ mod trace_id;
 pub use json_layer::JsonLayer;
 pub(crate) use logging::open_append_as;
 pub use logging::{
-    LogFormat, TelemetryGuard, init_logging, init_logging_with_ring, init_server_telemetry,
-    init_telemetry,
+    DEFAULT_LOG_LEVEL, LogFormat, TelemetryGuard, init_logging, init_logging_with_ring,
+    init_server_telemetry, init_telemetry,
 };
 pub use request_id::{ParseRequestIdError, RequestId};
 pub use ring::{RingWriter, TraceRing};

@@ -209,7 +209,14 @@ impl CircuitBreaker {
     ) -> Self {
         let window = Counts::new(config.window);
         let (provider, model) = (provider.into(), model.into());
-        crate::telemetry::metrics::breaker(&provider, &model, BreakerState::Closed, false);
+        let closed = BreakerState::Closed;
+        crate::telemetry::metrics::breaker(
+            &provider,
+            &model,
+            closed.code(),
+            closed.as_str(),
+            false,
+        );
         CircuitBreaker {
             provider,
             model,
@@ -478,7 +485,13 @@ impl CircuitBreaker {
 
     fn log(&self, transition: Option<Transition>) {
         let Some(t) = transition else { return };
-        crate::telemetry::metrics::breaker(&self.provider, &self.model, t.to, true);
+        crate::telemetry::metrics::breaker(
+            &self.provider,
+            &self.model,
+            t.to.code(),
+            t.to.as_str(),
+            true,
+        );
         let (event, verb) = match t.to {
             BreakerState::Open => ("breaker.open", "opened"),
             BreakerState::HalfOpen => ("breaker.half_open", "half-opened"),
