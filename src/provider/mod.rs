@@ -110,6 +110,13 @@ impl std::ops::AddAssign for Usage {
     }
 }
 
+impl Usage {
+    /// Input and output tokens together, saturating.
+    pub fn total_tokens(&self) -> u64 {
+        self.input_tokens.saturating_add(self.output_tokens)
+    }
+}
+
 /// An LLM backend: the built-in simulator, Anthropic's Messages API, or any
 /// OpenAI-compatible server.
 ///

@@ -196,7 +196,7 @@ fn usage(answer: &Answer) -> Value {
     json!({
         "prompt_tokens": answer.usage.input_tokens,
         "completion_tokens": answer.usage.output_tokens,
-        "total_tokens": answer.usage.input_tokens + answer.usage.output_tokens
+        "total_tokens": answer.usage.total_tokens()
     })
 }
 

@@ -70,6 +70,11 @@ impl ServerState {
         config: ServerConfig,
         ring: Option<TraceRing>,
     ) -> Arc<Self> {
+        // A server is scraped: install the process's Prometheus recorder, and list
+        // every documented metric at zero before the first request.
+        let metrics = crate::telemetry::metrics::install();
+        orchestrator.prime_metrics();
+        crate::telemetry::metrics::prime_server();
         Arc::new(ServerState {
             admission: Arc::new(Semaphore::new(config.max_in_flight)),
             tokens: auth::Tokens::new(&config.auth_tokens),
@@ -79,8 +84,7 @@ impl ServerState {
             cancel: CancellationToken::new(),
             requests: TaskTracker::new(),
             ring,
-            // A server is scraped: install the process's Prometheus recorder.
-            metrics: crate::telemetry::metrics::install(),
+            metrics,
         })
     }
 

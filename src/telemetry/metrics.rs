@@ -130,7 +130,7 @@ pub fn prime(agents: &[(&str, &str, &str)]) {
     if !enabled() {
         return;
     }
-    for outcome in ["ok", "failed"] {
+    for outcome in ["ok", "failed", "cancelled"] {
         counter!("metaorch_requests_total", "outcome" => outcome).absolute(0);
     }
     let _ = histogram!("metaorch_request_duration_seconds");
@@ -175,6 +175,19 @@ pub fn prime(agents: &[(&str, &str, &str)]) {
         }
         let _ = histogram!("metaorch_queue_wait_seconds", "provider" => p, "model" => m);
     }
+}
+
+/// `serve`'s own metrics, at zero (see [`prime`]).
+pub fn prime_server() {
+    if !enabled() {
+        return;
+    }
+    for kind in ["served", "overflow"] {
+        gauge!("metaorch_server_connections", "kind" => kind).increment(0.0);
+    }
+    counter!("metaorch_server_connections_refused_total").absolute(0);
+    counter!("metaorch_server_timeouts_total", "part" => "body").absolute(0);
+    counter!("metaorch_log_lines_dropped_total").absolute(0);
 }
 
 /// The metric lines of a handle's text, without comments: a summary for a terminal.
