@@ -684,12 +684,12 @@ async fn a_thousand_concurrent_requests() {
 }
 
 /// The official `openai` Python package, unchanged but for `base_url`, against
-/// `serve`. Skipped, with a message, where Python or the package cannot be had.
+/// `serve`. Its environment comes from `scripts/test-deps.sh` (see `openai_python`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_python_client_works_unchanged() {
     let Some(python) = openai_python() else {
         eprintln!(
-            "SKIPPED the_openai_python_client_works_unchanged: no python3 with the openai package could be set up"
+            "SKIPPED the_openai_python_client_works_unchanged: no openai venv; run scripts/test-deps.sh"
         );
         return;
     };
@@ -734,40 +734,33 @@ print("STREAM", text.splitlines()[0], usage.completion_tokens > 0)
     server.stop().await;
 }
 
-/// A Python with `openai` installed: a virtual environment under `target/`, created
-/// (with pip, from PyPI) on first use and reused after.
+/// The Python of the virtual environment `scripts/test-deps.sh` prepares, with the
+/// official `openai` package: `$METAORCH_OPENAI_VENV`, by default `target/openai-venv`.
+/// This test never creates it (`cargo test` stays offline). Where it is missing the
+/// test is skipped with a message, unless `METAORCH_REQUIRE_TEST_DEPS` or `CI` is set
+/// (as `.ci/run` does): then it fails.
 fn openai_python() -> Option<std::path::PathBuf> {
-    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/openai-venv");
+    let venv = std::env::var_os("METAORCH_OPENAI_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/openai-venv")
+        });
     let python = venv.join("bin/python");
-    let has_openai = |p: &std::path::Path| {
-        std::process::Command::new(p)
-            .args(["-c", "import openai"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if has_openai(&python) {
-        return Some(python);
+    let has_openai = std::process::Command::new(&python)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let required = ["METAORCH_REQUIRE_TEST_DEPS", "CI"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty() && v != "0" && v != "false"));
+    match (has_openai, required) {
+        (true, _) => Some(python),
+        (false, true) => panic!(
+            "{} has no python with the openai package; run scripts/test-deps.sh first",
+            venv.display()
+        ),
+        (false, false) => None,
     }
-    let created = std::process::Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !created {
-        return None;
-    }
-    let installed = std::process::Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "openai",
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
-    (installed && has_openai(&python)).then_some(python)
 }
 
 /// `/metrics` parses as Prometheus text, and its counters move as a faulty run
