@@ -154,6 +154,14 @@ fn trace_shows_each_request_of_a_shared_trace_and_strips_upstream_text() {
     assert_eq!(t["request_id"], "00000000000000b2");
     assert_eq!(t["requests"].as_array().unwrap().len(), 2);
 
+    let out = metaorch(
+        dir.path(),
+        &["trace", &format!("{A}/00000000000000c3"), "--log", log],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!(
+        "no lines of request 00000000000000c3 in trace {A}"
+    )));
     let out = metaorch(dir.path(), &["trace", &format!("{A}/xyz"), "--log", log]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"xyz\" is not a request id"));
