@@ -1482,6 +1482,36 @@ async fn upstream_error_bodies_are_not_forwarded_to_clients() {
     // The log keeps the whole story, request id included.
     let (_, t) = timeline(&server.url, trace_id, "").await;
     assert!(t.to_string().contains("req_abc123"), "{t}");
+
+    // The same through the event stream and the chat completion, streamed or not.
+    let streamed = client()
+        .post(format!("{}/v1/orchestrate", server.url))
+        .header("accept", "text/event-stream")
+        .json(&json!({"query": "q"}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(streamed.contains("event: agent.done"), "{streamed}");
+    assert!(
+        streamed.contains("the provider failed with a server error"),
+        "{streamed}"
+    );
+    let chat = |stream: bool| {
+        client()
+            .post(format!("{}/v1/chat/completions", server.url))
+            .json(&json!({"model": "metaorch", "stream": stream, "messages": [{"role": "user", "content": "q"}]}))
+            .send()
+    };
+    let plain = chat(false).await.unwrap().text().await.unwrap();
+    let chunks = chat(true).await.unwrap().text().await.unwrap();
+    for text in [&streamed, &plain, &chunks] {
+        for secret in ["org-secret-42", "req_abc123", "hunter2", "sk-live-1"] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+    }
     server.stop().await;
 }
 

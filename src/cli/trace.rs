@@ -55,10 +55,16 @@ pub fn trace(cli: &Cli, args: &TraceArgs) -> anyhow::Result<ExitCode> {
         OutputFormat::Text => scanner.finish_all(),
     };
     if timelines.is_empty() {
-        let what = match wanted {
-            Some(id) if args.trace_id.is_some() => format!("no lines of trace {id}"),
-            Some(id) => format!("the last request ({id}) left no readable lines"),
-            None => "no request.start line, so no last request".to_owned(),
+        let request = args
+            .trace_id
+            .as_deref()
+            .and_then(|a| a.split_once('/'))
+            .map(|(_, r)| r.trim().to_ascii_lowercase());
+        let what = match (wanted, request) {
+            (Some(id), Some(r)) => format!("no lines of request {r} in trace {id}"),
+            (Some(id), None) if args.trace_id.is_some() => format!("no lines of trace {id}"),
+            (Some(id), None) => format!("the last request ({id}) left no readable lines"),
+            (None, _) => "no request.start line, so no last request".to_owned(),
         };
         eprintln!(
             "error: {what} in {} lines read from {}{}",
