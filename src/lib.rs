@@ -8,12 +8,13 @@
 //!
 //! The request's path, top-down: [`orchestrator`] → [`executor`] → [`provider`], with
 //! [`limits`] bounding calls in flight, [`resilience`] guarding every call (retry,
-//! retry budget, circuit breakers, timeouts), [`config`] describing it all and
-//! [`telemetry`] naming each request.
+//! retry budget, circuit breakers, timeouts), [`config`] describing it all,
+//! [`cost`] pricing each call in US dollars and [`telemetry`] naming each request.
 //!
 //! See [`Orchestrator`] for an example.
 
 pub mod config;
+pub mod cost;
 pub mod executor;
 pub mod limits;
 pub mod mock_upstream;

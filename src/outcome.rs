@@ -178,6 +178,13 @@ pub struct AgentOutcome {
     pub provider_latency: Duration,
     /// Tokens used by this agent's calls.
     pub usage: Usage,
+    /// What this agent's calls cost in US dollars: each call that returned a reply,
+    /// priced by the model it used (the agent's, or its fallback agent's). `None`
+    /// (`null`) when one of those models has no known price; failed calls report no
+    /// usage, so an outcome without a reply costs 0, or `None` if its model has no
+    /// known price.
+    #[serde(serialize_with = "crate::cost::as_usd")]
+    pub cost_usd: Option<f64>,
 }
 
 /// What a fallback did for an agent whose own call failed.

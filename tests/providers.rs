@@ -72,6 +72,7 @@ fn request(prompt: &str, stream: bool) -> CompletionRequest {
         max_tokens: 256,
         temperature: Some(0.2),
         stream,
+        prompt_cache: false,
         meta: RequestMeta {
             trace_id: TRACE.into(),
             agent_id: "a".into(),

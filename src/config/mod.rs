@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::cost::{Price, PriceTable};
 use crate::limits::FlowConfig;
 use crate::provider::SimOptions;
 use crate::resilience::{BreakerConfig, CallPolicy, RetryBudgetConfig};
@@ -84,6 +85,9 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     /// The sub-agents, in the order their outcomes are reported.
     pub agents: Vec<AgentConfig>,
+    /// Prices by model id (`[prices."MODEL"]`), over the built-in ones (see
+    /// [`crate::cost`]).
+    pub prices: BTreeMap<String, Price>,
 }
 
 /// `metaorch serve`'s settings.
@@ -242,6 +246,9 @@ pub struct HttpProviderConfig {
     pub version: String,
     /// `max_tokens` or `max_completion_tokens` (OpenAI-compatible only).
     pub max_tokens_field: crate::provider::MaxTokensField,
+    /// Whether this provider's agents mark their system prompt for the prompt cache
+    /// unless they say otherwise (Anthropic only).
+    pub prompt_cache: bool,
 }
 
 /// One sub-agent.
@@ -267,6 +274,9 @@ pub struct AgentConfig {
     pub stop_sequences: Vec<String>,
     /// Ask the provider to stream the reply.
     pub stream: bool,
+    /// Mark the system prompt for the provider's prompt cache (Anthropic): the agent's
+    /// `prompt_cache`, else its provider's.
+    pub prompt_cache: bool,
     /// Retries and timeouts: `[defaults]` with this agent's own settings on top.
     pub policy: CallPolicy,
     /// What stands in when the agent's call fails for good.
@@ -361,6 +371,28 @@ impl Config {
     /// The agents that run on every request: all but the standby ones.
     pub fn active_agents(&self) -> impl Iterator<Item = &AgentConfig> {
         self.agents.iter().filter(|a| !a.standby)
+    }
+
+    /// Every model's price: the built-in table with this config's `[prices]` over it.
+    pub fn price_table(&self) -> PriceTable {
+        PriceTable::with_overrides(self.prices.iter().map(|(m, p)| (m.clone(), *p)))
+    }
+
+    /// What `config check` warns of about prices: each agent whose model has no known
+    /// price (its cost would be `null`), with what to add.
+    pub fn check_prices(&self) -> Vec<String> {
+        let table = self.price_table();
+        self.agents
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| table.price(&a.model).is_none())
+            .map(|(i, a)| {
+                format!(
+                    "agents[{i}].model: \"{}\" has no known price, so its cost_usd will be null; add [prices.\"{}\"] with input_per_mtok and output_per_mtok (US dollars per million tokens)",
+                    a.model, a.model
+                )
+            })
+            .collect()
     }
 
     /// What the environment (read through `env`) lacks or gets wrong for the

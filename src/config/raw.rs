@@ -29,6 +29,20 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub providers: BTreeMap<String, Spanned<RawProvider>>,
     pub agents: Option<Spanned<Vec<RawAgent>>>,
+    /// `[prices."MODEL"]`, by model id.
+    #[serde(default)]
+    pub prices: BTreeMap<String, Spanned<RawPrice>>,
+}
+
+/// `[prices."MODEL"]`: US dollars per million tokens. The two base prices are
+/// optional here so that a missing one is reported with its place and field.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPrice {
+    pub input_per_mtok: Option<Spanned<f64>>,
+    pub output_per_mtok: Option<Spanned<f64>>,
+    pub cache_write_per_mtok: Option<Spanned<f64>>,
+    pub cache_read_per_mtok: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -161,6 +175,7 @@ pub(crate) struct RawAnthropic {
     pub base_url: Option<String>,
     pub api_key_env: Option<String>,
     pub version: Option<String>,
+    pub prompt_cache: Option<bool>,
     pub flow: Option<RawFlow>,
 }
 
@@ -241,6 +256,7 @@ pub(crate) struct RawAgent {
     pub stop_sequences: Vec<String>,
     #[serde(default)]
     pub stream: bool,
+    pub prompt_cache: Option<Spanned<bool>>,
     pub attempt_timeout: Option<Spanned<RawTimeout>>,
     pub retry: Option<Spanned<RawRetry>>,
     pub fallback: Option<Spanned<RawFallback>>,

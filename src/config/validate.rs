@@ -1,6 +1,8 @@
 //! Turns a [`RawConfig`] into a [`Config`], collecting every problem rather than
 //! stopping at the first, each with its place in the file.
 
+mod prices;
+
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
 
@@ -40,9 +42,7 @@ pub(super) fn parse_and_validate(text: &str, origin: &str) -> Result<Config, Con
     let raw: RawConfig =
         serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
             // `Spanned` shows up in the path as a private key; people never wrote it.
-            let field = e
-                .path()
-                .to_string()
+            let field = quote_model(&e.path().to_string())
                 .replace(".$__serde_spanned_private_value", "");
             let e = e.into_inner();
             ConfigErrors::one(ConfigError {
@@ -159,6 +159,7 @@ impl Validator<'_> {
                 }
             }
         }
+        let default_agents_used = raw.agents.is_none();
         let agents = match raw.agents {
             Some(agents) if agents.get_ref().is_empty() => {
                 self.error(
@@ -181,6 +182,14 @@ impl Validator<'_> {
                 .collect(),
         };
         self.sim_scripts(&providers, &agents);
+        let mut prices = self.prices(raw.prices);
+        if default_agents_used {
+            // The six default agents come with the default config's prices for their
+            // model, under this config's own.
+            for (model, price) in default_config().prices {
+                prices.entry(model).or_insert(price);
+            }
+        }
 
         let active = agents.iter().filter(|a| !a.standby).count();
         let min_successes = match raw.min_successes {
@@ -220,6 +229,7 @@ impl Validator<'_> {
             otlp_endpoint,
             providers,
             agents,
+            prices,
         }
     }
 
@@ -917,6 +927,7 @@ impl Validator<'_> {
                         key_required: true,
                         version: a.version.unwrap_or_else(|| ANTHROPIC_VERSION.into()),
                         max_tokens_field: MaxTokensField::default(),
+                        prompt_cache: a.prompt_cache.unwrap_or(false),
                     };
                     self.http_provider(&config, &name, span);
                     ProviderConfig::Anthropic(config)
@@ -928,6 +939,7 @@ impl Validator<'_> {
                         key_required: false,
                         version: String::new(),
                         max_tokens_field: o.max_tokens_field.unwrap_or_default(),
+                        prompt_cache: false,
                     };
                     self.http_provider(&config, &name, span);
                     ProviderConfig::OpenAi(config)
@@ -1049,6 +1061,31 @@ impl Validator<'_> {
                 t => t.map(Spanned::into_inner),
             };
 
+            // The agent's own setting wins over its provider's. Only Anthropic's cache
+            // is opt-in; OpenAI-compatible servers cache long prompts on their own.
+            let prompt_cache = match (&agent.prompt_cache, providers.get(&provider)) {
+                (Some(p), Some(ProviderConfig::Anthropic(_))) => *p.get_ref(),
+                (Some(p), Some(other)) if *p.get_ref() => {
+                    self.error(
+                        Some(p.span()),
+                        field("prompt_cache"),
+                        format!(
+                            "applies to anthropic providers only, and \"{provider}\" is {} {} provider{}; remove it",
+                            if other.kind() == "openai" { "an" } else { "a" },
+                            other.kind(),
+                            if other.kind() == "openai" {
+                                " (OpenAI-compatible servers cache long prompts without being asked)"
+                            } else {
+                                ""
+                            }
+                        ),
+                    );
+                    false
+                }
+                (None, Some(ProviderConfig::Anthropic(http))) => http.prompt_cache,
+                _ => false,
+            };
+
             let policy = CallPolicy {
                 retry: self.retry(agent.retry.as_ref(), &defaults.retry, &field("retry")),
                 attempt_timeout: self.attempt_timeout(
@@ -1098,6 +1135,7 @@ impl Validator<'_> {
                 temperature,
                 stop_sequences: agent.stop_sequences,
                 stream: agent.stream,
+                prompt_cache,
                 policy,
                 fallback,
                 standby: agent.standby,
@@ -1208,11 +1246,36 @@ fn retry_budget(raw: Option<Spanned<RawRetryBudget>>) -> RetryBudgetConfig {
     }
 }
 
+/// `prices.MODEL…` with the model id quoted, as it is written in TOML and in the
+/// validator's own messages: model ids hold dots (`gpt-4.1`).
+fn quote_model(path: &str) -> String {
+    let Some(rest) = path.strip_prefix("prices.") else {
+        return path.to_owned();
+    };
+    // The model id is everything up to the last known key, if one follows it.
+    let keys = [
+        ".input_per_mtok",
+        ".output_per_mtok",
+        ".cache_write_per_mtok",
+        ".cache_read_per_mtok",
+        ".$__serde_spanned_private_value",
+    ];
+    let end = keys
+        .iter()
+        .filter_map(|k| rest.find(k))
+        .min()
+        .unwrap_or(rest.len());
+    format!("prices.\"{}\"{}", &rest[..end], &rest[end..])
+}
+
 /// The six agents of the embedded default, used when a config defines none.
 fn default_agents() -> Vec<AgentConfig> {
+    default_config().agents
+}
+
+fn default_config() -> Config {
     super::Config::from_toml_str(EMBEDDED_DEFAULT, super::EMBEDDED_ORIGIN)
         .expect("the embedded default config is validated by the test suite")
-        .agents
 }
 
 /// Ids and provider names appear in logs, metrics labels and URLs: keep them plain.

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::cost::PriceTable;
 use crate::limits::{FlowLane, Limiter, Permit};
 use crate::provider::{Completion, CompletionRequest, Provider, Usage};
 use crate::resilience::{
@@ -143,12 +144,13 @@ pub enum AgentEvent {
 /// Where live events go. Sending never blocks; a closed receiver is ignored.
 pub type EventSink = tokio::sync::mpsc::UnboundedSender<AgentEvent>;
 
-/// Runs agent tasks concurrently. Cheap to clone; clones share the limiter and the
-/// resilience state (retry budget, breakers).
+/// Runs agent tasks concurrently. Cheap to clone; clones share the limiter, the
+/// resilience state (retry budget, breakers) and the prices calls are costed at.
 #[derive(Debug, Clone)]
 pub struct Executor {
     limiter: Arc<dyn Limiter>,
     resilience: Arc<Resilience>,
+    prices: Arc<PriceTable>,
 }
 
 /// Why the executor stopped waiting for unfinished tasks.
@@ -221,7 +223,19 @@ impl Executor {
         Executor {
             limiter,
             resilience,
+            prices: Arc::new(PriceTable::default()),
         }
+    }
+
+    /// Costs calls at these prices instead of the built-in ones.
+    pub fn with_prices(mut self, prices: Arc<PriceTable>) -> Self {
+        self.prices = prices;
+        self
+    }
+
+    /// The prices this executor's calls are costed at.
+    pub fn prices(&self) -> &Arc<PriceTable> {
+        &self.prices
     }
 
     /// The limiter this executor's calls go through.
@@ -319,7 +333,7 @@ impl Executor {
                 // Results first: a task that finished at the deadline still counts.
                 biased;
                 Some(joined) = set.join_next_with_id(), if !set.is_empty() => {
-                    place(joined, &slot_of, &pending, &mut outcomes, None, events.as_ref());
+                    place(joined, &slot_of, &pending, &mut outcomes, None, events.as_ref(), &self.prices);
                 }
                 permit = async { waiting.as_mut().expect("guarded by the condition").await }, if waiting.is_some() => {
                     waiting = None;
@@ -344,6 +358,7 @@ impl Executor {
                     &mut outcomes,
                     stop,
                     events.as_ref(),
+                    &self.prices,
                 );
             }
         }
@@ -355,7 +370,7 @@ impl Executor {
                 // Every spawned task is joined above, so every slot is filled; this
                 // fallback only keeps the promise if that reasoning is ever broken.
                 outcome.unwrap_or_else(|| {
-                    let outcome = p.interrupted(stop.unwrap_or(Stop::Cancelled));
+                    let outcome = p.interrupted(stop.unwrap_or(Stop::Cancelled), &self.prices);
                     if let Some(sink) = &events {
                         let _ = sink.send(AgentEvent::Done(Box::new(outcome.clone())));
                     }
@@ -429,7 +444,9 @@ struct Pending {
 }
 
 impl Pending {
-    fn base(&self, status: OutcomeStatus, error: OutcomeError) -> AgentOutcome {
+    /// An outcome without a reply: no usage, so it costs nothing if its model has a
+    /// price.
+    fn base(&self, status: OutcomeStatus, error: OutcomeError, prices: &PriceTable) -> AgentOutcome {
         let attempts = self.progress.attempts.load(Ordering::Acquire);
         let waited = Duration::from_nanos(self.progress.queue_wait_nanos.load(Ordering::Acquire));
         let queued = self
@@ -461,10 +478,11 @@ impl Pending {
             paused: Duration::ZERO,
             provider_latency: Duration::ZERO,
             usage: Usage::default(),
+            cost_usd: prices.cost(&self.model, &Usage::default()),
         }
     }
 
-    fn interrupted(&self, stop: Stop) -> AgentOutcome {
+    fn interrupted(&self, stop: Stop, prices: &PriceTable) -> AgentOutcome {
         let queued_in = self
             .progress
             .queued
@@ -495,12 +513,13 @@ impl Pending {
                 status: None,
                 message,
             },
+            prices,
         );
         log_finish(&outcome);
         outcome
     }
 
-    fn panicked(&self, err: JoinError) -> AgentOutcome {
+    fn panicked(&self, err: JoinError, prices: &PriceTable) -> AgentOutcome {
         let payload = err.into_panic();
         let message = payload
             .downcast_ref::<&str>()
@@ -521,6 +540,7 @@ impl Pending {
                 status: None,
                 message: format!("the agent's task panicked: {message}"),
             },
+            prices,
         )
     }
 }
@@ -532,6 +552,7 @@ fn place(
     outcomes: &mut [Option<AgentOutcome>],
     stop: Option<Stop>,
     events: Option<&EventSink>,
+    prices: &PriceTable,
 ) {
     let (id, outcome) = match joined {
         Ok((id, outcome)) => (id, Ok(outcome)),
@@ -542,8 +563,8 @@ fn place(
     };
     let outcome = match outcome {
         Ok(outcome) => outcome,
-        Err(err) if err.is_panic() => pending[index].panicked(err),
-        Err(_) => pending[index].interrupted(stop.unwrap_or(Stop::Cancelled)),
+        Err(err) if err.is_panic() => pending[index].panicked(err, prices),
+        Err(_) => pending[index].interrupted(stop.unwrap_or(Stop::Cancelled), prices),
     };
     if let Some(sink) = events {
         let _ = sink.send(AgentEvent::Done(Box::new(outcome.clone())));
@@ -582,10 +603,15 @@ async fn run_agent(
         paused: Duration::ZERO,
         provider_latency: Duration::ZERO,
         usage: Usage::default(),
+        cost_usd: None,
     };
 
     let report = executor.call(&task, deadline, &progress, first_slot).await;
     let mut result = absorb(&mut outcome, report);
+    // What the calls that returned a reply cost, each at its own model's price; `None`
+    // until one does.
+    let mut spent: Option<Option<f64>> = None;
+    executor.price(&task, &result, &mut spent);
     let mut next = task.fallback;
     let mut primary_error = None;
     while let Err(error) = &result {
@@ -650,6 +676,7 @@ async fn run_agent(
                     .instrument(span)
                     .await;
                 result = absorb(&mut outcome, report);
+                executor.price(&target, &result, &mut spent);
                 next = target.fallback;
             }
         }
@@ -667,6 +694,11 @@ async fn run_agent(
             outcome.error = Some(error);
         }
     }
+    outcome.cost_usd = spent.unwrap_or_else(|| {
+        executor
+            .prices
+            .cost(&outcome.model, &Usage::default())
+    });
     outcome.latency = progress.dispatched.elapsed();
     log_finish(&outcome);
     outcome
@@ -687,6 +719,7 @@ fn log_finish(o: &AgentOutcome) {
         fell_back: o.fallback.is_some(),
     });
     let fallback = o.fallback.as_ref().map(|f| f.source.as_str());
+    let cost_usd = o.cost_usd.map(crate::cost::round_usd);
     match &o.error {
         None => tracing::info!(
             event = "agent.success",
@@ -701,6 +734,11 @@ fn log_finish(o: &AgentOutcome) {
             retries = o.retries.len(),
             input_tokens = o.usage.input_tokens,
             output_tokens = o.usage.output_tokens,
+            cache_write_tokens = (o.usage.cache_creation_input_tokens > 0)
+                .then_some(o.usage.cache_creation_input_tokens),
+            cache_read_tokens = (o.usage.cache_read_input_tokens > 0)
+                .then_some(o.usage.cache_read_input_tokens),
+            cost_usd,
             fallback,
             "agent {} succeeded", o.agent_id
         ),
@@ -718,6 +756,7 @@ fn log_finish(o: &AgentOutcome) {
             provider_ms = millis(o.provider_latency),
             attempts = o.attempts,
             retries = o.retries.len(),
+            cost_usd,
             fallback,
             "agent {} did not finish: {}", o.agent_id, error.message
         ),
@@ -735,6 +774,7 @@ fn log_finish(o: &AgentOutcome) {
             provider_ms = millis(o.provider_latency),
             attempts = o.attempts,
             retries = o.retries.len(),
+            cost_usd,
             fallback,
             "agent {} failed: {error}", o.agent_id
         ),
@@ -742,6 +782,26 @@ fn log_finish(o: &AgentOutcome) {
 }
 
 impl Executor {
+    /// Adds what a call that returned a reply cost, at its model's price, to `spent`,
+    /// and counts it in the metrics. A failed call reports no usage and costs nothing.
+    fn price(
+        &self,
+        task: &AgentTask,
+        result: &Result<Completion, OutcomeError>,
+        spent: &mut Option<Option<f64>>,
+    ) {
+        let Ok(completion) = result else { return };
+        let model = &task.request.model;
+        let cost = self.prices.cost(model, &completion.usage);
+        if let Some(usd) = cost {
+            crate::telemetry::metrics::cost(&task.provider_name, model, usd);
+        }
+        *spent = Some(match *spent {
+            None => cost,
+            Some(before) => crate::cost::sum([before, cost]),
+        });
+    }
+
     /// One task's call (without its fallback) through the resilience policy.
     async fn call(
         &self,

@@ -170,6 +170,7 @@ impl OrchestratorBuilder {
                 config.provider_flow.clone(),
             ))
         });
+        let prices = Arc::new(config.price_table());
         let mut agents = Vec::with_capacity(config.agents.len());
         for agent in config.agents {
             let Some(provider) = providers.get(&agent.provider) else {
@@ -203,7 +204,7 @@ impl OrchestratorBuilder {
                     .map(|(i, _)| i)
                     .collect(),
                 agents,
-                executor: Executor::with_resilience(limiter, resilience),
+                executor: Executor::with_resilience(limiter, resilience).with_prices(prices),
                 flow,
                 request_timeout: config.request_timeout,
                 min_successes: config.min_successes,

@@ -17,16 +17,17 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{AgentConfig, FallbackConfig};
+use crate::cost::PriceTable;
 use crate::executor::{AgentTask, Executor, Fallback};
 use crate::limits::{FlowControl, FlowLane, LaneSnapshot};
-use crate::provider::{CompletionRequest, Provider, RequestMeta, Usage};
+use crate::provider::{CompletionRequest, Provider, RequestMeta};
 use crate::resilience::{BreakerSnapshot, BreakerState, CallPolicy, CircuitBreaker, RetryBudget};
 use crate::telemetry::{RequestId, TraceId};
 use crate::time::millis;
 
 pub use builder::{BuildError, OrchestratorBuilder};
 pub use request::{Request, RequestError};
-pub use response::{Response, Summary, Timings};
+pub use response::{RequestUsage, Response, Summary, Timings};
 pub use synthesis::{Concat, Synthesizer};
 
 /// Answers queries by fanning them out to sub-agents. Cheap to clone: clones share the
@@ -161,6 +162,13 @@ impl Orchestrator {
         &self.inner.executor
     }
 
+    /// The prices every call is costed at: the built-in table with the config's
+    /// `[prices]` over it. A step that makes a call of its own (an LLM synthesis)
+    /// prices it here, so that the request's total covers it.
+    pub fn prices(&self) -> &Arc<PriceTable> {
+        self.inner.executor.prices()
+    }
+
     /// Answers `query` with a new trace id and the configured deadline.
     pub async fn process(&self, query: &str) -> Result<Response, RequestError> {
         self.process_request(Request::new(query)).await
@@ -258,9 +266,9 @@ impl Orchestrator {
             .await;
 
         let summary = Summary::of(&outcomes, inner.min_successes.min(outcomes.len()));
-        let mut usage = Usage::default();
+        let mut usage = RequestUsage::default();
         for o in &outcomes {
-            usage += o.usage;
+            usage.add(&o.usage, o.cost_usd);
         }
         let timings = Timings {
             total: started.elapsed(),
@@ -288,6 +296,7 @@ impl Orchestrator {
             duration_ms = millis(timings.total),
             input_tokens = usage.input_tokens,
             output_tokens = usage.output_tokens,
+            cost_usd = usage.cost_usd.map(crate::cost::round_usd),
             "request finished: {}/{} agents succeeded",
             summary.succeeded,
             outcomes.len()
@@ -344,6 +353,7 @@ fn plan(
             temperature: config.temperature,
             stop_sequences: config.stop_sequences.clone(),
             stream: config.stream,
+            prompt_cache: config.prompt_cache,
             meta: RequestMeta {
                 trace_id: trace_id.to_string(),
                 agent_id: config.id.clone(),

@@ -1,5 +1,5 @@
-//! `Response`: what a request produced — the answer, every agent's outcome, tokens
-//! and timings, under the request's trace id.
+//! `Response`: what a request produced — the answer, every agent's outcome, tokens,
+//! US dollars and timings, under the request's trace id.
 
 use std::time::Duration;
 
@@ -29,14 +29,93 @@ pub struct Response {
     pub summary: Summary,
     /// One outcome per agent, in config order.
     pub outcomes: Vec<AgentOutcome>,
-    /// Tokens summed over all agents.
-    pub usage: Usage,
+    /// Tokens and US dollars summed over all agents.
+    pub usage: RequestUsage,
     /// Where the time went.
     pub timings: Timings,
     /// The circuit breakers of this request's providers that were open or half-open
     /// when it finished (breakers are shared by every request of the process).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub breakers: Vec<BreakerSnapshot>,
+}
+
+/// A request's tokens, summed over its calls as [`Usage`] counts them, and what they
+/// cost in US dollars.
+///
+/// ```
+/// use metaorch::orchestrator::RequestUsage;
+/// use metaorch::provider::Usage;
+///
+/// let mut total = RequestUsage::default();
+/// total.add(&Usage { input_tokens: 10, output_tokens: 5, ..Usage::default() }, Some(0.25));
+/// total.add(&Usage { input_tokens: 1, ..Usage::default() }, Some(0.5));
+/// assert_eq!((total.input_tokens, total.cost_usd), (11, Some(0.75)));
+/// total.add(&Usage::default(), None);
+/// assert_eq!(total.cost_usd, None, "one unknown part makes the total unknown");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RequestUsage {
+    /// Input tokens, the prompt cache's parts aside.
+    pub input_tokens: u64,
+    /// Generated tokens.
+    pub output_tokens: u64,
+    /// Input tokens written to a prompt cache.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cache_creation_input_tokens: u64,
+    /// Input tokens read from a prompt cache.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cache_read_input_tokens: u64,
+    /// What the calls cost in US dollars; `None` (`null`) when a part of it is unknown
+    /// (a call to a model without a price).
+    #[serde(serialize_with = "crate::cost::as_usd")]
+    pub cost_usd: Option<f64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Default for RequestUsage {
+    /// Nothing used, nothing spent.
+    fn default() -> Self {
+        RequestUsage {
+            input_tokens: 0,
+            output_tokens: 0,
+            cache_creation_input_tokens: 0,
+            cache_read_input_tokens: 0,
+            cost_usd: Some(0.0),
+        }
+    }
+}
+
+impl RequestUsage {
+    /// Adds one part: its tokens and its cost (`None` when unknown).
+    pub fn add(&mut self, usage: &Usage, cost_usd: Option<f64>) {
+        let mut tokens = self.tokens();
+        tokens += *usage;
+        *self = RequestUsage {
+            input_tokens: tokens.input_tokens,
+            output_tokens: tokens.output_tokens,
+            cache_creation_input_tokens: tokens.cache_creation_input_tokens,
+            cache_read_input_tokens: tokens.cache_read_input_tokens,
+            cost_usd: crate::cost::sum([self.cost_usd, cost_usd]),
+        };
+    }
+
+    /// The token counts alone.
+    pub fn tokens(&self) -> Usage {
+        Usage {
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            cache_creation_input_tokens: self.cache_creation_input_tokens,
+            cache_read_input_tokens: self.cache_read_input_tokens,
+        }
+    }
+
+    /// Input and output tokens together, saturating (see [`Usage::total_tokens`]).
+    pub fn total_tokens(&self) -> u64 {
+        self.tokens().total_tokens()
+    }
 }
 
 /// Outcome counts.

@@ -78,13 +78,52 @@ struct Body<'a> {
     max_tokens: u32,
     messages: [Message<'a>; 1],
     #[serde(skip_serializing_if = "Option::is_none")]
-    system: Option<&'a str>,
+    system: Option<System<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop_sequences: &'a [String],
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     stream: bool,
+}
+
+/// The system prompt: a plain string, or, with prompt caching, one text block marked
+/// as a cache breakpoint (`cache_control: {"type": "ephemeral"}`, the 5-minute cache),
+/// so that calls sharing it write it once and read it from the cache after.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum System<'a> {
+    Text(&'a str),
+    Cached([CachedText<'a>; 1]),
+}
+
+#[derive(Serialize)]
+struct CachedText<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+    cache_control: CacheControl,
+}
+
+#[derive(Serialize)]
+struct CacheControl {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+impl<'a> System<'a> {
+    fn of(request: &'a CompletionRequest) -> Option<System<'a>> {
+        let text = request.system.as_deref()?;
+        Some(if request.prompt_cache {
+            System::Cached([CachedText {
+                kind: "text",
+                text,
+                cache_control: CacheControl { kind: "ephemeral" },
+            }])
+        } else {
+            System::Text(text)
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -108,7 +147,7 @@ impl Provider for AnthropicProvider {
                 role: "user",
                 content: &request.prompt,
             }],
-            system: request.system.as_deref(),
+            system: System::of(request),
             temperature: request.temperature,
             stop_sequences: &request.stop_sequences,
             stream: request.stream,

@@ -222,14 +222,18 @@ struct PromptDetails {
 }
 
 impl UsageBody {
+    /// `prompt_tokens` counts the cached ones too; [`Usage`] keeps them apart, as
+    /// Anthropic does, so each part gets its own price.
     fn usage(&self) -> Usage {
+        let cached = self
+            .prompt_tokens_details
+            .as_ref()
+            .map_or(0, |d| d.cached_tokens)
+            .min(self.prompt_tokens);
         Usage {
-            input_tokens: self.prompt_tokens,
+            input_tokens: self.prompt_tokens - cached,
             output_tokens: self.completion_tokens,
-            cache_read_input_tokens: self
-                .prompt_tokens_details
-                .as_ref()
-                .map_or(0, |d| d.cached_tokens),
+            cache_read_input_tokens: cached,
             ..Usage::default()
         }
     }
@@ -382,8 +386,10 @@ mod tests {
                 c.usage.output_tokens,
                 c.usage.cache_read_input_tokens
             ),
-            (9, 2, 4)
+            (5, 2, 4),
+            "prompt_tokens split into the uncached and the cached part"
         );
+        assert_eq!(c.usage.prompt_tokens(), 9);
         assert_eq!(
             parse_completion(br#"{"choices":[]}"#).unwrap_err().kind,
             ErrorKind::MalformedResponse
@@ -411,7 +417,7 @@ mod tests {
             r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
             r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#,
             r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"stop"}]}"#,
-            r#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#,
+            r#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":3}}}"#,
         ];
         let mut s = StreamState::default();
         for data in chunks {
@@ -428,7 +434,14 @@ mod tests {
         let c = s.on_event(&done).unwrap().unwrap();
         assert_eq!(c.text, "Hello");
         assert_eq!(c.stop_reason.as_deref(), Some("stop"));
-        assert_eq!((c.usage.input_tokens, c.usage.output_tokens), (5, 2));
+        assert_eq!(
+            (
+                c.usage.input_tokens,
+                c.usage.output_tokens,
+                c.usage.cache_read_input_tokens
+            ),
+            (2, 2, 3)
+        );
     }
 
     proptest! {

@@ -408,6 +408,7 @@ mod tests {
             temperature: None,
             stop_sequences: Vec::new(),
             stream: false,
+            prompt_cache: false,
             meta: RequestMeta {
                 trace_id: "0".repeat(32),
                 agent_id: agent.into(),

@@ -444,7 +444,9 @@ fn feedback(sent: &Sent) -> Feedback {
     match &sent.result {
         Ok(c) => Feedback {
             signal: Signal::Success(sent.took),
-            input_tokens: (c.usage.input_tokens > 0).then_some(c.usage.input_tokens),
+            // The whole prompt, its cached part included: OpenAI's limits count it all,
+            // and for Anthropic's (which skip cache reads) it errs on the slow side.
+            input_tokens: (c.usage.prompt_tokens() > 0).then_some(c.usage.prompt_tokens()),
             output_tokens: c.usage.output_tokens,
             reported: c.rate_limits.as_ref().map(per_minute),
         },

@@ -280,7 +280,7 @@ async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )],
-            handle.render(),
+            crate::telemetry::metrics::render(handle),
         )
             .into_response(),
         None => ApiError::new(

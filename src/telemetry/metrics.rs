@@ -173,6 +173,7 @@ pub fn prime(agents: &[(&str, &str, &str)]) {
             counter!("metaorch_rate_limited_total", "provider" => p.clone(), "model" => m.clone(), "reason" => reason)
                 .absolute(0);
         }
+        super::usd::add(&p, &m, 0.0);
         let _ = histogram!("metaorch_queue_wait_seconds", "provider" => p, "model" => m);
     }
 }
@@ -190,10 +191,17 @@ pub fn prime_server() {
     counter!("metaorch_log_lines_dropped_total").absolute(0);
 }
 
+/// Every metric in Prometheus's text format: the exporter's, then the counters of
+/// fractional amounts it cannot hold (`metaorch_cost_usd_total`).
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    text.push_str(&super::usd::render());
+    text
+}
+
 /// The metric lines of a handle's text, without comments: a summary for a terminal.
 pub fn summary(handle: &PrometheusHandle) -> String {
-    handle
-        .render()
+    render(handle)
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty() && !l.contains("_bucket{"))
         .collect::<Vec<_>>()
@@ -251,6 +259,14 @@ pub(crate) fn agent_finished(a: &AgentFinished<'_>) {
     if a.fell_back {
         counter!("metaorch_fallbacks_total", "agent" => a.agent.to_owned()).increment(1);
     }
+}
+
+/// A call to `provider`'s `model` cost `usd` US dollars.
+pub(crate) fn cost(provider: &str, model: &str, usd: f64) {
+    if !enabled() {
+        return;
+    }
+    super::usd::add(provider, model, usd);
 }
 
 pub(crate) fn attempt(agent: &str, provider: &str, model: &str) {

@@ -14,6 +14,7 @@ mod ring;
 mod terminal;
 pub mod timeline;
 mod trace_id;
+mod usd;
 
 pub use json_layer::JsonLayer;
 pub(crate) use logging::open_append_as;

@@ -241,6 +241,7 @@ pub fn task(id: &str, provider: Arc<dyn Provider>) -> AgentTask {
             temperature: None,
             stop_sequences: Vec::new(),
             stream: false,
+            prompt_cache: false,
             meta: RequestMeta {
                 trace_id: "0".repeat(31) + "1",
                 agent_id: id.to_owned(),
