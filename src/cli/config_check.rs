@@ -25,6 +25,10 @@ pub fn check(cli: &Cli, file: Option<&Path>) -> anyhow::Result<ExitCode> {
                 let label = if p.error { "error" } else { "warning" };
                 out.push_str(&format!("{label}: {}\n", p.message));
             }
+            // A model without a price is no error: its cost is reported as unknown.
+            for warning in config.check_prices() {
+                out.push_str(&format!("warning: {warning}\n"));
+            }
             super::print_out(&out)?;
             Ok(if problems.iter().any(|p| p.error) {
                 ExitCode::from(1)

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use metaorch::config::Config;
+use metaorch::config::{Config, ProviderConfig};
 use metaorch::telemetry::terminal_safe;
 use metaorch::{OutcomeStatus, Response};
 
@@ -22,8 +22,8 @@ pub fn response(response: &Response, config: &Config) -> String {
     // Writing to a String cannot fail.
     let _ = writeln!(
         out,
-        "{:<id_width$}  {:<10}  {:>9}  {:>8}  {:<8}  MODEL",
-        "AGENT", "STATUS", "LATENCY", "ATTEMPTS", "PROVIDER"
+        "{:<id_width$}  {:<10}  {:>9}  {:>8}  {:>10}  {:<8}  MODEL",
+        "AGENT", "STATUS", "LATENCY", "ATTEMPTS", "COST", "PROVIDER"
     );
     for o in &response.outcomes {
         let status = match o.status {
@@ -33,11 +33,12 @@ pub fn response(response: &Response, config: &Config) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<id_width$}  {:<10}  {:>9}  {:>8}  {:<8}  {}",
+            "{:<id_width$}  {:<10}  {:>9}  {:>8}  {:>10}  {:<8}  {}",
             o.agent_id,
             status,
             seconds(o.latency),
             o.attempts,
+            o.cost_usd.map_or_else(|| "unknown".to_owned(), usd),
             o.provider,
             o.model
         );
@@ -115,14 +116,60 @@ pub fn response(response: &Response, config: &Config) -> String {
         seconds(t.sum_of_agents),
         config.concurrency_limit,
     );
+    let u = &response.usage;
+    let cache = match (u.cache_creation_input_tokens, u.cache_read_input_tokens) {
+        (0, 0) => String::new(),
+        (write, read) => format!(" ({write} written to the prompt cache, {read} read from it)"),
+    };
     let _ = writeln!(
         out,
-        "tokens: {} in, {} out",
-        response.usage.input_tokens, response.usage.output_tokens
+        "tokens: {} in, {} out{cache}; {}",
+        u.input_tokens,
+        u.output_tokens,
+        cost_line(response, config)
     );
     let _ = writeln!(out, "\n{}\n", response.answer);
     let _ = writeln!(out, "trace_id: {}", response.trace_id);
     terminal_safe(&out).into_owned()
+}
+
+/// The request's cost, or which agents' models have no price.
+fn cost_line(response: &Response, config: &Config) -> String {
+    let Some(total) = response.usage.cost_usd else {
+        let unpriced: Vec<&str> = response
+            .outcomes
+            .iter()
+            .filter(|o| o.cost_usd.is_none())
+            .map(|o| o.agent_id.as_str())
+            .collect();
+        return format!(
+            "cost unknown: no price for the model of {} (`metaorch config check` lists them; set [prices.\"MODEL\"])",
+            unpriced.join(", ")
+        );
+    };
+    let simulated = response.outcomes.iter().any(|o| {
+        matches!(
+            config.providers.get(&o.provider),
+            Some(ProviderConfig::Sim(_))
+        )
+    });
+    let note = if simulated {
+        " (illustrative: the sim provider bills nothing)"
+    } else {
+        ""
+    };
+    format!("cost {}{note}", usd(total))
+}
+
+/// US dollars to a millionth under a cent, to a ten-thousandth above.
+pub fn usd(amount: f64) -> String {
+    if amount == 0.0 {
+        "$0".to_owned()
+    } else if amount < 0.01 {
+        format!("${amount:.6}")
+    } else {
+        format!("${amount:.4}")
+    }
 }
 
 fn seconds(d: Duration) -> String {

@@ -211,9 +211,14 @@ pub fn render(t: &Timeline) -> String {
             let _ = writeln!(out, "trace {}", t.trace_id);
         }
     }
+    let cost = match (t.finished, t.cost_usd) {
+        (true, Some(usd)) => format!(", cost {}", super::render::usd(usd)),
+        (true, None) => ", cost unknown".to_owned(),
+        (false, _) => String::new(),
+    };
     let _ = writeln!(
         out,
-        "started {}, took {}, {outcome}\n",
+        "started {}, took {}, {outcome}{cost}\n",
         t.started_at,
         secs(t.total_ms)
     );
@@ -227,18 +232,19 @@ pub fn render(t: &Timeline) -> String {
         .max(5);
     let _ = writeln!(
         out,
-        "{:<width$}  {:<10}  {:>8}  {:>8}  {:>4}  TIMELINE",
-        "AGENT", "STATUS", "START", "END", "TRY"
+        "{:<width$}  {:<10}  {:>8}  {:>8}  {:>4}  {:>10}  TIMELINE",
+        "AGENT", "STATUS", "START", "END", "TRY", "COST"
     );
     for a in &t.agents {
         let _ = writeln!(
             out,
-            "{:<width$}  {:<10}  {:>8}  {:>8}  {:>4}  {}",
+            "{:<width$}  {:<10}  {:>8}  {:>8}  {:>4}  {:>10}  {}",
             a.agent_id,
             a.status,
             secs(a.start_ms),
             secs(a.end_ms),
             a.attempts,
+            a.cost_usd.map_or_else(|| "-".to_owned(), super::render::usd),
             bar(a, t.total_ms)
         );
         for note in notes(a) {

@@ -261,6 +261,10 @@ pub struct Timeline {
     /// Outcome counts (from `request.finish`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub summary: Option<Counts>,
+    /// What the request's calls cost in US dollars (from `request.finish`; absent when
+    /// unknown: a model without a price, or a log written before costs were).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
     /// One row per agent, in order of dispatch.
     pub agents: Vec<AgentRow>,
     /// Circuit breaker transitions during the request.
@@ -322,6 +326,9 @@ pub struct AgentRow {
     /// Time inside provider calls.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provider_ms: Option<f64>,
+    /// What its calls cost in US dollars (absent when unknown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
     /// Each retry.
     pub retries: Vec<RetryRow>,
     /// Retries that could have been made but were refused, and why.
@@ -537,6 +544,7 @@ impl Timeline {
                     queue_ms: None,
                     pause_ms: None,
                     provider_ms: None,
+                    cost_usd: None,
                     retries: Vec::new(),
                     refused: Vec::new(),
                     fallback: None,
@@ -585,6 +593,7 @@ impl Timeline {
                     row.queue_ms = line["queue_ms"].as_f64();
                     row.pause_ms = line["pause_ms"].as_f64();
                     row.provider_ms = line["provider_ms"].as_f64();
+                    row.cost_usd = line["cost_usd"].as_f64();
                     if let Some(n) = line["attempts"].as_u64() {
                         row.attempts = n;
                     }
@@ -651,6 +660,7 @@ impl Timeline {
             started_at,
             total_ms,
             ok: finish.and_then(|f| f["ok"].as_bool()),
+            cost_usd: finish.and_then(|f| f["cost_usd"].as_f64()),
             summary: finish.and_then(|f| {
                 Some(Counts {
                     succeeded: f["succeeded"].as_u64()?,
@@ -704,7 +714,7 @@ mod tests {
                 A,
                 "01.000",
                 "agent.success",
-                r#","agent_id":"x","latency_ms":900.0,"attempts":1"#,
+                r#","agent_id":"x","latency_ms":900.0,"attempts":1,"cost_usd":0.0125"#,
             ),
             line(
                 B,
@@ -716,7 +726,7 @@ mod tests {
                 A,
                 "01.100",
                 "request.finish",
-                r#","duration_ms":1100.0,"ok":true,"succeeded":1,"failed":0,"timed_out":0"#,
+                r#","duration_ms":1100.0,"ok":true,"succeeded":1,"failed":0,"timed_out":0,"cost_usd":0.0125"#,
             ),
         ];
         let mut s = Scanner::new(Select::Trace(A.into()));
@@ -736,6 +746,7 @@ mod tests {
         );
         assert_eq!(t.total_ms, 1100.0);
         assert_eq!(t.ok, Some(true));
+        assert_eq!((x.cost_usd, t.cost_usd), (Some(0.0125), Some(0.0125)));
         assert_eq!(t.critical_path.unwrap().agent_id, "x");
     }
 

@@ -153,6 +153,11 @@ fn setup(
             agent.model = "bench-model".into();
         }
     }
+    // The default config's illustrative price for its simulated model, for the model
+    // the agents ask an HTTP upstream for too: a bench reports a plausible cost.
+    if let Some(price) = config.prices.get("sim-1").copied() {
+        config.prices.insert("bench-model".into(), price);
+    }
     let orchestrator = Orchestrator::builder()
         .config(config)
         .provider("bench", Arc::clone(&recorder) as Arc<dyn Provider>)
@@ -466,6 +471,9 @@ struct LoadReport {
     cpu_cores_busy: f64,
     cpu_us_per_agent_call: f64,
     peak_rss_mb: f64,
+    /// Mean US dollars per request at the configured (for `sim`, illustrative)
+    /// prices; `null` when a model has no price.
+    cost_usd_per_request: Option<f64>,
 }
 
 async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
@@ -516,7 +524,13 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
                     .unwrap_or_default();
                 let failed = response.outcomes.iter().filter(|o| !o.succeeded()).count();
                 if counted {
-                    samples.push((e2e, slowest, response.outcomes.len(), failed));
+                    samples.push(Sample {
+                        e2e,
+                        slowest,
+                        calls: response.outcomes.len(),
+                        failed,
+                        cost_usd: response.usage.cost_usd,
+                    });
                 }
             }
             samples
@@ -530,12 +544,18 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
     let (cpu_after, rss) = usage();
     let cpu_before = cpu_at_warm.await.context("the CPU clock task failed")?;
     let cpu = cpu_after.saturating_sub(cpu_before).as_secs_f64();
-    let calls: usize = samples.iter().map(|s| s.2).sum();
-    let mut e2e: Vec<f64> = samples.iter().map(|s| s.0.as_secs_f64() * 1000.0).collect();
+    let calls: usize = samples.iter().map(|s| s.calls).sum();
+    let mut e2e: Vec<f64> = samples
+        .iter()
+        .map(|s| s.e2e.as_secs_f64() * 1000.0)
+        .collect();
     let mut overhead: Vec<f64> = samples
         .iter()
-        .map(|s| s.0.saturating_sub(s.1).as_secs_f64() * 1000.0)
+        .map(|s| s.e2e.saturating_sub(s.slowest).as_secs_f64() * 1000.0)
         .collect();
+    let cost_usd_per_request = metaorch::cost::sum(samples.iter().map(|s| s.cost_usd))
+        .filter(|_| !samples.is_empty())
+        .map(|total| total / samples.len() as f64);
     e2e.sort_by(f64::total_cmp);
     overhead.sort_by(f64::total_cmp);
     let report = LoadReport {
@@ -545,7 +565,7 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
         concurrency_limit: limit,
         duration_s: wall.as_secs_f64(),
         requests: samples.len() as u64,
-        failed_agents: samples.iter().map(|s| s.3 as u64).sum(),
+        failed_agents: samples.iter().map(|s| s.failed as u64).sum(),
         requests_per_s: samples.len() as f64 / wall.as_secs_f64(),
         agent_calls_per_s: calls as f64 / wall.as_secs_f64(),
         e2e_p50_ms: percentile(&e2e, 50.0),
@@ -559,6 +579,7 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
             0.0
         },
         peak_rss_mb: rss,
+        cost_usd_per_request,
     };
     println!(
         "{} — {} requests in flight for {:.1} s after a {:.1} s warm-up (limit {}), upstream: {}",
@@ -582,9 +603,15 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
         report.overhead_p50_ms, report.overhead_p99_ms
     );
     println!(
-        "  cost:      {:.2} CPU cores busy, {:.1} µs CPU per agent call, peak RSS {:.1} MB",
+        "  cpu:       {:.2} CPU cores busy, {:.1} µs CPU per agent call, peak RSS {:.1} MB",
         report.cpu_cores_busy, report.cpu_us_per_agent_call, report.peak_rss_mb
     );
+    match report.cost_usd_per_request {
+        Some(usd) => println!(
+            "  cost:      ${usd:.6} per request, at the default config's illustrative price for sim-1"
+        ),
+        None => println!("  cost:      unknown (a model has no price)"),
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -597,4 +624,14 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
 
 fn secs(ms: f64) -> String {
     format!("{:.3}s", ms / 1000.0)
+}
+
+/// One request of a load run.
+struct Sample {
+    e2e: Duration,
+    /// Its slowest call, as the provider measured it.
+    slowest: Duration,
+    calls: usize,
+    failed: usize,
+    cost_usd: Option<f64>,
 }
