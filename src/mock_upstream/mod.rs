@@ -18,7 +18,7 @@ mod faults;
 mod ratelimit;
 mod wire;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
@@ -99,8 +99,15 @@ pub struct RequestRecord {
     pub fault: Option<&'static str>,
     /// The latency drawn.
     pub latency_ms: f64,
-    /// Input tokens counted.
+    /// Input tokens counted, the prompt cache's included.
     pub input_tokens: u64,
+    /// The part of `input_tokens` written to the prompt cache (Anthropic, with a
+    /// `cache_control` breakpoint, the first time).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cache_creation_input_tokens: u64,
+    /// The part of `input_tokens` read from the prompt cache (the times after).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cache_read_input_tokens: u64,
     /// Output tokens sent.
     pub output_tokens: u64,
     /// The `request-id` sent back.
@@ -124,6 +131,8 @@ pub(crate) struct Shared {
     options: MockOptions,
     account: Arc<Account>,
     seen: Mutex<HashMap<u64, u32>>,
+    /// The prompt cache: the prefixes written to it (by model and text).
+    cached: Mutex<HashSet<u64>>,
     records: Mutex<Vec<RequestRecord>>,
     log: Option<Mutex<File>>,
     ids: AtomicU64,
@@ -178,6 +187,7 @@ impl MockUpstream {
             account: Arc::new(Account::new(options.limits)),
             options,
             seen: Mutex::new(HashMap::new()),
+            cached: Mutex::new(HashSet::new()),
             records: Mutex::new(Vec::new()),
             log,
             ids: AtomicU64::new(1),
@@ -261,6 +271,15 @@ impl Shared {
         *n
     }
 
+    /// Whether this prompt prefix was in the cache; it is from now on.
+    fn cache(&self, key: u64) -> bool {
+        !self
+            .cached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key)
+    }
+
     fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
     }
@@ -292,4 +311,8 @@ fn hash(seed: u64, parts: &[&[u8]]) -> u64 {
 /// A uniform draw in [0, 1) from a hash.
 fn unit(h: u64) -> f64 {
     (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

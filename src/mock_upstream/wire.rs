@@ -52,6 +52,8 @@ pub(crate) async fn handle(
         latency_ms: 0.0,
         input_tokens: 0,
         output_tokens: 0,
+        cache_creation_input_tokens: 0,
+        cache_read_input_tokens: 0,
         request_id: request_id.clone(),
         traceparent: header(headers, "traceparent").map(str::to_owned),
         seen: 0,
@@ -143,6 +145,15 @@ pub(crate) async fn handle(
         .or_else(|| request["max_completion_tokens"].as_u64())
         .unwrap_or(4096);
     let output_tokens = tokens(&reply).min(max_tokens).max(1);
+    // A reply that reaches the model reads or writes the cache; a status fault does not.
+    let cache = match fault {
+        None | Some(MockFault::Cut | MockFault::StreamError | MockFault::StreamCut) => {
+            prompt_cache(shared, api, &model, &request, record.input_tokens)
+        }
+        _ => CacheUse::default(),
+    };
+    record.cache_creation_input_tokens = cache.write;
+    record.cache_read_input_tokens = cache.read;
 
     let response = match fault {
         Some(MockFault::Hang) => {
@@ -174,7 +185,14 @@ pub(crate) async fn handle(
             record.output_tokens = 9 << 18;
             let text = "x".repeat(9 << 20);
             let body = match api {
-                Api::Anthropic => message_body(&model, &text, record.input_tokens, 9 << 18, n),
+                Api::Anthropic => message_body(
+                    &model,
+                    &text,
+                    record.input_tokens,
+                    9 << 18,
+                    CacheUse::default(),
+                    n,
+                ),
                 Api::OpenAi => completion_body(&model, &text, record.input_tokens, 9 << 18, n),
             };
             json_response(200, &body, &request_id, api)
@@ -217,8 +235,9 @@ pub(crate) async fn handle(
                 api,
                 model: &model,
                 text: &reply,
-                input: record.input_tokens,
+                input: record.input_tokens - cache.write - cache.read,
                 output: output_tokens,
+                cache,
                 n,
             };
             let (content_type, whole): (&'static str, Vec<u8>) = if record.stream {
@@ -234,8 +253,9 @@ pub(crate) async fn handle(
                 api,
                 model: &model,
                 text: &reply,
-                input: record.input_tokens,
+                input: record.input_tokens - cache.write - cache.read,
                 output: output_tokens,
+                cache,
                 n,
             };
             if record.stream {
@@ -333,9 +353,8 @@ fn validate(api: Api, request: &Value) -> Result<(), String> {
 
 /// The system prompt and every message's text, for token counts and replies.
 fn prompt_text(request: &Value) -> String {
-    let mut text = String::new();
-    if let Some(system) = request["system"].as_str() {
-        text.push_str(system);
+    let mut text = system_text(&request["system"], usize::MAX);
+    if !text.is_empty() {
         text.push('\n');
     }
     for message in request["messages"].as_array().into_iter().flatten() {
@@ -353,6 +372,56 @@ fn prompt_text(request: &Value) -> String {
         text.push('\n');
     }
     text
+}
+
+/// The system prompt's text: a string, or its text blocks up to `blocks` of them.
+fn system_text(system: &Value, blocks: usize) -> String {
+    match system {
+        Value::String(s) => s.clone(),
+        Value::Array(all) => all
+            .iter()
+            .take(blocks)
+            .filter_map(|b| b["text"].as_str())
+            .collect(),
+        _ => String::new(),
+    }
+}
+
+/// What a request's prompt cache breakpoint does, Anthropic's way: the system blocks up
+/// to the last one marked `cache_control` are written to the cache the first time this
+/// model sees them and read from it after. (The mock keeps what it cached for its
+/// life, and caches prefixes of any length; the real API keeps them five minutes and
+/// caches none shorter than 1,024 tokens or so.)
+fn prompt_cache(shared: &Shared, api: Api, model: &str, request: &Value, total: u64) -> CacheUse {
+    let blocks = request["system"].as_array().map_or(&[][..], Vec::as_slice);
+    let Some(last) = blocks
+        .iter()
+        .rposition(|b| b["cache_control"].is_object())
+        .filter(|_| api == Api::Anthropic)
+    else {
+        return CacheUse::default();
+    };
+    let prefix = system_text(&request["system"], last + 1);
+    let cached = tokens(&prefix).min(total);
+    let key = hash(0xcac4e, &[model.as_bytes(), prefix.as_bytes()]);
+    if shared.cache(key) {
+        CacheUse {
+            write: 0,
+            read: cached,
+        }
+    } else {
+        CacheUse {
+            write: cached,
+            read: 0,
+        }
+    }
+}
+
+/// Input tokens written to and read from the prompt cache.
+#[derive(Debug, Clone, Copy, Default)]
+struct CacheUse {
+    write: u64,
+    read: u64,
 }
 
 fn tokens(text: &str) -> u64 {
@@ -397,7 +466,14 @@ fn reply_text(model: &str, prompt: &str, key: u64) -> String {
     )
 }
 
-fn message_body(model: &str, text: &str, input: u64, output: u64, n: u64) -> Value {
+fn message_body(
+    model: &str,
+    text: &str,
+    input: u64,
+    output: u64,
+    cache: CacheUse,
+    n: u64,
+) -> Value {
     json!({
         "id": format!("msg_mock{n:018x}"),
         "type": "message",
@@ -409,8 +485,8 @@ fn message_body(model: &str, text: &str, input: u64, output: u64, n: u64) -> Val
         "usage": {
             "input_tokens": input,
             "output_tokens": output,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0
+            "cache_creation_input_tokens": cache.write,
+            "cache_read_input_tokens": cache.read
         }
     })
 }
@@ -462,13 +538,18 @@ fn sse(event: &str, data: &Value) -> String {
 }
 
 fn anthropic_events(
-    model: &str,
-    text: &str,
-    input: u64,
-    output: u64,
-    n: u64,
+    reply: &Reply<'_>,
     fault: Option<MockFault>,
 ) -> Vec<String> {
+    let Reply {
+        model,
+        text,
+        input,
+        output,
+        cache,
+        n,
+        ..
+    } = *reply;
     let mut events = vec![
         sse(
             "message_start",
@@ -477,7 +558,11 @@ fn anthropic_events(
                 "message": {
                     "id": format!("msg_mock{n:018x}"), "type": "message", "role": "assistant",
                     "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
-                    "usage": {"input_tokens": input, "output_tokens": 1}
+                    "usage": {
+                        "input_tokens": input, "output_tokens": 1,
+                        "cache_creation_input_tokens": cache.write,
+                        "cache_read_input_tokens": cache.read
+                    }
                 }
             }),
         ),
@@ -649,36 +734,45 @@ pub(super) fn error(
 }
 
 /// A reply's pieces, for either wire format: the whole body, or the stream's events.
+#[derive(Clone, Copy)]
 struct Reply<'a> {
     api: Api,
     model: &'a str,
     text: &'a str,
+    /// Input tokens, the cache's part aside.
     input: u64,
     output: u64,
+    cache: CacheUse,
     n: u64,
 }
 
 impl Reply<'_> {
     fn body(&self) -> Value {
         match self.api {
-            Api::Anthropic => message_body(self.model, self.text, self.input, self.output, self.n),
+            Api::Anthropic => message_body(
+                self.model,
+                self.text,
+                self.input,
+                self.output,
+                self.cache,
+                self.n,
+            ),
             Api::OpenAi => completion_body(self.model, self.text, self.input, self.output, self.n),
         }
     }
 
     fn events(&self, fault: Option<MockFault>) -> Vec<String> {
-        let events = match self.api {
-            Api::Anthropic => anthropic_events,
-            Api::OpenAi => openai_events,
-        };
-        events(
-            self.model,
-            self.text,
-            self.input,
-            self.output,
-            self.n,
-            fault,
-        )
+        match self.api {
+            Api::Anthropic => anthropic_events(self, fault),
+            Api::OpenAi => openai_events(
+                self.model,
+                self.text,
+                self.input,
+                self.output,
+                self.n,
+                fault,
+            ),
+        }
     }
 }
 
