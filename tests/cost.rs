@@ -482,15 +482,15 @@ fn prompt_cache_is_for_anthropic_providers_only() {
 #[test]
 fn config_check_names_agents_whose_model_has_no_price() {
     let config = Config::from_toml_str(
-        "[[agents]]\nid = \"a\"\nprovider = \"sim\"\nmodel = \"sim-2\"\n[[agents]]\nid = \"b\"\nprovider = \"sim\"\n",
+        "[[agents]]\nid = \"a\"\nprovider = \"sim\"\nmodel = \"sim-2\"\n[[agents]]\nid = \"b\"\nprovider = \"sim\"\n[[agents]]\nid = \"c\"\nprovider = \"sim\"\n[[agents]]\nid = \"d\"\nprovider = \"sim\"\nmodel = \"claude-haiku-4-5\"\n",
         "cost.toml",
     )
     .unwrap();
     assert_eq!(
         config.check_prices(),
         [
-            "agents[0].model: \"sim-2\" has no known price, so its cost_usd will be null; add [prices.\"sim-2\"] with input_per_mtok and output_per_mtok (US dollars per million tokens)",
-            "agents[1].model: \"sim-1\" has no known price, so its cost_usd will be null; add [prices.\"sim-1\"] with input_per_mtok and output_per_mtok (US dollars per million tokens)",
+            "agents[0].model: \"sim-2\" (agent a) has no known price, so its cost_usd will be null; add [prices.\"sim-2\"] with input_per_mtok and output_per_mtok (US dollars per million tokens)",
+            "agents[1].model: \"sim-1\" (agents b, c) has no known price, so its cost_usd will be null; add [prices.\"sim-1\"] with input_per_mtok and output_per_mtok (US dollars per million tokens)",
         ]
     );
 }

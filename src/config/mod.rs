@@ -378,18 +378,30 @@ impl Config {
         PriceTable::with_overrides(self.prices.iter().map(|(m, p)| (m.clone(), *p)))
     }
 
-    /// What `config check` warns of about prices: each agent whose model has no known
-    /// price (its cost would be `null`), with what to add.
+    /// What `config check` warns of about prices: each model some agent uses that has
+    /// no known price (its calls' cost would be `null`), with the agents that use it
+    /// and what to add.
     pub fn check_prices(&self) -> Vec<String> {
         let table = self.price_table();
-        self.agents
-            .iter()
-            .enumerate()
-            .filter(|(_, a)| table.price(&a.model).is_none())
-            .map(|(i, a)| {
+        let mut unpriced: Vec<(&str, usize, Vec<&str>)> = Vec::new();
+        for (i, agent) in self.agents.iter().enumerate() {
+            if table.price(&agent.model).is_some() {
+                continue;
+            }
+            match unpriced.iter_mut().find(|(m, _, _)| *m == agent.model) {
+                Some((_, _, ids)) => ids.push(&agent.id),
+                None => unpriced.push((&agent.model, i, vec![&agent.id])),
+            }
+        }
+        unpriced
+            .into_iter()
+            .map(|(model, first, ids)| {
+                let (noun, ids) = match ids.len() {
+                    1 => ("agent", ids[0].to_owned()),
+                    _ => ("agents", ids.join(", ")),
+                };
                 format!(
-                    "agents[{i}].model: \"{}\" has no known price, so its cost_usd will be null; add [prices.\"{}\"] with input_per_mtok and output_per_mtok (US dollars per million tokens)",
-                    a.model, a.model
+                    "agents[{first}].model: \"{model}\" ({noun} {ids}) has no known price, so its cost_usd will be null; add [prices.\"{model}\"] with input_per_mtok and output_per_mtok (US dollars per million tokens)"
                 )
             })
             .collect()
