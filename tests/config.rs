@@ -236,6 +236,7 @@ fn the_example_config_is_valid_and_matches_the_defaults() {
     assert_eq!(config.breaker, defaults.breaker);
     assert_eq!(config.retry_budget, defaults.retry_budget);
     assert_eq!(config.agents[0], defaults.agents[0]);
+    assert_eq!(config.prices, defaults.prices);
 }
 
 #[test]
