@@ -253,11 +253,14 @@ fn without_snapshot(model: &str) -> Option<&str> {
 /// every call, and saying so on every call would drown the log.
 fn warn_unpriced(model: &str) {
     static WARNED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    let first = WARNED
-        .get_or_init(Mutex::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(model.to_owned());
+    let first = {
+        let mut warned = WARNED
+            .get_or_init(Mutex::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Looked up by reference first: no allocation on the calls after the first.
+        !warned.contains(model) && warned.insert(model.to_owned())
+    };
     if first {
         tracing::warn!(
             event = "price.unknown",
@@ -343,7 +346,13 @@ mod tests {
         ] {
             assert_eq!(without_snapshot(id), None, "{id}");
         }
-        assert!(table.price("gpt-4o-mini-2024-07-18").unwrap().input_per_mtok == 0.15);
+        assert!(
+            table
+                .price("gpt-4o-mini-2024-07-18")
+                .unwrap()
+                .input_per_mtok
+                == 0.15
+        );
         assert!(table.price("sim-1").is_none());
     }
 
@@ -387,7 +396,10 @@ mod tests {
             ] {
                 assert!((0.0..=MAX_PRICE_PER_MTOK).contains(&v), "{model}");
             }
-            assert!(p.cache_read_per_mtok.unwrap() <= p.input_per_mtok, "{model}");
+            assert!(
+                p.cache_read_per_mtok.unwrap() <= p.input_per_mtok,
+                "{model}"
+            );
         }
     }
 }

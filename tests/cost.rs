@@ -77,10 +77,7 @@ fn an_unknown_model_has_no_cost_and_one_warning_however_many_calls() {
     let capture = Capture::global();
     let table = PriceTable::default();
     for _ in 0..100 {
-        assert_eq!(
-            table.cost("unpriced-model-one", &usage(10, 10, 0, 0)),
-            None
-        );
+        assert_eq!(table.cost("unpriced-model-one", &usage(10, 10, 0, 0)), None);
         assert_eq!(table.cost("unpriced-model-two", &Usage::default()), None);
     }
     // Another table in the same process does not warn again.
@@ -122,7 +119,10 @@ async fn outcomes_are_priced_by_the_model_that_answered() {
     ]));
     let provider = Arc::new(Scripted::new(&[
         ("broken", Behaviour::Fail(Duration::ZERO, server_error())),
-        ("broken-unpriced", Behaviour::Fail(Duration::ZERO, server_error())),
+        (
+            "broken-unpriced",
+            Behaviour::Fail(Duration::ZERO, server_error()),
+        ),
     ]));
     let with_model = |id: &str, model: &str| {
         let mut t = task(id, provider.clone());
@@ -142,8 +142,10 @@ async fn outcomes_are_priced_by_the_model_that_answered() {
         with_model("broken-unpriced", "unpriced-model-three"),
         with_model("unpriced", "unpriced-model-three"),
         // Fails, then its fallback agent answers on another model.
-        with_model("broken", "primary-model")
-            .with_fallback(Fallback::Agent(Box::new(with_model("backup", "backup-model")))),
+        with_model("broken", "primary-model").with_fallback(Fallback::Agent(Box::new(with_model(
+            "backup",
+            "backup-model",
+        )))),
         with_model("broken", "primary-model").with_fallback(Fallback::Text("n/a".into())),
     ];
     let executor = Executor::new(Arc::new(ConcurrencyLimit::new(8))).with_prices(prices);
@@ -250,7 +252,11 @@ async fn a_request_costs_the_sum_of_its_outcomes_and_says_so_in_json() {
     // The token fields as they always were, then the cost; no cache fields when none.
     let text = serde_json::to_string(&response.usage).unwrap();
     let keys: Vec<&str> = text.split('"').skip(1).step_by(2).collect();
-    assert_eq!(keys, ["input_tokens", "output_tokens", "cost_usd"], "{text}");
+    assert_eq!(
+        keys,
+        ["input_tokens", "output_tokens", "cost_usd"],
+        "{text}"
+    );
     let json = serde_json::to_value(&response).unwrap();
     let usage = &json["usage"];
     assert_eq!(
@@ -395,7 +401,11 @@ async fn cache_tokens_are_read_and_billed_at_the_cache_prices() {
         // The mock's log says the same.
         let records = mock.requests();
         assert_eq!(records.len(), 4);
-        assert!(records[..2].iter().all(|r| r.cache_creation_input_tokens > 0));
+        assert!(
+            records[..2]
+                .iter()
+                .all(|r| r.cache_creation_input_tokens > 0)
+        );
         assert!(records[2..].iter().all(|r| r.cache_read_input_tokens > 0));
     }
 }
@@ -437,7 +447,9 @@ fn bad_prices_are_rejected_with_their_field() {
         ),
     ];
     for (text, expected) in cases {
-        let errors = Config::from_toml_str(text, "cost.toml").unwrap_err().to_string();
+        let errors = Config::from_toml_str(text, "cost.toml")
+            .unwrap_err()
+            .to_string();
         assert!(errors.contains(expected), "{text}\n→ {errors}");
     }
 }
@@ -467,7 +479,9 @@ fn prices_in_the_config_are_taken_whole_numbers_included() {
 #[test]
 fn prompt_cache_is_for_anthropic_providers_only() {
     let text = "[[agents]]\nid = \"a\"\nprovider = \"sim\"\nprompt_cache = true\n";
-    let errors = Config::from_toml_str(text, "cost.toml").unwrap_err().to_string();
+    let errors = Config::from_toml_str(text, "cost.toml")
+        .unwrap_err()
+        .to_string();
     assert!(
         errors.contains(
             "cost.toml:4:16: agents[0].prompt_cache: applies to anthropic providers only, and \"sim\" is a sim provider; remove it"
@@ -475,7 +489,9 @@ fn prompt_cache_is_for_anthropic_providers_only() {
         "{errors}"
     );
     let text = "[providers.local]\nkind = \"openai\"\nprompt_cache = true\n";
-    let errors = Config::from_toml_str(text, "cost.toml").unwrap_err().to_string();
+    let errors = Config::from_toml_str(text, "cost.toml")
+        .unwrap_err()
+        .to_string();
     assert!(errors.contains("unknown field `prompt_cache`"), "{errors}");
 }
 

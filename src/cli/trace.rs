@@ -244,7 +244,8 @@ pub fn render(t: &Timeline) -> String {
             secs(a.start_ms),
             secs(a.end_ms),
             a.attempts,
-            a.cost_usd.map_or_else(|| "-".to_owned(), super::render::usd),
+            a.cost_usd
+                .map_or_else(|| "-".to_owned(), super::render::usd),
             bar(a, t.total_ms)
         );
         for note in notes(a) {

@@ -42,8 +42,8 @@ pub(super) fn parse_and_validate(text: &str, origin: &str) -> Result<Config, Con
     let raw: RawConfig =
         serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
             // `Spanned` shows up in the path as a private key; people never wrote it.
-            let field = quote_model(&e.path().to_string())
-                .replace(".$__serde_spanned_private_value", "");
+            let field =
+                quote_model(&e.path().to_string()).replace(".$__serde_spanned_private_value", "");
             let e = e.into_inner();
             ConfigErrors::one(ConfigError {
                 origin: origin.to_owned(),

@@ -446,7 +446,12 @@ struct Pending {
 impl Pending {
     /// An outcome without a reply: no usage, so it costs nothing if its model has a
     /// price.
-    fn base(&self, status: OutcomeStatus, error: OutcomeError, prices: &PriceTable) -> AgentOutcome {
+    fn base(
+        &self,
+        status: OutcomeStatus,
+        error: OutcomeError,
+        prices: &PriceTable,
+    ) -> AgentOutcome {
         let attempts = self.progress.attempts.load(Ordering::Acquire);
         let waited = Duration::from_nanos(self.progress.queue_wait_nanos.load(Ordering::Acquire));
         let queued = self
@@ -694,11 +699,8 @@ async fn run_agent(
             outcome.error = Some(error);
         }
     }
-    outcome.cost_usd = spent.unwrap_or_else(|| {
-        executor
-            .prices
-            .cost(&outcome.model, &Usage::default())
-    });
+    outcome.cost_usd =
+        spent.unwrap_or_else(|| executor.prices.cost(&outcome.model, &Usage::default()));
     outcome.latency = progress.dispatched.elapsed();
     log_finish(&outcome);
     outcome

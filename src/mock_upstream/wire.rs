@@ -537,10 +537,7 @@ fn sse(event: &str, data: &Value) -> String {
     format!("event: {event}\ndata: {data}\n\n")
 }
 
-fn anthropic_events(
-    reply: &Reply<'_>,
-    fault: Option<MockFault>,
-) -> Vec<String> {
+fn anthropic_events(reply: &Reply<'_>, fault: Option<MockFault>) -> Vec<String> {
     let Reply {
         model,
         text,
