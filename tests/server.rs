@@ -472,30 +472,19 @@ async fn bearer_auth_when_tokens_are_configured() {
         .await
         .unwrap();
     assert_eq!(right.status(), 200);
-    let health = client()
-        .get(format!("{}/healthz", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(health.status(), 200, "health stays open");
-    let ready = client()
-        .get(format!("{}/readyz", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200, "probes carry no token");
-    let metrics = client()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(metrics.status(), 401, "metrics need the token by default");
-    let agents = client()
-        .get(format!("{}/v1/agents", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(agents.status(), 401, "everything else needs the token");
+    for (path, status, why) in [
+        ("/healthz", 200, "health stays open"),
+        ("/readyz", 200, "probes carry no token"),
+        ("/metrics", 401, "metrics need the token by default"),
+        ("/v1/agents", 401, "everything else needs the token"),
+    ] {
+        let got = client()
+            .get(format!("{}{path}", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status(), status, "{path}: {why}");
+    }
 
     // The scheme in any case; one Authorization header, not two.
     let lower = client()
@@ -537,18 +526,14 @@ async fn bearer_auth_when_tokens_are_configured() {
         1,
     )
     .await;
-    let metrics = client()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(metrics.status(), 200);
-    let agents = client()
-        .get(format!("{}/v1/agents", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(agents.status(), 401);
+    for (path, status) in [("/metrics", 200), ("/v1/agents", 401)] {
+        let got = client()
+            .get(format!("{}{path}", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status(), status, "{path} with metrics_auth = false");
+    }
     server.stop().await;
 }
 

@@ -7,13 +7,30 @@ use std::time::Duration;
 
 use metaorch::config::Config;
 use metaorch::telemetry::terminal_safe;
-use metaorch::{OutcomeStatus, Response};
+use metaorch::{AgentOutcome, OutcomeStatus, Response};
 
 /// The whole text report of a response.
 pub fn response(response: &Response, config: &Config) -> String {
+    let mut out = outcomes(&response.outcomes);
+    out.push_str(&breakers_and_summary(response, config));
+    let _ = writeln!(out, "\n{}\n", response.answer);
+    let _ = writeln!(out, "trace_id: {}", response.trace_id);
+    terminal_safe(&out).into_owned()
+}
+
+/// The report's end, for an answer already shown as it streamed: the breakers, the
+/// summary and the trace id.
+pub fn after_streamed_answer(response: &Response, config: &Config) -> String {
+    let mut out = breakers_and_summary(response, config);
+    let _ = writeln!(out, "\ntrace_id: {}", response.trace_id);
+    terminal_safe(&out).into_owned()
+}
+
+/// The table of agent outcomes, with a note under each for its waits, retries,
+/// fallback and error.
+pub fn outcomes(outcomes: &[AgentOutcome]) -> String {
     let mut out = String::new();
-    let id_width = response
-        .outcomes
+    let id_width = outcomes
         .iter()
         .map(|o| o.agent_id.len())
         .max()
@@ -25,7 +42,7 @@ pub fn response(response: &Response, config: &Config) -> String {
         "{:<id_width$}  {:<10}  {:>9}  {:>8}  {:<8}  MODEL",
         "AGENT", "STATUS", "LATENCY", "ATTEMPTS", "PROVIDER"
     );
-    for o in &response.outcomes {
+    for o in outcomes {
         let status = match o.status {
             OutcomeStatus::Succeeded => "ok",
             OutcomeStatus::Failed => "failed",
@@ -90,6 +107,11 @@ pub fn response(response: &Response, config: &Config) -> String {
             let _ = writeln!(out, "{:<id_width$}  {branch} {note}", "");
         }
     }
+    terminal_safe(&out).into_owned()
+}
+
+fn breakers_and_summary(response: &Response, config: &Config) -> String {
+    let mut out = String::new();
     for b in &response.breakers {
         let until = b
             .retry_in
@@ -115,13 +137,28 @@ pub fn response(response: &Response, config: &Config) -> String {
         seconds(t.sum_of_agents),
         config.concurrency_limit,
     );
+    if let Some(r) = response.synthesis.report() {
+        let call = format!("{}/{}", r.provider, r.model);
+        let _ = match &r.reason {
+            None => writeln!(
+                out,
+                "synthesis: {call} in {} ({} attempt{})",
+                seconds(r.latency),
+                r.attempts,
+                if r.attempts == 1 { "" } else { "s" }
+            ),
+            Some(reason) => writeln!(
+                out,
+                "synthesis: {call} {}: {reason}; the answer is the replies laid end to end",
+                r.status.as_str()
+            ),
+        };
+    }
     let _ = writeln!(
         out,
         "tokens: {} in, {} out",
         response.usage.input_tokens, response.usage.output_tokens
     );
-    let _ = writeln!(out, "\n{}\n", response.answer);
-    let _ = writeln!(out, "trace_id: {}", response.trace_id);
     terminal_safe(&out).into_owned()
 }
 
