@@ -286,7 +286,19 @@ impl Provider for SimProvider {
             }
             return Err(fault.error(self.options.faults.retry_after));
         }
-        let text = reply_text(request, &mut rng);
+        let mut text = reply_text(request, &mut rng);
+        // Like a model, it stops at max_tokens (about four characters a token).
+        let cut = usize::try_from(u64::from(request.max_tokens) * 4).unwrap_or(usize::MAX);
+        let stop_reason = if text.len() > cut {
+            let mut end = cut;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            "max_tokens"
+        } else {
+            "end_turn"
+        };
         match &request.deltas {
             Some(sink) if request.stream => stream(sink, request, &text, latency).await,
             _ => tokio::time::sleep(latency).await,
@@ -296,7 +308,7 @@ impl Provider for SimProvider {
         let output_tokens = estimate_tokens(&text).min(u64::from(request.max_tokens));
         Ok(Completion {
             text,
-            stop_reason: Some("end_turn".to_owned()),
+            stop_reason: Some(stop_reason.to_owned()),
             usage: Usage {
                 input_tokens,
                 output_tokens,
