@@ -3,7 +3,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 const FAST: &str = r#"
 [providers.sim]
@@ -64,8 +64,12 @@ fn run_with_no_config_uses_six_default_agents_on_sim() {
         );
     }
     assert!(text.contains("6/6 agents succeeded"), "{text}");
-    assert!(text.contains("Synthesized from 6 of 6 agents."), "{text}");
-    assert!(text.contains("[simulated reply from sim-1]"), "{text}");
+    // The embedded config's synthesizer merges the six replies.
+    assert!(text.contains("synthesis: sim/sim-1 in "), "{text}");
+    assert!(
+        text.contains("[simulated synthesis by sim-1] Merging the replies of researcher, analyst, critic, planner, fact-checker, writer:"),
+        "{text}"
+    );
     let trace = text
         .lines()
         .find_map(|l| l.strip_prefix("trace_id: "))
@@ -158,10 +162,13 @@ fn too_few_successes_exit_non_zero_with_the_reason() {
 fn flags_beat_environment_beat_file() {
     let dir = dir_with(Some(&format!("min_successes = 6\n{FAST}")));
     // The file asks for 6, the environment for 7 (invalid: only 6 agents), the flag for 2.
-    let out = common::metaorch_command(dir.path(), &["run", "--format", "json", "--min-successes", "2", "q"])
-        .env("METAORCH_MIN_SUCCESSES", "3")
-        .output()
-        .unwrap();
+    let out = common::metaorch_command(
+        dir.path(),
+        &["run", "--format", "json", "--min-successes", "2", "q"],
+    )
+    .env("METAORCH_MIN_SUCCESSES", "3")
+    .output()
+    .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["summary"]["min_successes"], 2);

@@ -49,8 +49,7 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         // On a terminal, a status line says which agents are still running, and the
         // answer is printed as the synthesizer writes it.
         let status_line = std::io::stderr().is_terminal();
-        let stream_answer =
-            args.format == OutputFormat::Text && std::io::stdout().is_terminal();
+        let stream_answer = args.format == OutputFormat::Text && std::io::stdout().is_terminal();
         let live = (status_line || stream_answer).then(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             request = request.clone().with_events(tx);

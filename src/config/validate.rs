@@ -10,13 +10,12 @@ use super::HttpProviderConfig;
 use super::error::line_col;
 use super::raw::{
     RawAgent, RawBreaker, RawConfig, RawFaults, RawFlow, RawProvider, RawRetry, RawRetryBudget,
-    RawSynthesizer,
-    RawTimeout, RawWindowKind,
+    RawSynthesizer, RawTimeout, RawWindowKind,
 };
 use super::{
-    AgentConfig, SynthesizerConfig, Config, ConfigError, ConfigErrors, DEFAULT_CONCURRENCY_LIMIT, DEFAULT_MAX_TOKENS,
+    AgentConfig, Config, ConfigError, ConfigErrors, DEFAULT_CONCURRENCY_LIMIT, DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_SUCCESSES, DEFAULT_REQUEST_TIMEOUT, EMBEDDED_DEFAULT, FallbackConfig,
-    PromptTemplate, ProviderConfig,
+    PromptTemplate, ProviderConfig, SynthesizerConfig,
 };
 use crate::limits::FlowConfig;
 use crate::provider::{ANTHROPIC_VERSION, MaxTokensField, ScriptedFault, SimFaults, SimOptions};
@@ -1092,9 +1091,8 @@ impl Validator<'_> {
             standby: false,
         };
         let (mut agent, _) = self.agent(as_agent, "synthesizer", providers, defaults);
-        agent.prompt = PromptTemplate(
-            prompt.unwrap_or_else(|| SynthesizerConfig::DEFAULT_PROMPT.to_owned()),
-        );
+        agent.prompt =
+            PromptTemplate(prompt.unwrap_or_else(|| SynthesizerConfig::DEFAULT_PROMPT.to_owned()));
         SynthesizerConfig { agent, reserve }
     }
 
@@ -1234,8 +1232,7 @@ impl Validator<'_> {
             role: agent.role.unwrap_or_else(|| id.clone()),
             id: id.clone(),
             system: agent.system,
-            prompt: prompt
-                .unwrap_or_else(|| PromptTemplate(PromptTemplate::PLACEHOLDER.into())),
+            prompt: prompt.unwrap_or_else(|| PromptTemplate(PromptTemplate::PLACEHOLDER.into())),
             provider,
             model,
             max_tokens,

@@ -470,6 +470,7 @@ mod tests {
                 agent_id: agent.into(),
                 attempt,
             },
+            ..CompletionRequest::default()
         }
     }
 

@@ -118,7 +118,9 @@ impl Body {
     fn check(&self) -> Result<SynthesisParams, ApiError> {
         let unsupported = |field: &str, what: &str| {
             Err(ApiError::bad_request(
-                format!("{field}: {what} is not supported here; metaorch answers with text from its agents and synthesizer"),
+                format!(
+                    "{field}: {what} is not supported here; metaorch answers with text from its agents and synthesizer"
+                ),
                 Some(field),
             ))
         };
@@ -157,7 +159,9 @@ impl Body {
             && n != 1
         {
             return Err(ApiError::bad_request(
-                format!("n: {n} choices asked for; metaorch gives one answer, so n must be 1 or absent"),
+                format!(
+                    "n: {n} choices asked for; metaorch gives one answer, so n must be 1 or absent"
+                ),
                 Some("n"),
             ));
         }
@@ -218,7 +222,9 @@ impl Body {
                 other => {
                     let field = format!("messages[{i}].role");
                     return Err(ApiError::bad_request(
-                        format!("{field}: \"{other}\" is not supported here; expected system, developer, user or assistant (metaorch offers no tools)"),
+                        format!(
+                            "{field}: \"{other}\" is not supported here; expected system, developer, user or assistant (metaorch offers no tools)"
+                        ),
                         Some(&field),
                     ));
                 }

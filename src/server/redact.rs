@@ -13,8 +13,8 @@
 use std::borrow::Cow;
 
 use crate::Response;
-use crate::orchestrator::Synthesis;
 use crate::executor::{AgentOutcome, FailureKind, OutcomeError};
+use crate::orchestrator::Synthesis;
 use crate::provider::ErrorKind;
 
 /// The most characters of metaorch's own description kept for a client.

@@ -248,6 +248,7 @@ pub fn task(id: &str, provider: Arc<dyn Provider>) -> AgentTask {
                 agent_id: id.to_owned(),
                 attempt: 0,
             },
+            ..CompletionRequest::default()
         },
     )
 }
