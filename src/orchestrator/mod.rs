@@ -376,10 +376,8 @@ fn plan(
 ) -> AgentTask {
     let agent = &agents[index];
     let config = &agent.config;
-    let mut task = AgentTask::new(
-        config.id.clone(),
-        config.provider.clone(),
-        Arc::clone(&agent.provider),
+    let mut task = agent_task(
+        agent,
         CompletionRequest {
             model: config.model.clone(),
             system: system_prompt(config.system.as_deref(), request.context.as_deref()),
@@ -396,11 +394,7 @@ fn plan(
                 attempt: 0,
             },
         },
-    )
-    .with_policy(Arc::clone(&agent.policy))
-    .with_breaker(Arc::clone(&agent.breaker))
-    .with_budget(Arc::clone(&agent.budget))
-    .with_lane(Arc::clone(&agent.lane));
+    );
     let fallback = match &config.fallback {
         Some(FallbackConfig::Text(text)) => Some(Fallback::Text(text.clone())),
         Some(FallbackConfig::Agent(id)) if depth < agents.len() => agents
@@ -413,6 +407,20 @@ fn plan(
         task = task.with_fallback(fallback);
     }
     task
+}
+
+/// A planned agent's call of `request`, with its policy, breaker, budget and lane.
+fn agent_task(agent: &PlannedAgent, request: CompletionRequest) -> AgentTask {
+    AgentTask::new(
+        agent.config.id.clone(),
+        agent.config.provider.clone(),
+        Arc::clone(&agent.provider),
+        request,
+    )
+    .with_policy(Arc::clone(&agent.policy))
+    .with_breaker(Arc::clone(&agent.breaker))
+    .with_budget(Arc::clone(&agent.budget))
+    .with_lane(Arc::clone(&agent.lane))
 }
 
 /// An agent's system prompt followed by the conversation's instructions.
@@ -537,17 +545,7 @@ fn synthesis_task(
             attempt: 0,
         },
     };
-    let mut task = AgentTask::new(
-        config.id.clone(),
-        config.provider.clone(),
-        Arc::clone(&agent.provider),
-        rendered.clone(),
-    )
-    .with_policy(Arc::clone(&agent.policy))
-    .with_breaker(Arc::clone(&agent.breaker))
-    .with_budget(Arc::clone(&agent.budget))
-    .with_lane(Arc::clone(&agent.lane))
-    .with_kind(TaskKind::Synthesis);
+    let mut task = agent_task(agent, rendered.clone()).with_kind(TaskKind::Synthesis);
     if let Some(index) = planned.fallback {
         let mut fallback = plan(agents, index, request, trace_id, 0);
         retarget(&mut fallback, &rendered);
