@@ -1,7 +1,9 @@
 //! The `metaorch` binary end to end: what a user types, what they see, the exit code.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 const FAST: &str = r#"
 [providers.sim]
@@ -11,18 +13,8 @@ latency_max = "20ms"
 "#;
 
 fn metaorch(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_metaorch"))
-        .args(args)
-        .current_dir(dir)
+    common::metaorch_command(dir, args)
         // The test's own environment must not leak into what is being tested.
-        .env_remove("METAORCH_CONFIG")
-        .env_remove("METAORCH_CONCURRENCY_LIMIT")
-        .env_remove("METAORCH_REQUEST_TIMEOUT")
-        .env_remove("METAORCH_MIN_SUCCESSES")
-        .env_remove("METAORCH_LOG_LEVEL")
-        .env_remove("METAORCH_LOG_FILE")
-        .env_remove("METAORCH_SEED")
-        .env_remove("RUST_LOG")
         .output()
         .expect("the metaorch binary runs")
 }
@@ -72,8 +64,12 @@ fn run_with_no_config_uses_six_default_agents_on_sim() {
         );
     }
     assert!(text.contains("6/6 agents succeeded"), "{text}");
-    assert!(text.contains("Synthesized from 6 of 6 agents."), "{text}");
-    assert!(text.contains("[simulated reply from sim-1]"), "{text}");
+    // The embedded config's synthesizer merges the six replies.
+    assert!(text.contains("synthesis: sim/sim-1 in "), "{text}");
+    assert!(
+        text.contains("[simulated synthesis by sim-1] Merging the replies of researcher, analyst, critic, planner, fact-checker, writer:"),
+        "{text}"
+    );
     let trace = text
         .lines()
         .find_map(|l| l.strip_prefix("trace_id: "))
@@ -166,12 +162,13 @@ fn too_few_successes_exit_non_zero_with_the_reason() {
 fn flags_beat_environment_beat_file() {
     let dir = dir_with(Some(&format!("min_successes = 6\n{FAST}")));
     // The file asks for 6, the environment for 7 (invalid: only 6 agents), the flag for 2.
-    let out = Command::new(env!("CARGO_BIN_EXE_metaorch"))
-        .args(["run", "--format", "json", "--min-successes", "2", "q"])
-        .current_dir(dir.path())
-        .env("METAORCH_MIN_SUCCESSES", "3")
-        .output()
-        .unwrap();
+    let out = common::metaorch_command(
+        dir.path(),
+        &["run", "--format", "json", "--min-successes", "2", "q"],
+    )
+    .env("METAORCH_MIN_SUCCESSES", "3")
+    .output()
+    .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["summary"]["min_successes"], 2);
@@ -239,9 +236,7 @@ fn run_with_a_broken_config_exits_2_without_a_backtrace() {
 
 #[test]
 fn bad_environment_values_are_named() {
-    let out = Command::new(env!("CARGO_BIN_EXE_metaorch"))
-        .args(["run", "q"])
-        .current_dir(dir_with(None).path())
+    let out = common::metaorch_command(dir_with(None).path(), &["run", "q"])
         .env("METAORCH_REQUEST_TIMEOUT", "soon")
         .output()
         .unwrap();
@@ -464,9 +459,7 @@ fn trace_last_reads_stdin_and_gzip() {
     use std::io::Write as _;
     // --last on stdin: the request that started last.
     let dir = dir_with(None);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_metaorch"))
-        .args(["trace", "--last", "--format", "json"])
-        .current_dir(dir.path())
+    let mut child = common::metaorch_command(dir.path(), &["trace", "--last", "--format", "json"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -566,18 +559,7 @@ overloaded = 0.3
 /// Runs the binary with extra environment variables, from the repository root (so the
 /// example configs resolve).
 fn metaorch_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_metaorch"));
-    command
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("METAORCH_CONFIG")
-        .env_remove("METAORCH_LOG_FILE")
-        .env_remove("METAORCH_LOG_LEVEL")
-        .env_remove("RUST_LOG")
-        .env_remove("ANTHROPIC_API_KEY")
-        .env_remove("ANTHROPIC_BASE_URL")
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("OPENAI_BASE_URL");
+    let mut command = common::metaorch_command(Path::new(env!("CARGO_MANIFEST_DIR")), args);
     for (k, v) in env {
         command.env(k, v);
     }
@@ -718,12 +700,7 @@ fn a_missing_api_key_is_named() {
 fn serve_answers_keeps_recent_traces_and_stops_on_sigterm() {
     use std::io::BufRead as _;
     let dir = dir_with(Some(FAST));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_metaorch"))
-        .args(["serve", "--port", "0"])
-        .current_dir(dir.path())
-        .env_remove("METAORCH_CONFIG")
-        .env_remove("METAORCH_LOG_FILE")
-        .env_remove("METAORCH_SERVER_TOKENS")
+    let mut child = common::metaorch_command(dir.path(), &["serve", "--port", "0"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -871,10 +848,7 @@ fn bench_modes_run_and_write_their_reports() {
 /// Runs metaorch with its stdout a pipe whose reader is already gone.
 fn with_closed_stdout(dir: &Path, args: &[&str]) -> Output {
     use std::process::Stdio;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_metaorch"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("METAORCH_CONFIG")
+    let mut child = common::metaorch_command(dir, args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -913,12 +887,7 @@ fn config_check_reads_the_environment_a_run_would_use() {
         "[providers.claude]\nkind = \"anthropic\"\n[[agents]]\nid = \"a\"\nprovider = \"claude\"\nmodel = \"m\"\n",
     ));
     let run = |envs: &[(&str, &str)], args: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_metaorch"));
-        cmd.args(args)
-            .current_dir(dir.path())
-            .env_remove("METAORCH_CONFIG")
-            .env_remove("ANTHROPIC_API_KEY")
-            .env_remove("ANTHROPIC_BASE_URL");
+        let mut cmd = common::metaorch_command(dir.path(), args);
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -967,10 +936,7 @@ fn config_check_reads_the_environment_a_run_would_use() {
 #[test]
 fn environment_errors_name_the_variable() {
     let dir = dir_with(None);
-    let out = Command::new(env!("CARGO_BIN_EXE_metaorch"))
-        .args(["run", "q"])
-        .current_dir(dir.path())
-        .env_remove("METAORCH_CONFIG")
+    let out = common::metaorch_command(dir.path(), &["run", "q"])
         .env("METAORCH_CONCURRENCY_LIMIT", "0")
         .output()
         .unwrap();

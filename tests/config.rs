@@ -730,3 +730,79 @@ fn absurd_durations_are_errors_that_say_the_most_allowed() {
         );
     }
 }
+
+#[test]
+fn the_synthesizer_is_checked_like_an_agent_and_for_its_own_keys() {
+    let synth = |extra: &str| format!("{AGENT}[synthesizer]\nprovider = \"sim\"\n{extra}");
+    let ok = Config::from_toml_str(&synth(""), "test.toml").unwrap();
+    let s = ok.synthesizer.expect("configured");
+    assert_eq!(s.agent.id, "synthesizer");
+    assert!(s.agent.stream, "streams unless told otherwise");
+    assert_eq!(s.reserve, std::time::Duration::from_secs(10));
+    assert!(s.agent.prompt.as_str().contains("{replies}"));
+
+    let e = one_error(&synth("prompt = \"Answer: {query}\"\n"));
+    assert!(
+        e.contains(
+            "synthesizer.prompt: the template never uses the agents' replies; put {replies}"
+        ),
+        "{e}"
+    );
+    let e = one_error(&synth("fallback = { text = \"sorry\" }\n"));
+    assert!(
+        e.contains(
+            "synthesizer.fallback: the synthesizer falls back to laying the replies end to end"
+        ),
+        "{e}"
+    );
+    let e = one_error(&synth("fallback = { agent = \"nobody\" }\n"));
+    assert!(
+        e.contains("synthesizer.fallback.agent: \"nobody\" is not an agent's id"),
+        "{e}"
+    );
+    let e = one_error(&format!(
+        "request_timeout = \"5s\"\n{}",
+        synth("reserve = \"5s\"\n")
+    ));
+    assert!(
+        e.contains("synthesizer.reserve: 5s leaves the agents no time"),
+        "{e}"
+    );
+    let e = one_error(
+        &synth("provider = \"nope\"\n").replace("provider = \"sim\"\nprovider", "provider"),
+    );
+    assert!(
+        e.contains("synthesizer.provider: \"nope\" is not a defined provider"),
+        "{e}"
+    );
+    let e = one_error(&synth("temperature = 3.0\n"));
+    assert!(
+        e.contains("synthesizer.temperature: 3 is out of range"),
+        "{e}"
+    );
+    let e = one_error(&synth("unknown = 1\n"));
+    assert!(e.contains("unknown field `unknown`"), "{e}");
+    let e = one_error(
+        "[[agents]]\nid = \"synthesizer\"\nprovider = \"sim\"\n[synthesizer]\nprovider = \"sim\"\n",
+    );
+    assert!(e.contains("\"synthesizer\" is the synthesizer's id"), "{e}");
+    // A standby agent that only the synthesizer falls back to is not an orphan.
+    let standby = format!(
+        "{AGENT}[[agents]]\nid = \"b\"\nprovider = \"sim\"\nstandby = true\n[synthesizer]\nprovider = \"sim\"\nfallback = {{ agent = \"b\" }}\n"
+    );
+    Config::from_toml_str(&standby, "test.toml").unwrap();
+}
+
+#[test]
+fn the_synthesizer_template_fills_both_placeholders_in_one_pass() {
+    let config = Config::from_toml_str(
+        &format!("{AGENT}[synthesizer]\nprovider = \"sim\"\nprompt = \"Q: {{query}} R: {{replies}} {{other}}\"\n"),
+        "test.toml",
+    )
+    .unwrap();
+    let template = &config.synthesizer.unwrap().agent.prompt;
+    assert_eq!(
+        template.fill("what about {replies}?", "the replies"),
+        "Q: what about {replies}? R: the replies {other}"
+    );
+}

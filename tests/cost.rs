@@ -510,3 +510,33 @@ fn config_check_names_agents_whose_model_has_no_price() {
         ]
     );
 }
+
+/// The synthesizer's call is priced like an agent's, and counted in the total.
+#[tokio::test]
+async fn the_synthesis_is_priced_and_in_the_total() {
+    let mock = mock().await;
+    let url = format!("http://{}", mock.addr());
+    let config = format!(
+        "{}\n[synthesizer]\nprovider = \"claude\"\nmodel = \"claude-opus-4-5\"\n",
+        claude_agents("", false)
+    );
+    let response = orchestrator(&config, &url).process("q").await.unwrap();
+    let report = response.synthesis.report().expect("a synthesizer ran");
+    assert!(report.usage.input_tokens > 0);
+    // Claude Opus 4.5: $5 in, $25 out.
+    assert_eq!(
+        report.cost_usd,
+        Some(at((5.0, 25.0, 6.25, 0.5), &report.usage))
+    );
+    let total = metaorch::cost::sum(
+        response
+            .outcomes
+            .iter()
+            .map(|o| o.cost_usd)
+            .chain([report.cost_usd]),
+    )
+    .unwrap();
+    assert!((response.usage.cost_usd.unwrap() - total).abs() < 1e-15);
+    let json = serde_json::to_value(&response).unwrap();
+    assert!(json["synthesis"]["cost_usd"].as_f64().unwrap() > 0.0);
+}

@@ -3,32 +3,17 @@
 //! answering when its log pipe is full, and exits within `drain_timeout` with a request
 //! still running, logging it as cancelled.
 
+mod common;
+
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-fn command(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_metaorch"));
-    c.args(args)
-        .current_dir(dir)
-        // The test's own environment must not leak into what is being tested.
-        .env_remove("METAORCH_CONFIG")
-        .env_remove("METAORCH_CONCURRENCY_LIMIT")
-        .env_remove("METAORCH_REQUEST_TIMEOUT")
-        .env_remove("METAORCH_MIN_SUCCESSES")
-        .env_remove("METAORCH_LOG_LEVEL")
-        .env_remove("METAORCH_LOG_FILE")
-        .env_remove("METAORCH_SERVER_TOKENS")
-        .env_remove("METAORCH_SEED")
-        .env_remove("RUST_LOG");
-    c
-}
-
 fn metaorch(dir: &Path, args: &[&str]) -> Output {
-    command(dir, args)
+    common::metaorch_command(dir, args)
         .output()
         .expect("the metaorch binary runs")
 }
@@ -194,7 +179,7 @@ impl std::ops::DerefMut for Served {
 /// `metaorch serve` as a user starts it, with the config in `dir`; its address and its
 /// stderr.
 fn serve(dir: &Path) -> (Served, String, BufReader<std::process::ChildStderr>) {
-    let mut child = command(dir, &["serve", "--port", "0"])
+    let mut child = common::metaorch_command(dir, &["serve", "--port", "0"])
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::{Behaviour, InFlightCounter, Scripted};
 use metaorch::config::{Config, ServerConfig};
+use metaorch::mock_upstream::{MockOptions, MockUpstream};
 use metaorch::provider::{ErrorKind, Provider, ProviderError, Secret};
 use metaorch::server::{ServerState, serve};
 use metaorch::{Orchestrator, telemetry::TraceRing};
@@ -64,7 +65,10 @@ impl Server {
         server: ServerConfig,
         provider: Option<Arc<dyn Provider>>,
     ) -> Server {
-        let mut builder = Orchestrator::builder().config(config);
+        // HTTP providers (pointed at a mock upstream) get a key; sim needs none.
+        let mut builder = Orchestrator::builder()
+            .config(config)
+            .env(|name| name.ends_with("_API_KEY").then(|| "test-key".to_owned()));
         if let Some(p) = provider {
             builder = builder.provider("sim", p);
         }
@@ -472,30 +476,19 @@ async fn bearer_auth_when_tokens_are_configured() {
         .await
         .unwrap();
     assert_eq!(right.status(), 200);
-    let health = client()
-        .get(format!("{}/healthz", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(health.status(), 200, "health stays open");
-    let ready = client()
-        .get(format!("{}/readyz", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200, "probes carry no token");
-    let metrics = client()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(metrics.status(), 401, "metrics need the token by default");
-    let agents = client()
-        .get(format!("{}/v1/agents", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(agents.status(), 401, "everything else needs the token");
+    for (path, status, why) in [
+        ("/healthz", 200, "health stays open"),
+        ("/readyz", 200, "probes carry no token"),
+        ("/metrics", 401, "metrics need the token by default"),
+        ("/v1/agents", 401, "everything else needs the token"),
+    ] {
+        let got = client()
+            .get(format!("{}{path}", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status(), status, "{path}: {why}");
+    }
 
     // The scheme in any case; one Authorization header, not two.
     let lower = client()
@@ -537,18 +530,14 @@ async fn bearer_auth_when_tokens_are_configured() {
         1,
     )
     .await;
-    let metrics = client()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(metrics.status(), 200);
-    let agents = client()
-        .get(format!("{}/v1/agents", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(agents.status(), 401);
+    for (path, status) in [("/metrics", 200), ("/v1/agents", 401)] {
+        let got = client()
+            .get(format!("{}{path}", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status(), status, "{path} with metrics_auth = false");
+    }
     server.stop().await;
 }
 
@@ -693,7 +682,13 @@ async fn the_openai_python_client_works_unchanged() {
         );
         return;
     };
-    let server = Server::start(ServerConfig::default(), None, 5).await;
+    // The six default agents and a streaming synthesizer, on sim.
+    let config = Config::from_toml_str(
+        "[providers.sim]\nkind = \"sim\"\nlatency_min = \"5ms\"\nlatency_max = \"5ms\"\n[synthesizer]\nprovider = \"sim\"\n",
+        "t.toml",
+    )
+    .unwrap();
+    let server = Server::start_with(config, ServerConfig::default(), None).await;
     let script = format!(
         r#"
 import openai
@@ -701,13 +696,14 @@ client = openai.OpenAI(api_key="unused", base_url="{url}/v1")
 r = client.chat.completions.create(model="metaorch", messages=[{{"role": "user", "content": "What is a circuit breaker?"}}])
 print("PLAIN", r.choices[0].finish_reason, r.usage.total_tokens > 0, r.choices[0].message.content.splitlines()[0])
 s = client.chat.completions.create(model="metaorch/critic", stream=True, stream_options={{"include_usage": True}}, messages=[{{"role": "user", "content": "hi"}}])
-text, usage = "", None
+text, usage, pieces = "", None, 0
 for chunk in s:
     if chunk.choices and chunk.choices[0].delta.content:
         text += chunk.choices[0].delta.content
+        pieces += 1
     if chunk.usage:
         usage = chunk.usage
-print("STREAM", text.splitlines()[0], usage.completion_tokens > 0)
+print("STREAM", pieces > 3, text.split(":")[0], usage.completion_tokens > 0)
 "#,
         url = server.url
     );
@@ -724,11 +720,13 @@ print("STREAM", text.splitlines()[0], usage.completion_tokens > 0)
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        stdout.contains("PLAIN stop True Synthesized from 6 of 6 agents."),
+        stdout.contains("PLAIN stop True [simulated synthesis by sim-1] Merging the replies of researcher, analyst, critic, planner, fact-checker, writer:"),
         "{stdout}"
     );
     assert!(
-        stdout.contains("STREAM Synthesized from 1 of 1 agents. True"),
+        stdout.contains(
+            "STREAM True [simulated synthesis by sim-1] Merging the replies of critic True"
+        ),
         "{stdout}"
     );
     server.stop().await;
@@ -1575,4 +1573,310 @@ fn server_keys_are_read_and_bounded() {
             .to_string();
         assert!(e.contains(says), "{toml}: {e}");
     }
+}
+
+/// Two agents and a synthesizer on Anthropic's wire format, against a mock upstream
+/// that keeps every request body.
+async fn mock_and_config(stream: bool) -> (MockUpstream, Config) {
+    let mock = MockUpstream::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        MockOptions {
+            latency_min: Duration::from_millis(1),
+            latency_max: Duration::from_millis(5),
+            keep_bodies: true,
+            ..MockOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let config = Config::from_toml_str(
+        &format!(
+            r#"
+[providers.claude]
+kind = "anthropic"
+base_url = "{url}"
+[[agents]]
+id = "one"
+system = "You are one."
+provider = "claude"
+model = "agent-model"
+max_tokens = 300
+[[agents]]
+id = "two"
+provider = "claude"
+model = "agent-model"
+[synthesizer]
+provider = "claude"
+model = "lead-model"
+system = "You lead."
+stream = {stream}
+"#,
+            url = mock.url()
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    (mock, config)
+}
+
+#[tokio::test]
+async fn a_conversation_reaches_every_agent_and_the_synthesizer_in_order() {
+    let (mock, config) = mock_and_config(false).await;
+    let server = Server::start_with(config, ServerConfig::default(), None).await;
+    let response = post(
+        &format!("{}/v1/chat/completions", server.url),
+        json!({
+            "model": "metaorch",
+            "max_tokens": 50,
+            "temperature": 0.3,
+            "stop": "END",
+            "messages": [
+                {"role": "system", "content": "Answer in French."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Bonjour"},
+                {"role": "user", "content": [{"type": "text", "text": "Should we use Rust?"}]}
+            ]
+        }),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let records = mock.requests();
+    assert_eq!(records.len(), 3);
+    for record in &records {
+        let sent = record.body.as_ref().unwrap();
+        let messages = sent["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 3, "{sent}");
+        assert_eq!(messages[0], json!({"role": "user", "content": "Hi"}));
+        assert_eq!(
+            messages[1],
+            json!({"role": "assistant", "content": "Bonjour"})
+        );
+        assert_eq!(messages[2]["role"], "user");
+        let system = sent["system"].as_str().unwrap();
+        // After the agent's own system prompt, if it has one.
+        assert!(
+            system == "Answer in French." || system.ends_with("\n\nAnswer in French."),
+            "{system}"
+        );
+        if record.model.as_deref() == Some("lead-model") {
+            assert!(system.starts_with("You lead."), "{system}");
+            assert_eq!(sent["max_tokens"], 50);
+            assert_eq!(sent["stop_sequences"], json!(["END"]));
+            assert!((sent["temperature"].as_f64().unwrap() - 0.3).abs() < 1e-6);
+            let prompt = messages[2]["content"].as_str().unwrap();
+            assert!(prompt.contains("Should we use Rust?"), "{prompt}");
+            assert!(prompt.contains("<reply agent=\"one\""), "{prompt}");
+        } else {
+            assert_eq!(messages[2]["content"], "Should we use Rust?");
+            assert!(
+                sent.get("stop_sequences").is_none(),
+                "the caller's stop is the synthesizer's"
+            );
+        }
+    }
+    let one = records
+        .iter()
+        .find(|r| r.body.as_ref().unwrap()["max_tokens"] == 300)
+        .expect("agent one keeps its own max_tokens");
+    assert!(
+        one.body.as_ref().unwrap()["system"]
+            .as_str()
+            .unwrap()
+            .starts_with("You are one.")
+    );
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert!(
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("[mock reply from lead-model]")
+    );
+    let input: u64 = records.iter().map(|r| r.input_tokens).sum();
+    let output: u64 = records.iter().map(|r| r.output_tokens).sum();
+    assert_eq!(
+        body["usage"]["prompt_tokens"], input,
+        "every call of the request"
+    );
+    assert_eq!(body["usage"]["completion_tokens"], output);
+    let created = body["created"].as_u64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now.abs_diff(created) < 60, "created is the real time");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn chat_streaming_forwards_the_synthesizers_tokens_as_they_arrive() {
+    let (mock, config) = mock_and_config(true).await;
+    let server = Server::start_with(config, ServerConfig::default(), None).await;
+    let text = post(
+        &format!("{}/v1/chat/completions", server.url),
+        json!({
+            "model": "metaorch",
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": "Should we use Rust?"}]
+        }),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let finish = chunks
+        .iter()
+        .position(|c| c["choices"][0]["finish_reason"] == "stop")
+        .expect("a finish chunk");
+    let content: Vec<&str> = chunks[..finish]
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .filter(|t| !t.is_empty())
+        .collect();
+    assert!(
+        content.len() >= 3,
+        "{} content chunks before the finish: {text}",
+        content.len()
+    );
+    assert!(
+        content.concat().starts_with("[mock reply from lead-model]"),
+        "{text}"
+    );
+    // The synthesizer asked its upstream for a stream: true token streaming.
+    let lead = mock
+        .requests()
+        .into_iter()
+        .find(|r| r.model.as_deref() == Some("lead-model"))
+        .unwrap();
+    assert!(lead.stream);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert!(usage["total_tokens"].as_u64().unwrap() > 0, "{text}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn orchestrate_events_carry_the_synthesis_as_it_is_written() {
+    let (_mock, config) = mock_and_config(true).await;
+    let server = Server::start_with(config, ServerConfig::default(), None).await;
+    let text = client()
+        .post(format!("{}/v1/orchestrate", server.url))
+        .header("accept", "text/event-stream")
+        .json(&json!({"query": "stream it"}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    let start = events
+        .iter()
+        .position(|e| *e == "synthesis.start")
+        .expect("synthesis.start");
+    let deltas = events.iter().filter(|e| **e == "synthesis.delta").count();
+    assert!(deltas >= 3, "{events:?}");
+    assert!(events.iter().rposition(|e| *e == "agent.done").unwrap() < start);
+    assert_eq!(events.last(), Some(&"result"));
+    let result: Value = serde_json::from_str(
+        text.lines()
+            .skip_while(|l| *l != "event: result")
+            .find_map(|l| l.strip_prefix("data: "))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(result["synthesis"]["status"], "succeeded");
+    assert_eq!(result["outcomes"].as_array().unwrap().len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn chat_refuses_what_it_does_not_do_by_name() {
+    let server = Server::start(ServerConfig::default(), None, 1).await;
+    let url = format!("{}/v1/chat/completions", server.url);
+    let user = json!([{"role": "user", "content": "x"}]);
+    for (body, param) in [
+        (
+            json!({"model": "metaorch", "messages": user, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+        ),
+        (json!({"model": "metaorch", "messages": user, "n": 2}), "n"),
+        (
+            json!({"model": "metaorch", "messages": user, "response_format": {"type": "json_schema"}}),
+            "response_format",
+        ),
+        (
+            json!({"model": "metaorch", "messages": user, "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            json!({"model": "metaorch", "messages": user, "temperature": 3}),
+            "temperature",
+        ),
+        (
+            json!({"model": "metaorch", "messages": [{"role": "tool", "content": "r"}, {"role": "user", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
+            json!({"model": "metaorch", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}),
+            "messages[0].content[0]",
+        ),
+    ] {
+        let response = post(&url, body.clone()).await;
+        assert_eq!(response.status(), 400, "{body}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["param"], param, "{error}");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(param),
+            "{error}"
+        );
+    }
+    // The "off" values of those fields are fine.
+    let ok = post(
+        &url,
+        json!({"model": "metaorch", "messages": user, "n": 1, "tools": [], "tool_choice": "none", "response_format": {"type": "text"}}),
+    )
+    .await;
+    assert_eq!(ok.status(), 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_synthesis_cut_by_max_tokens_finishes_with_length() {
+    let config = Config::from_toml_str(
+        "[providers.sim]\nkind = \"sim\"\nlatency_min = \"1ms\"\nlatency_max = \"2ms\"\n[synthesizer]\nprovider = \"sim\"\n",
+        "t.toml",
+    )
+    .unwrap();
+    let server = Server::start_with(config, ServerConfig::default(), None).await;
+    let body: Value = post(
+        &format!("{}/v1/chat/completions", server.url),
+        json!({"model": "metaorch", "max_completion_tokens": 5, "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
+    assert!(
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .len()
+            <= 20
+    );
+    server.stop().await;
 }

@@ -299,6 +299,11 @@ pub struct BenchUpstream {
     /// Seed for the simulated latencies.
     #[arg(long, value_name = "N", default_value_t = 42)]
     pub seed: u64,
+
+    /// Add the embedded config's synthesizer after the six agents, on the same
+    /// upstream: seven calls a request, the seventh after the slowest agent.
+    #[arg(long)]
+    pub synthesize: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

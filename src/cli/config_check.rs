@@ -65,8 +65,17 @@ fn summary(config: &Config) -> String {
         .iter()
         .map(|(name, p)| format!("{name} ({})", p.kind()))
         .collect();
+    let synthesizer = match &config.synthesizer {
+        Some(s) => format!(
+            "{}/{}, reserve {}",
+            s.agent.provider,
+            s.agent.model,
+            humantime::format_duration(s.reserve)
+        ),
+        None => "none (the replies laid end to end)".to_owned(),
+    };
     format!(
-        "{origin}: ok\n  agents ({}): {}\n  providers: {}\n  concurrency_limit = {}, request_timeout = {}, min_successes = {}, log.level = {}\n",
+        "{origin}: ok\n  agents ({}): {}\n  synthesizer: {synthesizer}\n  providers: {}\n  concurrency_limit = {}, request_timeout = {}, min_successes = {}, log.level = {}\n",
         agents.len(),
         agents.join(", "),
         providers.join(", "),

@@ -22,6 +22,7 @@ pub fn run(_cli: &Cli, args: &MockUpstreamArgs) -> anyhow::Result<ExitCode> {
         retry_after: args.retry_after,
         request_log: args.request_log.clone(),
         limits: args.limits.limits(),
+        keep_bodies: false,
     };
     let options_limits = options.limits;
     let runtime = tokio::runtime::Builder::new_multi_thread()

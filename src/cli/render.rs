@@ -7,13 +7,30 @@ use std::time::Duration;
 
 use metaorch::config::{Config, ProviderConfig};
 use metaorch::telemetry::terminal_safe;
-use metaorch::{OutcomeStatus, Response};
+use metaorch::{AgentOutcome, OutcomeStatus, Response};
 
 /// The whole text report of a response.
 pub fn response(response: &Response, config: &Config) -> String {
+    let mut out = outcomes(&response.outcomes);
+    out.push_str(&breakers_and_summary(response, config));
+    let _ = writeln!(out, "\n{}\n", response.answer);
+    let _ = writeln!(out, "trace_id: {}", response.trace_id);
+    terminal_safe(&out).into_owned()
+}
+
+/// The report's end, for an answer already shown as it streamed: the breakers, the
+/// summary and the trace id.
+pub fn after_streamed_answer(response: &Response, config: &Config) -> String {
+    let mut out = breakers_and_summary(response, config);
+    let _ = writeln!(out, "\ntrace_id: {}", response.trace_id);
+    terminal_safe(&out).into_owned()
+}
+
+/// The table of agent outcomes, with a note under each for its waits, retries,
+/// fallback and error.
+pub fn outcomes(outcomes: &[AgentOutcome]) -> String {
     let mut out = String::new();
-    let id_width = response
-        .outcomes
+    let id_width = outcomes
         .iter()
         .map(|o| o.agent_id.len())
         .max()
@@ -25,7 +42,7 @@ pub fn response(response: &Response, config: &Config) -> String {
         "{:<id_width$}  {:<10}  {:>9}  {:>8}  {:>10}  {:<8}  MODEL",
         "AGENT", "STATUS", "LATENCY", "ATTEMPTS", "COST", "PROVIDER"
     );
-    for o in &response.outcomes {
+    for o in outcomes {
         let status = match o.status {
             OutcomeStatus::Succeeded => "ok",
             OutcomeStatus::Failed => "failed",
@@ -91,6 +108,11 @@ pub fn response(response: &Response, config: &Config) -> String {
             let _ = writeln!(out, "{:<id_width$}  {branch} {note}", "");
         }
     }
+    terminal_safe(&out).into_owned()
+}
+
+fn breakers_and_summary(response: &Response, config: &Config) -> String {
+    let mut out = String::new();
     for b in &response.breakers {
         let until = b
             .retry_in
@@ -116,6 +138,24 @@ pub fn response(response: &Response, config: &Config) -> String {
         seconds(t.sum_of_agents),
         config.concurrency_limit,
     );
+    if let Some(r) = response.synthesis.report() {
+        let call = format!("{}/{}", r.provider, r.model);
+        let _ = match &r.reason {
+            None => writeln!(
+                out,
+                "synthesis: {call} in {} ({} attempt{}, {})",
+                seconds(r.latency),
+                r.attempts,
+                if r.attempts == 1 { "" } else { "s" },
+                r.cost_usd.map_or_else(|| "cost unknown".to_owned(), usd)
+            ),
+            Some(reason) => writeln!(
+                out,
+                "synthesis: {call} {}: {reason}; the answer is the replies laid end to end",
+                r.status.as_str()
+            ),
+        };
+    }
     let u = &response.usage;
     let cache = match (u.cache_creation_input_tokens, u.cache_read_input_tokens) {
         (0, 0) => String::new(),
@@ -128,19 +168,23 @@ pub fn response(response: &Response, config: &Config) -> String {
         u.output_tokens,
         cost_line(response, config)
     );
-    let _ = writeln!(out, "\n{}\n", response.answer);
-    let _ = writeln!(out, "trace_id: {}", response.trace_id);
     terminal_safe(&out).into_owned()
 }
 
 /// The request's cost, or which agents' models have no price.
 fn cost_line(response: &Response, config: &Config) -> String {
     let Some(total) = response.usage.cost_usd else {
+        let synthesizer = response
+            .synthesis
+            .report()
+            .filter(|r| r.cost_usd.is_none())
+            .map(|_| "the synthesizer");
         let unpriced: Vec<&str> = response
             .outcomes
             .iter()
             .filter(|o| o.cost_usd.is_none())
             .map(|o| o.agent_id.as_str())
+            .chain(synthesizer)
             .collect();
         return format!(
             "cost unknown: no price for the model of {} (`metaorch config check` lists them; set [prices.\"MODEL\"])",

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use metaorch::config::Overrides;
-use metaorch::telemetry::{init_telemetry, otel};
+use metaorch::telemetry::{init_telemetry, otel, terminal_safe};
 use metaorch::{Orchestrator, Response};
 
 use super::args::{Cli, OutputFormat, RunArgs};
@@ -46,11 +46,14 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let agents: Vec<String> = orchestrator.agents().map(|a| a.id.clone()).collect();
     let response = runtime.block_on(async {
         let mut request = metaorch::Request::new(query);
-        // On a terminal, a status line says which agents are still running.
-        let progress = std::io::stderr().is_terminal().then(|| {
+        // On a terminal, a status line says which agents are still running, and the
+        // answer is printed as the synthesizer writes it.
+        let status_line = std::io::stderr().is_terminal();
+        let stream_answer = args.format == OutputFormat::Text && std::io::stdout().is_terminal();
+        let live = (status_line || stream_answer).then(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             request = request.clone().with_events(tx);
-            tokio::spawn(progress(rx, agents))
+            tokio::spawn(live(rx, agents, status_line, stream_answer))
         });
         let cancel = request.cancel.clone();
         // Ctrl-C ends the request cleanly: unfinished agents are reported, not lost.
@@ -61,11 +64,13 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         });
         let response = orchestrator.process_request(request).await;
         ctrl_c.abort();
-        if let Some(progress) = progress {
-            let _ = progress.await;
-        }
-        response
+        let shown = match live {
+            Some(live) => live.await.unwrap_or_default(),
+            None => Shown::default(),
+        };
+        response.map(|r| (r, shown))
     })?;
+    let (response, shown) = response;
 
     // The runtime is gone: flush the last spans now, outside it.
     drop(runtime);
@@ -73,6 +78,21 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
     match args.format {
         OutputFormat::Json => {
             super::print_out(&format!("{}\n", serde_json::to_string_pretty(&response)?))?;
+        }
+        OutputFormat::Text if shown.table => {
+            let answer = response.answer.trim();
+            let rest = if shown.answer.is_empty() {
+                format!("{}\n", terminal_safe(answer))
+            } else if shown.answer.trim() != answer {
+                format!(
+                    "\n\n[the synthesis did not finish; the replies laid end to end:]\n\n{}\n",
+                    terminal_safe(answer)
+                )
+            } else {
+                "\n".to_owned()
+            };
+            super::print_out(&rest)?;
+            super::print_out(&render::after_streamed_answer(&response, &config))?;
         }
         OutputFormat::Text => super::print_out(&render::response(&response, &config))?,
     }
@@ -119,25 +139,84 @@ fn read_query(words: &[String]) -> anyhow::Result<String> {
     Ok(words.join(" "))
 }
 
-/// Keeps one status line on stderr up to date: how many agents are done, and which
-/// are still running. Cleared when the request ends.
-async fn progress(
+/// What the live display showed while the request ran.
+#[derive(Debug, Default)]
+struct Shown {
+    /// The outcomes table was printed when the synthesis started.
+    table: bool,
+    /// The answer's text as streamed (the last attempt's).
+    answer: String,
+}
+
+/// Keeps one status line on stderr up to date (how many agents are done, which are
+/// still running), cleared when the request ends; and, with `stream_answer`, prints
+/// the outcomes when the synthesis starts and the answer as it is written.
+async fn live(
     mut events: tokio::sync::mpsc::UnboundedReceiver<metaorch::executor::AgentEvent>,
     agents: Vec<String>,
-) {
+    status_line: bool,
+    stream_answer: bool,
+) -> Shown {
     use metaorch::executor::AgentEvent;
     let started = std::time::Instant::now();
-    let mut done: Vec<String> = Vec::new();
+    let mut done: Vec<metaorch::AgentOutcome> = Vec::new();
     let mut retries = 0;
+    let mut shown = Shown::default();
+    let mut writer: Option<(u32, String)> = None;
+    let clear = || {
+        let _ = write!(std::io::stderr(), "\x1b[2K");
+    };
     while let Some(event) = events.recv().await {
         match event {
-            AgentEvent::Done(outcome) => done.push(outcome.agent_id.clone()),
+            AgentEvent::Done(outcome) => done.push(*outcome),
             AgentEvent::Retry { .. } => retries += 1,
             AgentEvent::Dispatch { .. } => {}
+            AgentEvent::SynthesisStart { provider, model } => {
+                if stream_answer {
+                    if status_line {
+                        clear();
+                    }
+                    done.sort_by_key(|o| agents.iter().position(|a| *a == o.agent_id));
+                    let table = format!(
+                        "{}\nsynthesizing on {provider}/{model}:\n\n",
+                        render::outcomes(&done)
+                    );
+                    let _ = super::print_out(&table);
+                    shown.table = true;
+                }
+                continue;
+            }
+            AgentEvent::SynthesisDelta {
+                attempt,
+                model,
+                text,
+            } => {
+                if shown.table {
+                    let mut out = String::new();
+                    let this = (attempt, model);
+                    if writer.as_ref().is_some_and(|w| *w != this) && !shown.answer.is_empty() {
+                        out.push_str(&format!(
+                            "\n\n[attempt {} on {} starts the answer over]\n\n",
+                            this.0, this.1
+                        ));
+                        shown.answer.clear();
+                    }
+                    writer = Some(this);
+                    out.push_str(&terminal_safe(&text));
+                    shown.answer.push_str(&text);
+                    let _ = super::print_out(&out);
+                }
+                continue;
+            }
+        }
+        // Once the answer streams to the same terminal, the status line would cut
+        // into it.
+        if !status_line || shown.table {
+            continue;
         }
         let waiting: Vec<&str> = agents
             .iter()
-            .filter(|a| !done.contains(a))
+            .filter(|a| !done.iter().any(|o| &o.agent_id == *a))
             .map(String::as_str)
             .collect();
         let line = format!(
@@ -167,5 +246,8 @@ async fn progress(
         );
         let _ = err.flush();
     }
-    let _ = write!(std::io::stderr(), "\x1b[2K");
+    if status_line {
+        clear();
+    }
+    shown
 }

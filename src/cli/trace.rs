@@ -291,9 +291,23 @@ pub fn render(t: &Timeline) -> String {
         } else {
             format!("; of which {}", why.join(", "))
         };
+        // The synthesis waits for the fan-out: the slowest agent comes before it.
+        let before = t
+            .agents
+            .iter()
+            .any(|a| a.synthesis && a.agent_id == c.agent_id)
+            .then(|| {
+                t.agents
+                    .iter()
+                    .filter(|a| !a.synthesis)
+                    .max_by(|a, b| a.end_ms.total_cmp(&b.end_ms))
+            })
+            .flatten()
+            .map(|a| format!("{} ({}), then ", a.agent_id, secs(a.end_ms - a.start_ms)))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "\ncritical path: {} ({} of {}, {:.0}%{why})",
+            "\ncritical path: {before}{} ({} of {}, {:.0}%{why})",
             c.agent_id,
             secs(c.duration_ms),
             secs(t.total_ms),
@@ -315,6 +329,9 @@ fn notes(a: &AgentRow) -> Vec<String> {
     let mut notes = Vec::new();
     if let (Some(p), Some(m)) = (&a.provider, &a.model) {
         let mut s = format!("{p}/{m}");
+        if a.synthesis {
+            s.push_str(", merging the replies into the answer");
+        }
         if let Some(q) = a.queue_ms.filter(|q| *q >= 1.0) {
             let _ = write!(s, ", queued {}", secs(q));
             if let Some(p) = a.pause_ms.filter(|p| *p >= 1.0) {

@@ -88,6 +88,34 @@ pub struct Config {
     /// Prices by model id (`[prices."MODEL"]`), over the built-in ones (see
     /// [`crate::cost`]).
     pub prices: BTreeMap<String, Price>,
+    /// The model that merges the agents' replies into one answer (`[synthesizer]`);
+    /// `None` lays the replies end to end (`concat`).
+    pub synthesizer: Option<SynthesizerConfig>,
+}
+
+/// `[synthesizer]`: a call after the fan-out that merges the replies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SynthesizerConfig {
+    /// The call as an agent (id `synthesizer`): provider, model, system, prompt (with
+    /// `{query}` and `{replies}`), limits, policy, and a fallback agent whose provider
+    /// and model take over with the same prompt.
+    pub agent: AgentConfig,
+    /// Kept back from the fan-out, so that slow agents are cut early enough for the
+    /// synthesis to run inside the request's deadline.
+    pub reserve: Duration,
+}
+
+impl SynthesizerConfig {
+    /// The synthesizer's id in outcomes, logs and metrics.
+    pub const ID: &'static str = "synthesizer";
+    /// The time kept back from the fan-out, unless configured.
+    pub const DEFAULT_RESERVE: Duration = Duration::from_secs(10);
+    /// The placeholder the agents' replies replace.
+    pub const REPLIES: &'static str = "{replies}";
+    /// The system prompt, unless configured.
+    pub const DEFAULT_SYSTEM: &'static str = "You lead a team of specialists. Merge their findings into one clear, accurate answer: keep what they agree on, settle or flag where they disagree, and leave out what does not help.";
+    /// The prompt, unless configured.
+    pub const DEFAULT_PROMPT: &'static str = "Question: {query}\n\nYour team's replies:\n\n{replies}\n\nWrite the answer to the question. Do not mention the team or its replies.";
 }
 
 /// `metaorch serve`'s settings.
@@ -313,6 +341,29 @@ impl PromptTemplate {
     /// The template with every `{query}` replaced by `query`.
     pub fn render(&self, query: &str) -> String {
         self.0.replace(Self::PLACEHOLDER, query)
+    }
+
+    /// The template with `{query}` and `{replies}` filled in, in one pass: a query
+    /// that itself contains `{replies}` stays as written.
+    pub fn fill(&self, query: &str, replies: &str) -> String {
+        let mut out = String::with_capacity(self.0.len() + query.len() + replies.len());
+        let mut rest = self.0.as_str();
+        while let Some(at) = rest.find('{') {
+            out.push_str(&rest[..at]);
+            rest = &rest[at..];
+            if let Some(after) = rest.strip_prefix(Self::PLACEHOLDER) {
+                out.push_str(query);
+                rest = after;
+            } else if let Some(after) = rest.strip_prefix(SynthesizerConfig::REPLIES) {
+                out.push_str(replies);
+                rest = after;
+            } else {
+                out.push('{');
+                rest = &rest[1..];
+            }
+        }
+        out.push_str(rest);
+        out
     }
 
     /// The template as written.

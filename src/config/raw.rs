@@ -29,6 +29,7 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub providers: BTreeMap<String, Spanned<RawProvider>>,
     pub agents: Option<Spanned<Vec<RawAgent>>>,
+    pub synthesizer: Option<Spanned<RawSynthesizer>>,
     /// `[prices."MODEL"]`, by model id.
     #[serde(default)]
     pub prices: BTreeMap<String, Spanned<RawPrice>>,
@@ -262,4 +263,25 @@ pub(crate) struct RawAgent {
     pub fallback: Option<Spanned<RawFallback>>,
     #[serde(default)]
     pub standby: bool,
+}
+
+/// `[synthesizer]`: an agent's fields (no id, role or standby) and the time kept back
+/// for it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSynthesizer {
+    pub provider: Spanned<String>,
+    pub model: Option<Spanned<String>>,
+    pub system: Option<String>,
+    pub prompt: Option<Spanned<String>>,
+    pub max_tokens: Option<Spanned<u32>>,
+    pub temperature: Option<Spanned<f32>>,
+    #[serde(default)]
+    pub stop_sequences: Vec<String>,
+    pub stream: Option<bool>,
+    pub prompt_cache: Option<Spanned<bool>>,
+    pub attempt_timeout: Option<Spanned<RawTimeout>>,
+    pub retry: Option<Spanned<RawRetry>>,
+    pub fallback: Option<Spanned<RawFallback>>,
+    pub reserve: Option<Spanned<HumanDuration>>,
 }

@@ -12,12 +12,12 @@ use super::HttpProviderConfig;
 use super::error::line_col;
 use super::raw::{
     RawAgent, RawBreaker, RawConfig, RawFaults, RawFlow, RawProvider, RawRetry, RawRetryBudget,
-    RawTimeout, RawWindowKind,
+    RawSynthesizer, RawTimeout, RawWindowKind,
 };
 use super::{
     AgentConfig, Config, ConfigError, ConfigErrors, DEFAULT_CONCURRENCY_LIMIT, DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_SUCCESSES, DEFAULT_REQUEST_TIMEOUT, EMBEDDED_DEFAULT, FallbackConfig,
-    PromptTemplate, ProviderConfig,
+    PromptTemplate, ProviderConfig, SynthesizerConfig,
 };
 use crate::limits::FlowConfig;
 use crate::provider::{ANTHROPIC_VERSION, MaxTokensField, ScriptedFault, SimFaults, SimOptions};
@@ -171,7 +171,19 @@ impl Validator<'_> {
             }
             Some(agents) => {
                 let span = agents.span();
-                self.agents(agents.into_inner(), span, &providers, &defaults)
+                let synthesizer_fallback = raw
+                    .synthesizer
+                    .as_ref()
+                    .and_then(|s| s.get_ref().fallback.as_ref())
+                    .and_then(|f| f.get_ref().agent.as_ref())
+                    .map(|a| a.get_ref().as_str());
+                self.agents(
+                    agents.into_inner(),
+                    span,
+                    &providers,
+                    &defaults,
+                    synthesizer_fallback,
+                )
             }
             None => default_agents()
                 .into_iter()
@@ -190,6 +202,9 @@ impl Validator<'_> {
                 prices.entry(model).or_insert(price);
             }
         }
+        let synthesizer = raw
+            .synthesizer
+            .map(|s| self.synthesizer(s, &providers, &defaults, &agents, request_timeout));
 
         let active = agents.iter().filter(|a| !a.standby).count();
         let min_successes = match raw.min_successes {
@@ -230,6 +245,7 @@ impl Validator<'_> {
             providers,
             agents,
             prices,
+            synthesizer,
         }
     }
 
@@ -959,190 +975,314 @@ impl Validator<'_> {
         span: Range<usize>,
         providers: &BTreeMap<String, ProviderConfig>,
         defaults: &CallPolicy,
+        synthesizer_fallback: Option<&str>,
     ) -> Vec<AgentConfig> {
         let mut seen = HashSet::new();
         let mut agents = Vec::with_capacity(raw.len());
         // (agent index, fallback target, its span), checked once every id is known.
         let mut fallbacks = Vec::new();
         for (i, agent) in raw.into_iter().enumerate() {
-            let field = |name: &str| format!("agents[{i}].{name}");
-
-            let id = agent.id.get_ref().clone();
-            if let Err(message) = check_name(&id) {
-                self.error(Some(agent.id.span()), field("id"), message);
-            } else if !seen.insert(id.clone()) {
+            let id_span = agent.id.span();
+            let (agent, fallback) = self.agent(agent, &format!("agents[{i}]"), providers, defaults);
+            if let Err(message) = check_name(&agent.id) {
+                self.error(Some(id_span), format!("agents[{i}].id"), message);
+            } else if !seen.insert(agent.id.clone()) {
                 self.error(
-                    Some(agent.id.span()),
-                    field("id"),
-                    format!("\"{id}\" is already the id of an earlier agent; ids must be unique"),
-                );
-            }
-
-            let provider = agent.provider.get_ref().clone();
-            let kind = providers.get(&provider).map(ProviderConfig::kind);
-            if kind.is_none() {
-                let defined: Vec<&str> = providers.keys().map(String::as_str).collect();
-                self.error(
-                    Some(agent.provider.span()),
-                    field("provider"),
+                    Some(id_span),
+                    format!("agents[{i}].id"),
                     format!(
-                        "\"{provider}\" is not a defined provider; defined: {}",
-                        defined.join(", ")
+                        "\"{}\" is already the id of an earlier agent; ids must be unique",
+                        agent.id
                     ),
                 );
             }
+            if let Some((target, target_span)) = fallback {
+                fallbacks.push((i, target, target_span));
+            }
+            agents.push(agent);
+        }
+        self.check_fallbacks(&agents, &fallbacks, span, synthesizer_fallback);
+        agents
+    }
 
-            let prompt = match agent.prompt {
-                None => PromptTemplate::new(PromptTemplate::PLACEHOLDER),
-                Some(p) => {
-                    let template = PromptTemplate::new(p.get_ref().clone());
-                    if template.is_none() {
-                        self.error(
-                            Some(p.span()),
-                            field("prompt"),
-                            "the template never uses the query; put {query} where it belongs, e.g. \"Summarise: {query}\"".into(),
-                        );
-                    }
-                    template
-                }
-            };
+    /// `[synthesizer]`: checked as an agent with id `synthesizer`, plus its prompt (it
+    /// must use `{replies}`), its fallback (an agent, whose provider and model take
+    /// over) and its reserve (less than the request's deadline).
+    fn synthesizer(
+        &mut self,
+        raw: Spanned<RawSynthesizer>,
+        providers: &BTreeMap<String, ProviderConfig>,
+        defaults: &CallPolicy,
+        agents: &[AgentConfig],
+        request_timeout: std::time::Duration,
+    ) -> SynthesizerConfig {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let id = SynthesizerConfig::ID;
+        if let Some(clash) = agents.iter().position(|a| a.id == id) {
+            self.error(
+                Some(span.clone()),
+                format!("agents[{clash}].id"),
+                format!("\"{id}\" is the synthesizer's id in outcomes and logs; give the agent another id"),
+            );
+        }
+        let prompt = match &raw.prompt {
+            Some(p) if !p.get_ref().contains(SynthesizerConfig::REPLIES) => {
+                self.error(
+                    Some(p.span()),
+                    "synthesizer.prompt",
+                    "the template never uses the agents' replies; put {replies} where they belong (and {query} for the question), e.g. \"Question: {query}\\n\\nReplies:\\n{replies}\\n\\nAnswer the question.\"".into(),
+                );
+                None
+            }
+            Some(p) => Some(p.get_ref().clone()),
+            None => None,
+        };
+        if let Some(f) = &raw.fallback
+            && f.get_ref().text.is_some()
+        {
+            self.error(
+                Some(f.span()),
+                "synthesizer.fallback",
+                "the synthesizer falls back to laying the replies end to end by itself; a text fallback has no place here. Name an agent whose provider and model should try first, e.g. fallback = { agent = \"backup\" }".into(),
+            );
+        }
+        if let Some(target) = raw
+            .fallback
+            .as_ref()
+            .and_then(|f| f.get_ref().agent.as_ref())
+            && !agents.iter().any(|a| &a.id == target.get_ref())
+        {
+            let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
+            self.error(
+                Some(target.span()),
+                "synthesizer.fallback.agent",
+                format!(
+                    "\"{}\" is not an agent's id; defined: {}",
+                    target.get_ref(),
+                    ids.join(", ")
+                ),
+            );
+        }
+        let reserve = match raw.reserve {
+            Some(r) if r.get_ref().0 >= request_timeout => {
+                self.error(
+                    Some(r.span()),
+                    "synthesizer.reserve",
+                    format!(
+                        "{:?} leaves the agents no time inside the request_timeout of {:?}; expected less than request_timeout",
+                        r.get_ref().0,
+                        request_timeout
+                    ),
+                );
+                SynthesizerConfig::DEFAULT_RESERVE
+            }
+            Some(r) => r.into_inner().0,
+            // The default never takes more than half of a short deadline.
+            None => SynthesizerConfig::DEFAULT_RESERVE.min(request_timeout / 2),
+        };
+        let fallback = raw.fallback.filter(|f| f.get_ref().text.is_none());
+        let as_agent = RawAgent {
+            id: Spanned::new(span.clone(), id.to_owned()),
+            role: Some("Synthesizer".to_owned()),
+            system: Some(
+                raw.system
+                    .unwrap_or_else(|| SynthesizerConfig::DEFAULT_SYSTEM.to_owned()),
+            ),
+            // Checked above; the agent check wants `{query}`, which this one may leave out.
+            prompt: None,
+            provider: raw.provider,
+            model: raw.model,
+            max_tokens: raw.max_tokens,
+            temperature: raw.temperature,
+            stop_sequences: raw.stop_sequences,
+            stream: raw.stream.unwrap_or(true),
+            prompt_cache: raw.prompt_cache,
+            attempt_timeout: raw.attempt_timeout,
+            retry: raw.retry,
+            fallback,
+            standby: false,
+        };
+        let (mut agent, _) = self.agent(as_agent, "synthesizer", providers, defaults);
+        agent.prompt =
+            PromptTemplate(prompt.unwrap_or_else(|| SynthesizerConfig::DEFAULT_PROMPT.to_owned()));
+        SynthesizerConfig { agent, reserve }
+    }
 
-            let model = match agent.model {
-                Some(m) if m.get_ref().trim().is_empty() => {
-                    self.error(
-                        Some(m.span()),
-                        field("model"),
-                        "is empty; name the model to ask for".into(),
-                    );
-                    String::new()
-                }
-                Some(m) => m.into_inner(),
-                None if kind == Some("sim") || kind.is_none() => SIM_DEFAULT_MODEL.to_owned(),
-                None => {
-                    self.error(
-                        Some(agent.id.span()),
-                        field("model"),
-                        "is missing; name the model this agent asks for".into(),
-                    );
-                    String::new()
-                }
-            };
+    /// One agent's table (or the synthesizer's, as an agent), its fields named under
+    /// `prefix`; with the fallback agent it names, for checking once every id is known.
+    fn agent(
+        &mut self,
+        agent: RawAgent,
+        prefix: &str,
+        providers: &BTreeMap<String, ProviderConfig>,
+        defaults: &CallPolicy,
+    ) -> (AgentConfig, Option<(String, Range<usize>)>) {
+        let field = |name: &str| format!("{prefix}.{name}");
+        let id = agent.id.get_ref().clone();
+        let mut fallback_target = None;
+        let provider = agent.provider.get_ref().clone();
+        let kind = providers.get(&provider).map(ProviderConfig::kind);
+        if kind.is_none() {
+            let defined: Vec<&str> = providers.keys().map(String::as_str).collect();
+            self.error(
+                Some(agent.provider.span()),
+                field("provider"),
+                format!(
+                    "\"{provider}\" is not a defined provider; defined: {}",
+                    defined.join(", ")
+                ),
+            );
+        }
 
-            let max_tokens = match agent.max_tokens {
-                Some(m) if *m.get_ref() == 0 => {
-                    self.error(
-                        Some(m.span()),
-                        field("max_tokens"),
-                        "0 leaves no room for a reply; expected 1 or more".into(),
-                    );
-                    DEFAULT_MAX_TOKENS
-                }
-                Some(m) => m.into_inner(),
-                None => DEFAULT_MAX_TOKENS,
-            };
-
-            // Anthropic takes 0 to 1; OpenAI-compatible servers and sim 0 to 2.
-            let (top, whose) = match kind {
-                Some("anthropic") => (1.0, " for an anthropic provider"),
-                _ => (2.0, ""),
-            };
-            let temperature = match agent.temperature {
-                Some(t) if !(0.0..=top).contains(t.get_ref()) => {
-                    self.error(
-                        Some(t.span()),
-                        field("temperature"),
-                        format!(
-                            "{} is out of range{whose}; expected 0.0 to {top:.1}",
-                            t.get_ref()
-                        ),
-                    );
-                    None
-                }
-                t => t.map(Spanned::into_inner),
-            };
-
-            // The agent's own setting wins over its provider's. Only Anthropic's cache
-            // is opt-in; OpenAI-compatible servers cache long prompts on their own.
-            let prompt_cache = match (&agent.prompt_cache, providers.get(&provider)) {
-                (Some(p), Some(ProviderConfig::Anthropic(_))) => *p.get_ref(),
-                (Some(p), Some(other)) if *p.get_ref() => {
+        let prompt = match agent.prompt {
+            None => PromptTemplate::new(PromptTemplate::PLACEHOLDER),
+            Some(p) => {
+                let template = PromptTemplate::new(p.get_ref().clone());
+                if template.is_none() {
                     self.error(
                         Some(p.span()),
-                        field("prompt_cache"),
-                        format!(
-                            "applies to anthropic providers only, and \"{provider}\" is {} {} provider{}; remove it",
-                            if other.kind() == "openai" { "an" } else { "a" },
-                            other.kind(),
-                            if other.kind() == "openai" {
-                                " (OpenAI-compatible servers cache long prompts without being asked)"
-                            } else {
-                                ""
-                            }
-                        ),
+                        field("prompt"),
+                        "the template never uses the query; put {query} where it belongs, e.g. \"Summarise: {query}\"".into(),
                     );
-                    false
                 }
-                (None, Some(ProviderConfig::Anthropic(http))) => http.prompt_cache,
-                _ => false,
-            };
+                template
+            }
+        };
 
-            let policy = CallPolicy {
-                retry: self.retry(agent.retry.as_ref(), &defaults.retry, &field("retry")),
-                attempt_timeout: self.attempt_timeout(
-                    agent.attempt_timeout.as_ref(),
-                    defaults.attempt_timeout,
-                    &field("attempt_timeout"),
-                ),
-            };
+        let model = match agent.model {
+            Some(m) if m.get_ref().trim().is_empty() => {
+                self.error(
+                    Some(m.span()),
+                    field("model"),
+                    "is empty; name the model to ask for".into(),
+                );
+                String::new()
+            }
+            Some(m) => m.into_inner(),
+            None if kind == Some("sim") || kind.is_none() => SIM_DEFAULT_MODEL.to_owned(),
+            None => {
+                self.error(
+                    Some(agent.id.span()),
+                    field("model"),
+                    "is missing; name the model this agent asks for".into(),
+                );
+                String::new()
+            }
+        };
 
-            let fallback = match agent.fallback {
-                None => None,
-                Some(f) => {
-                    let span = f.span();
-                    match f.into_inner() {
-                        super::raw::RawFallback {
-                            agent: Some(target),
-                            text: None,
-                        } => {
-                            fallbacks.push((i, target.get_ref().clone(), target.span()));
-                            Some(FallbackConfig::Agent(target.into_inner()))
+        let max_tokens = match agent.max_tokens {
+            Some(m) if *m.get_ref() == 0 => {
+                self.error(
+                    Some(m.span()),
+                    field("max_tokens"),
+                    "0 leaves no room for a reply; expected 1 or more".into(),
+                );
+                DEFAULT_MAX_TOKENS
+            }
+            Some(m) => m.into_inner(),
+            None => DEFAULT_MAX_TOKENS,
+        };
+
+        // Anthropic takes 0 to 1; OpenAI-compatible servers and sim 0 to 2.
+        let (top, whose) = match kind {
+            Some("anthropic") => (1.0, " for an anthropic provider"),
+            _ => (2.0, ""),
+        };
+        let temperature = match agent.temperature {
+            Some(t) if !(0.0..=top).contains(t.get_ref()) => {
+                self.error(
+                    Some(t.span()),
+                    field("temperature"),
+                    format!(
+                        "{} is out of range{whose}; expected 0.0 to {top:.1}",
+                        t.get_ref()
+                    ),
+                );
+                None
+            }
+            t => t.map(Spanned::into_inner),
+        };
+
+        // The agent's own setting wins over its provider's. Only Anthropic's cache is
+        // opt-in; OpenAI-compatible servers cache long prompts on their own.
+        let prompt_cache = match (&agent.prompt_cache, providers.get(&provider)) {
+            (Some(p), Some(ProviderConfig::Anthropic(_))) => *p.get_ref(),
+            (Some(p), Some(other)) if *p.get_ref() => {
+                self.error(
+                    Some(p.span()),
+                    field("prompt_cache"),
+                    format!(
+                        "applies to anthropic providers only, and \"{provider}\" is {} {} provider{}; remove it",
+                        if other.kind() == "openai" { "an" } else { "a" },
+                        other.kind(),
+                        if other.kind() == "openai" {
+                            " (OpenAI-compatible servers cache long prompts without being asked)"
+                        } else {
+                            ""
                         }
-                        super::raw::RawFallback {
-                            agent: None,
-                            text: Some(text),
-                        } => Some(FallbackConfig::Text(text)),
-                        _ => {
-                            self.error(
-                                Some(span),
-                                field("fallback"),
-                                "expected exactly one of `agent` or `text`, e.g. fallback = { agent = \"backup\" } or fallback = { text = \"No answer available.\" }".into(),
-                            );
-                            None
-                        }
+                    ),
+                );
+                false
+            }
+            (None, Some(ProviderConfig::Anthropic(http))) => http.prompt_cache,
+            _ => false,
+        };
+
+        let policy = CallPolicy {
+            retry: self.retry(agent.retry.as_ref(), &defaults.retry, &field("retry")),
+            attempt_timeout: self.attempt_timeout(
+                agent.attempt_timeout.as_ref(),
+                defaults.attempt_timeout,
+                &field("attempt_timeout"),
+            ),
+        };
+
+        let fallback = match agent.fallback {
+            None => None,
+            Some(f) => {
+                let span = f.span();
+                match f.into_inner() {
+                    super::raw::RawFallback {
+                        agent: Some(target),
+                        text: None,
+                    } => {
+                        fallback_target = Some((target.get_ref().clone(), target.span()));
+                        Some(FallbackConfig::Agent(target.into_inner()))
+                    }
+                    super::raw::RawFallback {
+                        agent: None,
+                        text: Some(text),
+                    } => Some(FallbackConfig::Text(text)),
+                    _ => {
+                        self.error(
+                            Some(span),
+                            field("fallback"),
+                            "expected exactly one of `agent` or `text`, e.g. fallback = { agent = \"backup\" } or fallback = { text = \"No answer available.\" }".into(),
+                        );
+                        None
                     }
                 }
-            };
+            }
+        };
 
-            agents.push(AgentConfig {
-                role: agent.role.unwrap_or_else(|| id.clone()),
-                id,
-                system: agent.system,
-                prompt: prompt
-                    .unwrap_or_else(|| PromptTemplate(PromptTemplate::PLACEHOLDER.into())),
-                provider,
-                model,
-                max_tokens,
-                temperature,
-                stop_sequences: agent.stop_sequences,
-                stream: agent.stream,
-                prompt_cache,
-                policy,
-                fallback,
-                standby: agent.standby,
-            });
-        }
-        self.check_fallbacks(&agents, &fallbacks, span);
-        agents
+        let config = AgentConfig {
+            role: agent.role.unwrap_or_else(|| id.clone()),
+            id: id.clone(),
+            system: agent.system,
+            prompt: prompt.unwrap_or_else(|| PromptTemplate(PromptTemplate::PLACEHOLDER.into())),
+            provider,
+            model,
+            max_tokens,
+            temperature,
+            stop_sequences: agent.stop_sequences,
+            stream: agent.stream,
+            prompt_cache,
+            policy,
+            fallback,
+            standby: agent.standby,
+        };
+        (config, fallback_target)
     }
 
     /// Fallback targets exist, chains end, and every standby agent is someone's fallback.
@@ -1151,6 +1291,7 @@ impl Validator<'_> {
         agents: &[AgentConfig],
         fallbacks: &[(usize, String, Range<usize>)],
         span: Range<usize>,
+        synthesizer_fallback: Option<&str>,
     ) {
         let index: BTreeMap<&str, usize> = agents
             .iter()
@@ -1208,6 +1349,7 @@ impl Validator<'_> {
         }
         for (i, agent) in agents.iter().enumerate() {
             if agent.standby
+                && synthesizer_fallback != Some(agent.id.as_str())
                 && !agents
                     .iter()
                     .any(|a| a.fallback == Some(FallbackConfig::Agent(agent.id.clone())))

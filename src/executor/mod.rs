@@ -58,6 +58,19 @@ pub struct AgentTask {
     pub budget: Option<Arc<RetryBudget>>,
     /// What to do when the call fails for good.
     pub fallback: Option<Fallback>,
+    /// A sub-agent's call, or the synthesis after the fan-out (which logs
+    /// `synthesis.start` / `synthesis.finish` instead of `agent.*`).
+    pub kind: TaskKind,
+}
+
+/// What a task is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TaskKind {
+    /// A sub-agent of the fan-out.
+    #[default]
+    Agent,
+    /// The call that merges the replies.
+    Synthesis,
 }
 
 impl AgentTask {
@@ -78,6 +91,7 @@ impl AgentTask {
             lane: None,
             budget: None,
             fallback: None,
+            kind: TaskKind::Agent,
         }
     }
 
@@ -110,6 +124,12 @@ impl AgentTask {
         self.fallback = Some(fallback);
         self
     }
+
+    /// Marks the task as a sub-agent's call or the synthesis.
+    pub fn with_kind(mut self, kind: TaskKind) -> Self {
+        self.kind = kind;
+        self
+    }
 }
 
 /// What stands in for an agent whose call failed for good.
@@ -139,6 +159,24 @@ pub enum AgentEvent {
     },
     /// An agent finished: its outcome, as it will appear in the response.
     Done(Box<AgentOutcome>),
+    /// The fan-out is over and the synthesis starts on this provider and model.
+    SynthesisStart {
+        /// The provider's configured name.
+        provider: String,
+        /// The model.
+        model: String,
+    },
+    /// A piece of the synthesized answer, as the model writes it. Text of an earlier
+    /// attempt (or model) that then failed is superseded: a delta with a new
+    /// `attempt` or `model` starts the answer over.
+    SynthesisDelta {
+        /// The attempt writing it (1 for the first).
+        attempt: u32,
+        /// The model writing it (the synthesizer's, or its fallback's).
+        model: String,
+        /// The new text.
+        text: String,
+    },
 }
 
 /// Where live events go. Sending never blocks; a closed receiver is ignored.
@@ -285,6 +323,7 @@ impl Executor {
                 model = %task.request.model,
             );
             pending.push(Pending {
+                kind: task.kind,
                 agent_id: task.agent_id.clone(),
                 provider: task.provider_name.clone(),
                 model: task.request.model.clone(),
@@ -437,6 +476,7 @@ impl Executor {
 
 /// The executor's record of a task, kept to build an outcome if the task never returns.
 struct Pending {
+    kind: TaskKind,
     agent_id: String,
     provider: String,
     model: String,
@@ -520,7 +560,7 @@ impl Pending {
             },
             prices,
         );
-        log_finish(&outcome);
+        log_finish(&outcome, self.kind);
         outcome
     }
 
@@ -587,11 +627,22 @@ async fn run_agent(
     first_slot: Option<Permit>,
     queued: Duration,
 ) -> AgentOutcome {
-    tracing::debug!(
-        event = "agent.dispatch",
-        "dispatching agent {}",
-        task.agent_id
-    );
+    match task.kind {
+        TaskKind::Agent => tracing::debug!(
+            event = "agent.dispatch",
+            "dispatching agent {}",
+            task.agent_id
+        ),
+        TaskKind::Synthesis => tracing::info!(
+            event = "synthesis.start",
+            provider = %task.provider_name,
+            model = %task.request.model,
+            prompt_chars = task.request.prompt.len(),
+            "synthesis started on {}/{}",
+            task.provider_name,
+            task.request.model
+        ),
+    }
     let mut outcome = AgentOutcome {
         agent_id: task.agent_id.clone(),
         provider: task.provider_name.clone(),
@@ -702,14 +753,15 @@ async fn run_agent(
     outcome.cost_usd =
         spent.unwrap_or_else(|| executor.prices.cost(&outcome.model, &Usage::default()));
     outcome.latency = progress.dispatched.elapsed();
-    log_finish(&outcome);
+    log_finish(&outcome, task.kind);
     outcome
 }
 
 /// The one line that says how an agent ended: `agent.success`, `agent.failure` or
-/// `agent.timeout`, with its timings, so a timeline can be rebuilt from these lines
-/// alone (dispatch = finish − `latency_ms`).
-fn log_finish(o: &AgentOutcome) {
+/// `agent.timeout` (`synthesis.finish` for the synthesis, with its `status`), with its
+/// timings, so a timeline can be rebuilt from these lines alone (dispatch = finish −
+/// `latency_ms`).
+fn log_finish(o: &AgentOutcome, kind: TaskKind) {
     crate::telemetry::metrics::agent_finished(&crate::telemetry::metrics::AgentFinished {
         agent: &o.agent_id,
         provider: &o.provider,
@@ -722,6 +774,10 @@ fn log_finish(o: &AgentOutcome) {
     });
     let fallback = o.fallback.as_ref().map(|f| f.source.as_str());
     let cost_usd = o.cost_usd.map(crate::cost::round_usd);
+    if kind == TaskKind::Synthesis {
+        log_synthesis_finish(o, fallback);
+        return;
+    }
     match &o.error {
         None => tracing::info!(
             event = "agent.success",
@@ -779,6 +835,43 @@ fn log_finish(o: &AgentOutcome) {
             cost_usd,
             fallback,
             "agent {} failed: {error}", o.agent_id
+        ),
+    }
+}
+
+/// `synthesis.finish`: `info` when it succeeded, `warn` when the answer falls back to
+/// the concatenation.
+fn log_synthesis_finish(o: &AgentOutcome, fallback: Option<&str>) {
+    macro_rules! finish {
+        ($level:ident, $($message:tt)+) => {
+            tracing::$level!(
+                event = "synthesis.finish",
+                agent_id = %o.agent_id,
+                provider = %o.provider,
+                model = %o.model,
+                status = o.status.as_str(),
+                error.kind = o.error.as_ref().map(|e| e.kind.as_str()),
+                error.message = o.error.as_ref().map(|e| e.message.as_str()),
+                latency_ms = millis(o.latency),
+                queue_ms = millis(o.queue_wait),
+                pause_ms = (!o.paused.is_zero()).then(|| millis(o.paused)),
+                provider_ms = millis(o.provider_latency),
+                attempts = o.attempts,
+                retries = o.retries.len(),
+                input_tokens = o.usage.input_tokens,
+                output_tokens = o.usage.output_tokens,
+                cost_usd = o.cost_usd.map(crate::cost::round_usd),
+                fallback,
+                $($message)+
+            )
+        };
+    }
+    match &o.error {
+        None => finish!(info, "synthesis succeeded"),
+        Some(error) => finish!(
+            warn,
+            "synthesis {}: {error}; the answer is the replies laid end to end",
+            o.status
         ),
     }
 }

@@ -61,6 +61,9 @@ pub struct MockOptions {
     pub request_log: Option<PathBuf>,
     /// The account's rate and concurrency limits (none by default).
     pub limits: AccountLimits,
+    /// Keep each request's JSON body in its record (for tests that check what was
+    /// sent; off by default, as bodies can be large).
+    pub keep_bodies: bool,
 }
 
 impl Default for MockOptions {
@@ -76,6 +79,7 @@ impl Default for MockOptions {
             retry_after: Duration::from_secs(1),
             request_log: None,
             limits: AccountLimits::default(),
+            keep_bodies: false,
         }
     }
 }
@@ -122,6 +126,9 @@ pub struct RequestRecord {
     /// did; `fault` is then `rate_limited` or `overloaded`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limited_by: Option<&'static str>,
+    /// The request's JSON body, with [`MockOptions::keep_bodies`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<serde_json::Value>,
 }
 
 /// Most records kept in memory for [`MockUpstream::requests`].

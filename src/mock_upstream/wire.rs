@@ -58,6 +58,7 @@ pub(crate) async fn handle(
         traceparent: header(headers, "traceparent").map(str::to_owned),
         seen: 0,
         limited_by: None,
+        body: None,
     };
 
     // Authentication comes first, as on the real APIs.
@@ -116,6 +117,9 @@ pub(crate) async fn handle(
     }
     let model = request["model"].as_str().unwrap_or("").to_owned();
     record.model = Some(model.clone());
+    if options.keep_bodies {
+        record.body = Some(request.clone());
+    }
     record.stream = request["stream"].as_bool().unwrap_or(false);
     let prompt = prompt_text(&request);
     record.input_tokens = tokens(&prompt);

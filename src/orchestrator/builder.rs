@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{Concat, Inner, Orchestrator, PlannedAgent, Synthesizer};
-use crate::config::{Config, HttpProviderConfig, ProviderConfig};
+use super::{Concat, Inner, Orchestrator, PlannedAgent, PlannedSynthesis, Synthesizer};
+use crate::config::{AgentConfig, Config, FallbackConfig, HttpProviderConfig, ProviderConfig};
 use crate::executor::Executor;
 use crate::limits::{ConcurrencyLimit, FlowControl, Limiter};
 use crate::provider::{
@@ -147,7 +147,8 @@ impl OrchestratorBuilder {
             .unwrap_or_else(|| Arc::new(|name: &str| std::env::var(name).ok()));
         let mut providers = self.providers;
         // Only the providers some agent uses are built: an unused one needs no key.
-        for agent in &config.agents {
+        let synthesizer_agent = config.synthesizer.as_ref().map(|s| &s.agent);
+        for agent in config.agents.iter().chain(synthesizer_agent) {
             if providers.contains_key(&agent.provider) {
                 continue;
             }
@@ -171,8 +172,7 @@ impl OrchestratorBuilder {
             ))
         });
         let prices = Arc::new(config.price_table());
-        let mut agents = Vec::with_capacity(config.agents.len());
-        for agent in config.agents {
+        let planned = |agent: AgentConfig| -> Result<PlannedAgent, BuildError> {
             let Some(provider) = providers.get(&agent.provider) else {
                 let mut defined: Vec<_> = providers.keys().cloned().collect();
                 defined.sort();
@@ -182,15 +182,36 @@ impl OrchestratorBuilder {
                     defined: defined.join(", "),
                 });
             };
-            agents.push(PlannedAgent {
+            Ok(PlannedAgent {
                 provider: Arc::clone(provider),
                 policy: Arc::new(agent.policy.clone()),
                 breaker: resilience.breaker(&agent.provider, &agent.model),
                 budget: resilience.budget(&agent.provider, &agent.model),
                 lane: flow.lane(&agent.provider, &agent.model),
                 config: agent,
-            });
-        }
+            })
+        };
+        let agents = config
+            .agents
+            .into_iter()
+            .map(&planned)
+            .collect::<Result<Vec<_>, _>>()?;
+        let synthesis = match config.synthesizer {
+            Some(s) => {
+                let fallback = match &s.agent.fallback {
+                    Some(FallbackConfig::Agent(id)) => {
+                        agents.iter().position(|a| &a.config.id == id)
+                    }
+                    _ => None,
+                };
+                Some(PlannedSynthesis {
+                    agent: planned(s.agent)?,
+                    reserve: s.reserve,
+                    fallback,
+                })
+            }
+            None => None,
+        };
 
         let limiter = self
             .limiter
@@ -209,6 +230,7 @@ impl OrchestratorBuilder {
                 request_timeout: config.request_timeout,
                 min_successes: config.min_successes,
                 synthesizer: self.synthesizer.unwrap_or_else(|| Arc::new(Concat)),
+                synthesis,
             }),
         })
     }

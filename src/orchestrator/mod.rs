@@ -18,17 +18,19 @@ use tracing::Instrument;
 
 use crate::config::{AgentConfig, FallbackConfig};
 use crate::cost::PriceTable;
-use crate::executor::{AgentTask, Executor, Fallback};
+use crate::executor::{AgentEvent, AgentOutcome, AgentTask, Executor, Fallback, TaskKind};
 use crate::limits::{FlowControl, FlowLane, LaneSnapshot};
-use crate::provider::{CompletionRequest, Provider, RequestMeta};
+use crate::provider::{CompletionRequest, DeltaSink, Provider, RequestMeta};
 use crate::resilience::{BreakerSnapshot, BreakerState, CallPolicy, CircuitBreaker, RetryBudget};
 use crate::telemetry::{RequestId, TraceId};
 use crate::time::millis;
 
 pub use builder::{BuildError, OrchestratorBuilder};
-pub use request::{Request, RequestError};
+pub use request::{Request, RequestError, SynthesisParams};
 pub use response::{RequestUsage, Response, Summary, Timings};
-pub use synthesis::{Concat, Synthesizer};
+pub use synthesis::{
+    Concat, ConcatTag, Synthesis, SynthesisReport, SynthesisStatus, Synthesizer, render_replies,
+};
 
 /// Answers queries by fanning them out to sub-agents. Cheap to clone: clones share the
 /// agents, providers and limiter.
@@ -84,7 +86,20 @@ struct Inner {
     flow: Arc<FlowControl>,
     request_timeout: Duration,
     min_successes: usize,
+    /// Makes the answer without a model, or when the model's synthesis fails.
     synthesizer: Arc<dyn Synthesizer>,
+    /// The `[synthesizer]` model's call, if configured.
+    synthesis: Option<PlannedSynthesis>,
+}
+
+/// The synthesizer, planned like an agent.
+#[derive(Debug)]
+struct PlannedSynthesis {
+    agent: PlannedAgent,
+    /// Kept back from the fan-out for the synthesis.
+    reserve: Duration,
+    /// The agent whose provider and model take over when its call fails.
+    fallback: Option<usize>,
 }
 
 /// An agent with its provider resolved.
@@ -138,6 +153,7 @@ impl Orchestrator {
             .inner
             .agents
             .iter()
+            .chain(self.inner.synthesis.as_ref().map(|s| &s.agent))
             .map(|a| {
                 (
                     a.config.id.as_str(),
@@ -249,31 +265,58 @@ impl Orchestrator {
             "request started"
         );
 
+        // The synthesis's reserve comes off the fan-out's deadline (never more than
+        // half of a short one), so slow agents are cut in time for it.
+        let fan_out_deadline = match &inner.synthesis {
+            Some(s) => deadline
+                .checked_sub(s.reserve.min(timeout / 2))
+                .unwrap_or(deadline),
+            None => deadline,
+        };
         let tasks = selected
             .iter()
-            .map(|&i| plan(&inner.agents, i, &request.query, trace_id, 0))
+            .map(|&i| plan(&inner.agents, i, &request, trace_id, 0))
             .collect();
         let outcomes = inner
             .executor
-            .run_observed(tasks, deadline, &request.cancel, request.events.clone())
+            .run_observed(
+                tasks,
+                fan_out_deadline,
+                &request.cancel,
+                request.events.clone(),
+            )
             .await;
 
         let configs: Vec<&AgentConfig> =
             selected.iter().map(|&i| &inner.agents[i].config).collect();
-        let answer = inner
-            .synthesizer
-            .synthesize(&request.query, &configs, &outcomes)
-            .await;
+        let min_successes = inner.min_successes.min(outcomes.len());
+        let (answer, synthesis) = match &inner.synthesis {
+            Some(planned) => {
+                self.synthesize(planned, &request, trace_id, &configs, &outcomes, deadline)
+                    .await
+            }
+            None => (
+                inner
+                    .synthesizer
+                    .synthesize(&request.query, &configs, &outcomes)
+                    .await,
+                Synthesis::Concat(ConcatTag),
+            ),
+        };
 
-        let summary = Summary::of(&outcomes, inner.min_successes.min(outcomes.len()));
+        let summary = Summary::of(&outcomes, min_successes);
         let mut usage = RequestUsage::default();
         for o in &outcomes {
             usage.add(&o.usage, o.cost_usd);
+        }
+        if let Some(report) = synthesis.report() {
+            usage.add(&report.usage, report.cost_usd);
         }
         let timings = Timings {
             total: started.elapsed(),
             slowest_agent: outcomes.iter().map(|o| o.latency).max().unwrap_or_default(),
             sum_of_agents: outcomes.iter().map(|o| o.latency).sum(),
+            synthesis: synthesis.report().map(|r| r.latency),
         };
         let ok = summary.succeeded >= summary.min_successes;
         // Cancelled: the caller went away or the server stopped waiting. The outcomes
@@ -323,6 +366,7 @@ impl Orchestrator {
             ok,
             summary,
             outcomes,
+            synthesis,
             usage,
             timings,
             breakers,
@@ -330,51 +374,219 @@ impl Orchestrator {
     }
 }
 
-/// Agent `index`'s task for this query, with its chain of fallbacks. Config
+/// Agent `index`'s task for this request, with its chain of fallbacks. Config
 /// validation rules out loops; `depth` stops one anyway.
 fn plan(
     agents: &[PlannedAgent],
     index: usize,
-    query: &str,
+    request: &Request,
     trace_id: TraceId,
     depth: usize,
 ) -> AgentTask {
     let agent = &agents[index];
     let config = &agent.config;
-    let mut task = AgentTask::new(
-        config.id.clone(),
-        config.provider.clone(),
-        Arc::clone(&agent.provider),
+    let mut task = agent_task(
+        agent,
         CompletionRequest {
             model: config.model.clone(),
-            system: config.system.clone(),
-            prompt: config.prompt.render(query),
+            system: system_prompt(config.system.as_deref(), request.context.as_deref()),
+            history: Arc::clone(&request.history),
+            prompt: config.prompt.render(&request.query),
             max_tokens: config.max_tokens,
             temperature: config.temperature,
             stop_sequences: config.stop_sequences.clone(),
             stream: config.stream,
             prompt_cache: config.prompt_cache,
+            deltas: None,
             meta: RequestMeta {
                 trace_id: trace_id.to_string(),
                 agent_id: config.id.clone(),
                 attempt: 0,
             },
         },
-    )
-    .with_policy(Arc::clone(&agent.policy))
-    .with_breaker(Arc::clone(&agent.breaker))
-    .with_budget(Arc::clone(&agent.budget))
-    .with_lane(Arc::clone(&agent.lane));
+    );
     let fallback = match &config.fallback {
         Some(FallbackConfig::Text(text)) => Some(Fallback::Text(text.clone())),
         Some(FallbackConfig::Agent(id)) if depth < agents.len() => agents
             .iter()
             .position(|a| &a.config.id == id)
-            .map(|i| Fallback::Agent(Box::new(plan(agents, i, query, trace_id, depth + 1)))),
+            .map(|i| Fallback::Agent(Box::new(plan(agents, i, request, trace_id, depth + 1)))),
         _ => None,
     };
     if let Some(fallback) = fallback {
         task = task.with_fallback(fallback);
     }
     task
+}
+
+/// A planned agent's call of `request`, with its policy, breaker, budget and lane.
+fn agent_task(agent: &PlannedAgent, request: CompletionRequest) -> AgentTask {
+    AgentTask::new(
+        agent.config.id.clone(),
+        agent.config.provider.clone(),
+        Arc::clone(&agent.provider),
+        request,
+    )
+    .with_policy(Arc::clone(&agent.policy))
+    .with_breaker(Arc::clone(&agent.breaker))
+    .with_budget(Arc::clone(&agent.budget))
+    .with_lane(Arc::clone(&agent.lane))
+}
+
+/// An agent's system prompt followed by the conversation's instructions.
+fn system_prompt(own: Option<&str>, context: Option<&str>) -> Option<String> {
+    match (own, context) {
+        (Some(own), Some(context)) => Some(format!("{own}\n\n{context}")),
+        (own, context) => own.or(context).map(str::to_owned),
+    }
+}
+
+impl Orchestrator {
+    /// The synthesizer's call after the fan-out, when enough agents succeeded: the
+    /// answer and its report. A failed, cut or skipped synthesis falls back to the
+    /// configured strategy (the concatenation) and says why.
+    async fn synthesize(
+        &self,
+        planned: &PlannedSynthesis,
+        request: &Request,
+        trace_id: TraceId,
+        configs: &[&AgentConfig],
+        outcomes: &[AgentOutcome],
+        deadline: Instant,
+    ) -> (String, Synthesis) {
+        let inner = &*self.inner;
+        let concat = || {
+            inner
+                .synthesizer
+                .synthesize(&request.query, configs, outcomes)
+        };
+        let config = &planned.agent.config;
+        let succeeded = outcomes.iter().filter(|o| o.succeeded()).count();
+        let needed = inner.min_successes.min(outcomes.len()).max(1);
+        let skipped = if request.cancel.is_cancelled() {
+            Some("the request was cancelled before the synthesis".to_owned())
+        } else if succeeded < needed {
+            Some(format!(
+                "{succeeded} of {} agents succeeded, fewer than the {needed} the synthesis needs (min_successes)",
+                outcomes.len()
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = skipped {
+            tracing::warn!(
+                event = "synthesis.skipped",
+                provider = %config.provider,
+                model = %config.model,
+                reason = %reason,
+                "synthesis skipped: {reason}; the answer is the replies laid end to end"
+            );
+            crate::telemetry::metrics::synthesis_finished("skipped");
+            let report = SynthesisReport::skipped(config, reason);
+            return (concat().await, Synthesis::Model(Box::new(report)));
+        }
+
+        let mut task = synthesis_task(planned, &inner.agents, request, trace_id, configs, outcomes);
+        if let Some(events) = &request.events {
+            let _ = events.send(AgentEvent::SynthesisStart {
+                provider: config.provider.clone(),
+                model: config.model.clone(),
+            });
+            if config.stream {
+                let events = events.clone();
+                let sink = DeltaSink::new(move |delta| {
+                    let _ = events.send(AgentEvent::SynthesisDelta {
+                        attempt: delta.attempt,
+                        model: delta.model.to_owned(),
+                        text: delta.text.to_owned(),
+                    });
+                });
+                set_deltas(&mut task, &sink);
+            }
+        }
+        let outcome = inner
+            .executor
+            .run(vec![task], deadline, &request.cancel)
+            .await
+            .pop()
+            .expect("the executor returns one outcome per task");
+        let (text, report) = SynthesisReport::of(outcome);
+        crate::telemetry::metrics::synthesis_finished(report.status.as_str());
+        let answer = match text {
+            Some(text) => text,
+            None => concat().await,
+        };
+        (answer, Synthesis::Model(Box::new(report)))
+    }
+}
+
+/// The synthesizer's task: its prompt with the query and the rendered replies, the
+/// conversation, the caller's settings; its fallback agent (and that one's chain)
+/// with the same request on their own provider and model.
+fn synthesis_task(
+    planned: &PlannedSynthesis,
+    agents: &[PlannedAgent],
+    request: &Request,
+    trace_id: TraceId,
+    configs: &[&AgentConfig],
+    outcomes: &[AgentOutcome],
+) -> AgentTask {
+    let agent = &planned.agent;
+    let config = &agent.config;
+    let params = &request.synthesis;
+    let rendered = CompletionRequest {
+        model: config.model.clone(),
+        system: system_prompt(config.system.as_deref(), request.context.as_deref()),
+        history: Arc::clone(&request.history),
+        prompt: config
+            .prompt
+            .fill(&request.query, &render_replies(configs, outcomes)),
+        max_tokens: params.max_tokens.unwrap_or(config.max_tokens),
+        temperature: params.temperature.or(config.temperature),
+        stop_sequences: params
+            .stop
+            .clone()
+            .unwrap_or_else(|| config.stop_sequences.clone()),
+        stream: config.stream,
+        prompt_cache: config.prompt_cache,
+        deltas: None,
+        meta: RequestMeta {
+            trace_id: trace_id.to_string(),
+            agent_id: config.id.clone(),
+            attempt: 0,
+        },
+    };
+    let mut task = agent_task(agent, rendered.clone()).with_kind(TaskKind::Synthesis);
+    if let Some(index) = planned.fallback {
+        let mut fallback = plan(agents, index, request, trace_id, 0);
+        retarget(&mut fallback, &rendered);
+        task = task.with_fallback(Fallback::Agent(Box::new(fallback)));
+    }
+    task
+}
+
+/// Gives a fallback chain the synthesizer's request on each link's own model; a text
+/// fallback has no place in a synthesis (the concatenation stands in) and is dropped.
+fn retarget(task: &mut AgentTask, rendered: &CompletionRequest) {
+    let model = std::mem::take(&mut task.request.model);
+    let meta = std::mem::take(&mut task.request.meta);
+    task.request = CompletionRequest {
+        model,
+        meta,
+        ..rendered.clone()
+    };
+    task.kind = TaskKind::Synthesis;
+    match &mut task.fallback {
+        Some(Fallback::Agent(next)) => retarget(next, rendered),
+        Some(Fallback::Text(_)) => task.fallback = None,
+        None => {}
+    }
+}
+
+/// Sends the streamed text of every call in a task's chain to `sink`.
+fn set_deltas(task: &mut AgentTask, sink: &DeltaSink) {
+    task.request.deltas = Some(sink.clone());
+    if let Some(Fallback::Agent(next)) = &mut task.fallback {
+        set_deltas(next, sink);
+    }
 }

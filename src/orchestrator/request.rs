@@ -1,10 +1,12 @@
 //! `Request`: one query and how to run it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::EventSink;
+use crate::provider::Turn;
 use crate::telemetry::{RequestId, TraceId};
 
 /// A query with per-request options. Built with [`Request::new`] and the `with_*`
@@ -28,8 +30,29 @@ pub struct Request {
     pub cancel: CancellationToken,
     /// Run only these agents (by id, in config order); `None` runs them all.
     pub agents: Option<Vec<String>>,
-    /// Where to send live events (dispatch, retry, each outcome as it lands).
+    /// Where to send live events (dispatch, retry, each outcome as it lands, the
+    /// synthesized answer as it is written).
     pub events: Option<EventSink>,
+    /// Earlier turns of the conversation (a chat client's history), oldest first:
+    /// every agent and the synthesizer see them before their prompt.
+    pub history: Arc<[Turn]>,
+    /// The conversation's own instructions (a chat client's system messages): added
+    /// after each agent's and the synthesizer's system prompt.
+    pub context: Option<String>,
+    /// Settings for the synthesizer's call that the caller chose (a chat client's
+    /// `max_tokens`, `temperature`, `stop`).
+    pub synthesis: SynthesisParams,
+}
+
+/// A caller's settings for the synthesizer's call; unset ones keep the config's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SynthesisParams {
+    /// Upper bound on the answer's tokens.
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature.
+    pub temperature: Option<f32>,
+    /// Strings that end the answer.
+    pub stop: Option<Vec<String>>,
 }
 
 impl Request {
@@ -44,7 +67,24 @@ impl Request {
             cancel: CancellationToken::new(),
             agents: None,
             events: None,
+            history: Arc::from(Vec::new()),
+            context: None,
+            synthesis: SynthesisParams::default(),
         }
+    }
+
+    /// Gives every agent and the synthesizer the conversation so far: earlier turns,
+    /// and the conversation's instructions (added to each system prompt).
+    pub fn with_conversation(mut self, history: Vec<Turn>, context: Option<String>) -> Request {
+        self.history = Arc::from(history);
+        self.context = context.filter(|c| !c.trim().is_empty());
+        self
+    }
+
+    /// Sets the caller's settings for the synthesizer's call.
+    pub fn with_synthesis(mut self, params: SynthesisParams) -> Request {
+        self.synthesis = params;
+        self
     }
 
     /// Runs only these agents.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::Synthesis;
 use crate::executor::{AgentOutcome, OutcomeStatus};
 use crate::provider::Usage;
 use crate::resilience::BreakerSnapshot;
@@ -21,7 +22,7 @@ pub struct Response {
     pub request_id: RequestId,
     /// The query as asked.
     pub query: String,
-    /// The synthesized answer.
+    /// The answer: the synthesizer's, or the replies laid end to end.
     pub answer: String,
     /// Whether at least `min_successes` agents succeeded.
     pub ok: bool,
@@ -29,7 +30,10 @@ pub struct Response {
     pub summary: Summary,
     /// One outcome per agent, in config order.
     pub outcomes: Vec<AgentOutcome>,
-    /// Tokens and US dollars summed over all agents.
+    /// How the answer was made: `"concat"`, or what the synthesizer's call did.
+    pub synthesis: Synthesis,
+    /// Tokens and US dollars summed over every call of the request, the synthesis's
+    /// included.
     pub usage: RequestUsage,
     /// Where the time went.
     pub timings: Timings,
@@ -155,6 +159,20 @@ pub struct Timings {
     /// All agents' latencies added up: what running them one after another would take.
     #[serde(rename = "sum_of_agents_ms", serialize_with = "as_millis")]
     pub sum_of_agents: Duration,
+    /// The synthesizer's call, when one ran.
+    #[serde(
+        rename = "synthesis_ms",
+        serialize_with = "as_millis_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub synthesis: Option<Duration>,
+}
+
+fn as_millis_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => as_millis(d, s),
+        None => s.serialize_none(),
+    }
 }
 
 impl Response {

@@ -7,6 +7,8 @@
 //! else by status. A stream is complete only at `message_stop`: a stream that ends
 //! sooner is an error, never a truncated success.
 
+use std::borrow::Cow;
+
 use tokio::time::Instant;
 
 use async_trait::async_trait;
@@ -76,7 +78,7 @@ pub(crate) fn endpoint(base: &str, path: &str) -> String {
 struct Body<'a> {
     model: &'a str,
     max_tokens: u32,
-    messages: [Message<'a>; 1],
+    messages: Vec<Message<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     system: Option<System<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -129,7 +131,32 @@ impl<'a> System<'a> {
 #[derive(Serialize)]
 struct Message<'a> {
     role: &'static str,
-    content: &'a str,
+    content: Cow<'a, str>,
+}
+
+/// The conversation as Anthropic takes it: the earlier turns, then the prompt, with
+/// turns of the same speaker in a row joined into one (the API alternates speakers).
+fn messages(request: &CompletionRequest) -> Vec<Message<'_>> {
+    let mut messages: Vec<Message<'_>> = Vec::with_capacity(request.history.len() + 1);
+    let turns = request
+        .history
+        .iter()
+        .map(|t| (t.role.as_str(), t.content.as_str()))
+        .chain(std::iter::once(("user", request.prompt.as_str())));
+    for (role, content) in turns {
+        match messages.last_mut() {
+            Some(last) if last.role == role => {
+                let joined = last.content.to_mut();
+                joined.push_str("\n\n");
+                joined.push_str(content);
+            }
+            _ => messages.push(Message {
+                role,
+                content: Cow::Borrowed(content),
+            }),
+        }
+    }
+    messages
 }
 
 #[async_trait]
@@ -143,10 +170,7 @@ impl Provider for AnthropicProvider {
         let body = Body {
             model: &request.model,
             max_tokens: request.max_tokens,
-            messages: [Message {
-                role: "user",
-                content: &request.prompt,
-            }],
+            messages: messages(request),
             system: System::of(request),
             temperature: request.temperature,
             stop_sequences: &request.stop_sequences,
@@ -183,7 +207,7 @@ impl Provider for AnthropicProvider {
             return Err(meta.apply(error_from_body(Some(status), &body)));
         }
         let mut completion = if request.stream && !http::is_json(&response) {
-            let mut state = StreamState::default();
+            let mut state = StreamState::for_request(request);
             http::read_sse(response, "message_stop", |e| state.on_event(e))
                 .await
                 .map_err(|e| meta.apply(e))?
@@ -342,10 +366,12 @@ pub(crate) fn error_from_body(status: Option<u16>, body: &[u8]) -> ProviderError
 
 /// What a stream has said so far.
 #[derive(Debug, Default)]
-pub(crate) struct StreamState {
+pub(crate) struct StreamState<'a> {
     text: String,
     stop_reason: Option<String>,
     usage: Usage,
+    /// The request whose reply this is, when its text is passed on as it arrives.
+    listener: Option<&'a CompletionRequest>,
 }
 
 #[derive(Deserialize)]
@@ -372,7 +398,15 @@ struct StreamDelta {
     stop_reason: Option<String>,
 }
 
-impl StreamState {
+impl<'a> StreamState<'a> {
+    /// The state of `request`'s stream, passing its text to the request's delta sink.
+    pub(crate) fn for_request(request: &'a CompletionRequest) -> Self {
+        StreamState {
+            listener: request.deltas.is_some().then_some(request),
+            ..StreamState::default()
+        }
+    }
+
     /// Takes one event; returns the completion at `message_stop`.
     pub(crate) fn on_event(
         &mut self,
@@ -401,6 +435,11 @@ impl StreamState {
                         return Err(http::too_big());
                     }
                     self.text.push_str(&text);
+                    if let Some(request) = self.listener
+                        && let Some(sink) = &request.deltas
+                    {
+                        sink.send(request, &text);
+                    }
                 }
             }
             "message_delta" => {

@@ -14,6 +14,7 @@ pub mod retry_after;
 mod sim;
 mod sse;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -35,6 +36,9 @@ pub struct CompletionRequest {
     pub model: String,
     /// The system prompt (the agent's role), if any.
     pub system: Option<String>,
+    /// Earlier turns of the conversation, oldest first, before [`Self::prompt`] (a chat
+    /// client's history). Shared by every agent of a request, so cheap to clone.
+    pub history: Arc<[Turn]>,
     /// The user message: the agent's prompt template with the query filled in.
     pub prompt: String,
     /// Upper bound on generated tokens.
@@ -48,8 +52,80 @@ pub struct CompletionRequest {
     /// Mark the system prompt as a prompt-cache breakpoint, for providers whose cache
     /// is opt-in (Anthropic): calls that share it then read it from the cache.
     pub prompt_cache: bool,
+    /// Where a streamed reply's text goes as it arrives, if anyone listens.
+    pub deltas: Option<DeltaSink>,
     /// Who is asking, for providers that propagate or key on it.
     pub meta: RequestMeta,
+}
+
+/// Who spoke a turn of the conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Speaker {
+    /// The person asking.
+    User,
+    /// The model.
+    Assistant,
+}
+
+impl Speaker {
+    /// The role's name on the wire (`user`, `assistant`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Speaker::User => "user",
+            Speaker::Assistant => "assistant",
+        }
+    }
+}
+
+/// One earlier turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Turn {
+    /// Who said it.
+    pub role: Speaker,
+    /// What was said.
+    pub content: String,
+}
+
+/// A piece of a streamed reply, as it arrives.
+#[derive(Debug, Clone, Copy)]
+pub struct Delta<'a> {
+    /// The attempt it belongs to (from [`RequestMeta::attempt`]): text from an attempt
+    /// that then failed is superseded by the next attempt's.
+    pub attempt: u32,
+    /// The model that is writing it.
+    pub model: &'a str,
+    /// The new text.
+    pub text: &'a str,
+}
+
+/// Receives a streamed reply's text as it arrives. Called on the provider's task:
+/// it must not block.
+#[derive(Clone)]
+pub struct DeltaSink(Arc<dyn Fn(Delta<'_>) + Send + Sync>);
+
+impl DeltaSink {
+    /// A sink calling `f` with each piece.
+    pub fn new(f: impl Fn(Delta<'_>) + Send + Sync + 'static) -> Self {
+        DeltaSink(Arc::new(f))
+    }
+
+    /// Passes one piece of `request`'s reply on.
+    pub fn send(&self, request: &CompletionRequest, text: &str) {
+        if !text.is_empty() {
+            (self.0)(Delta {
+                attempt: request.meta.attempt,
+                model: &request.model,
+                text,
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for DeltaSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeltaSink")
+    }
 }
 
 /// Context a provider may propagate (e.g. as a `traceparent` header) or key on.

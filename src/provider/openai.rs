@@ -109,13 +109,17 @@ impl Provider for OpenAiProvider {
 
     async fn complete(&self, request: &CompletionRequest) -> Result<Completion, ProviderError> {
         let started = Instant::now();
-        let mut messages = Vec::with_capacity(2);
+        let mut messages = Vec::with_capacity(request.history.len() + 2);
         if let Some(system) = &request.system {
             messages.push(Message {
                 role: "system",
                 content: system,
             });
         }
+        messages.extend(request.history.iter().map(|turn| Message {
+            role: turn.role.as_str(),
+            content: &turn.content,
+        }));
         messages.push(Message {
             role: "user",
             content: &request.prompt,
@@ -163,7 +167,7 @@ impl Provider for OpenAiProvider {
             return Err(meta.apply(error_from_body(Some(status), &body)));
         }
         let mut completion = if request.stream && !http::is_json(&response) {
-            let mut state = StreamState::default();
+            let mut state = StreamState::for_request(request);
             http::read_sse(response, "[DONE]", |e| state.on_event(e))
                 .await
                 .map_err(|e| meta.apply(e))?
@@ -319,13 +323,23 @@ pub(crate) fn error_from_body(status: Option<u16>, body: &[u8]) -> ProviderError
 
 /// What a stream has said so far.
 #[derive(Debug, Default)]
-pub(crate) struct StreamState {
+pub(crate) struct StreamState<'a> {
     text: String,
     finish_reason: Option<String>,
     usage: Usage,
+    /// The request whose reply this is, when its text is passed on as it arrives.
+    listener: Option<&'a CompletionRequest>,
 }
 
-impl StreamState {
+impl<'a> StreamState<'a> {
+    /// The state of `request`'s stream, passing its text to the request's delta sink.
+    pub(crate) fn for_request(request: &'a CompletionRequest) -> Self {
+        StreamState {
+            listener: request.deltas.is_some().then_some(request),
+            ..StreamState::default()
+        }
+    }
+
     /// Takes one event; returns the completion at `[DONE]`.
     pub(crate) fn on_event(
         &mut self,
@@ -358,6 +372,11 @@ impl StreamState {
                     return Err(http::too_big());
                 }
                 self.text.push_str(&text);
+                if let Some(request) = self.listener
+                    && let Some(sink) = &request.deltas
+                {
+                    sink.send(request, &text);
+                }
             }
             if let Some(reason) = choice.finish_reason {
                 self.finish_reason = Some(reason);

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use super::{
     Account, AccountLimits, AccountRejection, AccountState, Completion, CompletionRequest,
-    ErrorKind, LimitedBy, Provider, ProviderError, RateLimits, Usage,
+    DeltaSink, ErrorKind, LimitedBy, Provider, ProviderError, RateLimits, Usage,
 };
 
 /// How a [`SimProvider`] behaves.
@@ -265,6 +265,11 @@ impl Provider for SimProvider {
         let mut rng = self.rng_for(request);
         let started = tokio::time::Instant::now();
         let input_tokens = estimate_tokens(request.system.as_deref().unwrap_or(""))
+            + request
+                .history
+                .iter()
+                .map(|t| estimate_tokens(&t.content))
+                .sum::<u64>()
             + estimate_tokens(&request.prompt);
         // Held until the reply: the account counts the call in progress.
         let admitted = match &self.account {
@@ -281,14 +286,29 @@ impl Provider for SimProvider {
             }
             return Err(fault.error(self.options.faults.retry_after));
         }
-        tokio::time::sleep(latency).await;
+        let mut text = reply_text(request, &mut rng);
+        // Like a model, it stops at max_tokens (about four characters a token).
+        let cut = usize::try_from(u64::from(request.max_tokens) * 4).unwrap_or(usize::MAX);
+        let stop_reason = if text.len() > cut {
+            let mut end = cut;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            "max_tokens"
+        } else {
+            "end_turn"
+        };
+        match &request.deltas {
+            Some(sink) if request.stream => stream(sink, request, &text, latency).await,
+            _ => tokio::time::sleep(latency).await,
+        }
         let latency = started.elapsed();
 
-        let text = reply_text(request, &mut rng);
         let output_tokens = estimate_tokens(&text).min(u64::from(request.max_tokens));
         Ok(Completion {
             text,
-            stop_reason: Some("end_turn".to_owned()),
+            stop_reason: Some(stop_reason.to_owned()),
             usage: Usage {
                 input_tokens,
                 output_tokens,
@@ -346,10 +366,44 @@ const OBSERVATIONS: &[&str] = &[
     "The strongest counter-argument concerns team familiarity and hiring.",
 ];
 
-/// A short reply that says plainly it is simulated and echoes whose turn it was.
+/// Sends `text` to `sink` the way a model writes: the first words after a quarter of
+/// `latency` (time to first token), the rest spread evenly over what remains.
+async fn stream(sink: &DeltaSink, request: &CompletionRequest, text: &str, latency: Duration) {
+    let pieces: Vec<&str> = text.split_inclusive(' ').collect();
+    let first_token = latency / 4;
+    tokio::time::sleep(first_token).await;
+    let n = u32::try_from(pieces.len()).unwrap_or(u32::MAX).max(1);
+    let gap = latency.saturating_sub(first_token) / n;
+    for (i, piece) in pieces.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(gap).await;
+        }
+        sink.send(request, piece);
+    }
+    tokio::time::sleep(gap).await;
+}
+
+/// A short reply that says plainly it is simulated and echoes whose turn it was. A
+/// prompt that holds agents' replies (`<reply agent="…"`, as the synthesizer renders
+/// them) gets a merge that names them.
 fn reply_text(request: &CompletionRequest, rng: &mut SmallRng) -> String {
     let first = rng.random_range(0..OBSERVATIONS.len());
     let second = (first + 1 + rng.random_range(0..OBSERVATIONS.len() - 1)) % OBSERVATIONS.len();
+    let merged: Vec<&str> = request
+        .prompt
+        .split(REPLY_TAG)
+        .skip(1)
+        .filter_map(|rest| rest.split_once('"').map(|(id, _)| id))
+        .collect();
+    if !merged.is_empty() {
+        return format!(
+            "[simulated synthesis by {model}] Merging the replies of {}: {} {}",
+            merged.join(", "),
+            OBSERVATIONS[first],
+            OBSERVATIONS[second],
+            model = request.model,
+        );
+    }
     let topic: String = request.prompt.chars().take(80).collect();
     let ellipsis = if request.prompt.chars().count() > 80 {
         "…"
@@ -363,6 +417,9 @@ fn reply_text(request: &CompletionRequest, rng: &mut SmallRng) -> String {
         model = request.model,
     )
 }
+
+/// How the synthesizer's prompt opens each agent's reply.
+const REPLY_TAG: &str = "<reply agent=\"";
 
 /// About four characters per token, the usual rule of thumb for English text.
 fn estimate_tokens(text: &str) -> u64 {
@@ -414,6 +471,7 @@ mod tests {
                 agent_id: agent.into(),
                 attempt,
             },
+            ..CompletionRequest::default()
         }
     }
 

@@ -1,6 +1,7 @@
 //! `POST /v1/orchestrate`: a query in, the same JSON as `metaorch run --format json`
 //! out; or, with `Accept: text/event-stream`, the request's progress as server-sent
-//! events (`agent.dispatch`, `agent.retry`, `agent.done`, then `result`).
+//! events (`agent.dispatch`, `agent.retry`, `agent.done`, `synthesis.start`,
+//! `synthesis.delta` as the answer is written, then `result`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -179,6 +180,18 @@ fn sse_event(event: &AgentEvent) -> Event {
         AgentEvent::Done(outcome) => (
             "agent.done",
             serde_json::to_value(redact::outcome(outcome)).unwrap_or_default(),
+        ),
+        AgentEvent::SynthesisStart { provider, model } => (
+            "synthesis.start",
+            json!({ "provider": provider, "model": model }),
+        ),
+        AgentEvent::SynthesisDelta {
+            attempt,
+            model,
+            text,
+        } => (
+            "synthesis.delta",
+            json!({ "attempt": attempt, "model": model, "text": text }),
         ),
     };
     Event::default().event(name).data(data.to_string())

@@ -14,6 +14,7 @@ use std::borrow::Cow;
 
 use crate::Response;
 use crate::executor::{AgentOutcome, FailureKind, OutcomeError};
+use crate::orchestrator::Synthesis;
 use crate::provider::ErrorKind;
 
 /// The most characters of metaorch's own description kept for a client.
@@ -31,6 +32,15 @@ pub(super) fn response(mut response: Response) -> Response {
             }
         }
         if let Some(fallback) = &mut outcome.fallback {
+            redact(&mut fallback.primary_error);
+        }
+    }
+    if let Synthesis::Model(report) = &mut response.synthesis {
+        if let Some(error) = &mut report.error {
+            redact(error);
+            report.reason = Some(format!("the synthesis {}: {error}", report.status.as_str()));
+        }
+        if let Some(fallback) = &mut report.model_fallback {
             redact(&mut fallback.primary_error);
         }
     }

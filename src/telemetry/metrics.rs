@@ -46,6 +46,10 @@ fn describe() {
         "metaorch_requests_total",
         "Requests finished, by outcome (ok: min_successes met; failed; cancelled: the client went away or the drain timed out)."
     );
+    describe_counter!(
+        "metaorch_synthesis_total",
+        "Synthesizer calls after the fan-out, by status (succeeded; failed, timed_out, skipped: the answer fell back to the replies laid end to end)."
+    );
     describe_gauge!(
         "metaorch_server_connections",
         "HTTP connections open, by kind (served; overflow: past max_connections, answering /healthz and 503)."
@@ -133,6 +137,9 @@ pub fn prime(agents: &[(&str, &str, &str)]) {
     for outcome in ["ok", "failed", "cancelled"] {
         counter!("metaorch_requests_total", "outcome" => outcome).absolute(0);
     }
+    for status in ["succeeded", "failed", "timed_out", "skipped"] {
+        counter!("metaorch_synthesis_total", "status" => status).absolute(0);
+    }
     let _ = histogram!("metaorch_request_duration_seconds");
     let _ = histogram!("metaorch_limiter_wait_seconds");
     for reason in [
@@ -215,6 +222,14 @@ pub(crate) fn request_finished(outcome: &'static str, duration: Duration) {
     }
     counter!("metaorch_requests_total", "outcome" => outcome).increment(1);
     histogram!("metaorch_request_duration_seconds").record(duration.as_secs_f64());
+}
+
+/// A synthesis ended (`succeeded`, `failed`, `timed_out`) or was `skipped`.
+pub(crate) fn synthesis_finished(status: &'static str) {
+    if !enabled() {
+        return;
+    }
+    counter!("metaorch_synthesis_total", "status" => status).increment(1);
 }
 
 /// One agent's end, in plain values: the metrics module sits below the executor and

@@ -340,6 +340,9 @@ pub struct AgentRow {
     /// Why it did not succeed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorRow>,
+    /// The synthesizer's call after the fan-out, not a sub-agent.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub synthesis: bool,
 }
 
 /// One retry of an agent.
@@ -549,6 +552,7 @@ impl Timeline {
                     refused: Vec::new(),
                     fallback: None,
                     error: None,
+                    synthesis: false,
                 }
             });
             row.end_ms = row.end_ms.max(t);
@@ -577,14 +581,18 @@ impl Timeline {
                         primary_error: text(&line["error.kind"]),
                     });
                 }
-                "agent.success" | "agent.failure" | "agent.timeout" | "agent.panic" => {
+                "synthesis.start" => row.synthesis = true,
+                "agent.success" | "agent.failure" | "agent.timeout" | "agent.panic"
+                | "synthesis.finish" => {
                     row.status = match event {
                         "agent.success" => "succeeded",
                         "agent.failure" => "failed",
                         "agent.timeout" => "timed_out",
+                        "synthesis.finish" => line["status"].as_str().unwrap_or("finished"),
                         _ => "panicked",
                     }
                     .to_owned();
+                    row.synthesis |= event == "synthesis.finish";
                     row.end_ms = t;
                     // The end line knows how long the agent ran: that places its start.
                     if let Some(latency) = line["latency_ms"].as_f64() {
@@ -605,7 +613,7 @@ impl Timeline {
                     if let Some(m) = line["model"].as_str() {
                         row.model = Some(m.to_owned());
                     }
-                    if event != "agent.success" {
+                    if event != "agent.success" && row.status != "succeeded" {
                         row.error = Some(ErrorRow {
                             kind: text(&line["error.kind"]),
                             status: line["status"].as_u64(),

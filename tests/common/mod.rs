@@ -4,6 +4,8 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -247,6 +249,7 @@ pub fn task(id: &str, provider: Arc<dyn Provider>) -> AgentTask {
                 agent_id: id.to_owned(),
                 attempt: 0,
             },
+            ..CompletionRequest::default()
         },
     )
 }
@@ -259,3 +262,22 @@ pub const SIX: [&str; 6] = [
     "fact-checker",
     "writer",
 ];
+
+/// The `metaorch` binary with `args`, run in `dir`, without the test's own `METAORCH_*`,
+/// `RUST_LOG` and provider variables: what is tested is only what the test sets.
+pub fn metaorch_command(dir: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_metaorch"));
+    command.args(args).current_dir(dir);
+    for (name, _) in std::env::vars_os() {
+        let leaks = name.to_str().is_some_and(|n| {
+            ["METAORCH_", "ANTHROPIC_", "OPENAI_"]
+                .iter()
+                .any(|p| n.starts_with(p))
+                || n == "RUST_LOG"
+        });
+        if leaks {
+            command.env_remove(name);
+        }
+    }
+    command
+}

@@ -266,6 +266,8 @@ fn http_provider(api: ApiArg, url: &str) -> Arc<dyn Provider> {
 fn orchestrator(args: &LimitsArgs, provider: Arc<dyn Provider>) -> anyhow::Result<Orchestrator> {
     let mut config = Config::embedded();
     config.concurrency_limit = (args.in_flight as usize).saturating_mul(6).max(1);
+    // The fan-out is measured: six calls a request, comparable across versions.
+    config.synthesizer = None;
     for agent in &mut config.agents {
         agent.provider = "bench".into();
         agent.model = "bench-model".into();

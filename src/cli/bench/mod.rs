@@ -147,7 +147,13 @@ fn setup(
     let mut config = Config::embedded();
     config.concurrency_limit = limit.max(1);
     config.request_timeout = Duration::from_secs(3600);
-    for agent in &mut config.agents {
+    // The fan-out is measured (six calls a request, comparable across versions),
+    // unless the synthesis is asked for too.
+    if !up.synthesize {
+        config.synthesizer = None;
+    }
+    let synthesizer = config.synthesizer.as_mut().map(|s| &mut s.agent);
+    for agent in config.agents.iter_mut().chain(synthesizer) {
         agent.provider = "bench".into();
         if !sim {
             agent.model = "bench-model".into();
@@ -167,11 +173,28 @@ fn setup(
         recorder,
         upstream: if sim {
             format!(
-                "sim, latency {:?}..{:?} × {} (seed {})",
-                min, max, up.time_scale, up.seed
+                "sim, latency {:?}..{:?} × {} (seed {}){}",
+                min,
+                max,
+                up.time_scale,
+                up.seed,
+                if up.synthesize {
+                    ", with synthesis"
+                } else {
+                    ""
+                }
             )
         } else {
-            format!("{} ({:?})", up.upstream, up.api)
+            format!(
+                "{} ({:?}){}",
+                up.upstream,
+                up.api,
+                if up.synthesize {
+                    ", with synthesis"
+                } else {
+                    ""
+                }
+            )
         },
         second: if sim {
             Duration::from_secs(1).mul_f64(up.time_scale)
