@@ -467,11 +467,18 @@ fn finish_reason(answer: &Answer) -> &'static str {
     }
 }
 
+/// OpenAI's usage object over every call of the request: `prompt_tokens` counts the
+/// whole prompt, cached parts included (`prompt_tokens_details.cached_tokens` says how
+/// many were read from a cache); `cost_usd` is metaorch's own addition.
 fn usage(answer: &Answer) -> Value {
+    let tokens = answer.usage.tokens();
+    let prompt = tokens.prompt_tokens();
     json!({
-        "prompt_tokens": answer.usage.input_tokens,
-        "completion_tokens": answer.usage.output_tokens,
-        "total_tokens": answer.usage.total_tokens()
+        "prompt_tokens": prompt,
+        "completion_tokens": tokens.output_tokens,
+        "total_tokens": prompt.saturating_add(tokens.output_tokens),
+        "prompt_tokens_details": {"cached_tokens": tokens.cache_read_input_tokens},
+        "cost_usd": answer.usage.cost_usd
     })
 }
 
