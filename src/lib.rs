@@ -13,6 +13,7 @@
 //!
 //! See [`Orchestrator`] for an example.
 
+pub mod cache;
 pub mod config;
 pub mod cost;
 pub mod executor;

@@ -91,6 +91,79 @@ pub struct Config {
     /// The model that merges the agents' replies into one answer (`[synthesizer]`);
     /// `None` lays the replies end to end (`concat`).
     pub synthesizer: Option<SynthesizerConfig>,
+    /// The response cache (`[cache]`); `None` caches nothing.
+    pub cache: Option<CacheConfig>,
+}
+
+/// `[cache]`: where successful replies are kept, and for how long.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    /// The store.
+    pub backend: CacheBackend,
+    /// How long a reply is kept.
+    pub ttl: Duration,
+    /// Prefix of every key in a shared store: instances with the same one share replies.
+    pub namespace: String,
+    /// The most one store operation may take (Redis); past it the call goes upstream.
+    pub timeout: Duration,
+    /// Whether agents that do not say (`cache = true|false`) are cached.
+    pub default: bool,
+}
+
+/// Where the cache keeps replies.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CacheBackend {
+    /// In this process, bounded.
+    Memory {
+        /// Most replies kept.
+        max_entries: u64,
+        /// Most bytes of replies kept.
+        max_bytes: u64,
+    },
+    /// In Redis, shared by every instance using the same `url` and namespace.
+    Redis {
+        /// `redis://` or `rediss://` (TLS), with credentials if any.
+        url: String,
+    },
+}
+
+impl CacheBackend {
+    /// `memory` or `redis`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CacheBackend::Memory { .. } => "memory",
+            CacheBackend::Redis { .. } => "redis",
+        }
+    }
+}
+
+impl CacheConfig {
+    /// How long replies are kept, unless configured.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+    /// Most replies in memory, unless configured.
+    pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
+    /// Most bytes in memory, unless configured.
+    pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
+    /// The key prefix, unless configured.
+    pub const DEFAULT_NAMESPACE: &'static str = "metaorch";
+    /// One store operation's limit, unless configured.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+}
+
+impl Default for CacheConfig {
+    /// In memory, an hour, every agent that does not say otherwise.
+    fn default() -> Self {
+        CacheConfig {
+            backend: CacheBackend::Memory {
+                max_entries: Self::DEFAULT_MAX_ENTRIES,
+                max_bytes: Self::DEFAULT_MAX_BYTES,
+            },
+            ttl: Self::DEFAULT_TTL,
+            namespace: Self::DEFAULT_NAMESPACE.to_owned(),
+            timeout: Self::DEFAULT_TIMEOUT,
+            default: true,
+        }
+    }
 }
 
 /// `[synthesizer]`: a call after the fan-out that merges the replies.
@@ -311,6 +384,9 @@ pub struct AgentConfig {
     pub fallback: Option<FallbackConfig>,
     /// A standby agent runs only as another agent's fallback, never on its own.
     pub standby: bool,
+    /// Whether its replies are cached: its own `cache`, else `[cache] default`; false
+    /// without a cache.
+    pub cache: bool,
 }
 
 /// An agent's fallback.

@@ -30,6 +30,7 @@ pub(crate) struct RawConfig {
     pub providers: BTreeMap<String, Spanned<RawProvider>>,
     pub agents: Option<Spanned<Vec<RawAgent>>>,
     pub synthesizer: Option<Spanned<RawSynthesizer>>,
+    pub cache: Option<Spanned<RawCache>>,
     /// `[prices."MODEL"]`, by model id.
     #[serde(default)]
     pub prices: BTreeMap<String, Spanned<RawPrice>>,
@@ -258,6 +259,7 @@ pub(crate) struct RawAgent {
     #[serde(default)]
     pub stream: bool,
     pub prompt_cache: Option<Spanned<bool>>,
+    pub cache: Option<bool>,
     pub attempt_timeout: Option<Spanned<RawTimeout>>,
     pub retry: Option<Spanned<RawRetry>>,
     pub fallback: Option<Spanned<RawFallback>>,
@@ -280,8 +282,23 @@ pub(crate) struct RawSynthesizer {
     pub stop_sequences: Vec<String>,
     pub stream: Option<bool>,
     pub prompt_cache: Option<Spanned<bool>>,
+    pub cache: Option<bool>,
     pub attempt_timeout: Option<Spanned<RawTimeout>>,
     pub retry: Option<Spanned<RawRetry>>,
     pub fallback: Option<Spanned<RawFallback>>,
     pub reserve: Option<Spanned<HumanDuration>>,
+}
+
+/// `[cache]`: the response cache.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCache {
+    pub backend: Option<Spanned<String>>,
+    pub ttl: Option<Spanned<HumanDuration>>,
+    pub max_entries: Option<Spanned<u64>>,
+    pub max_bytes: Option<Spanned<u64>>,
+    pub url: Option<Spanned<String>>,
+    pub namespace: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<HumanDuration>>,
+    pub default: Option<bool>,
 }

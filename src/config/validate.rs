@@ -15,7 +15,7 @@ use super::raw::{
     RawSynthesizer, RawTimeout, RawWindowKind,
 };
 use super::{
-    AgentConfig, Config, ConfigError, ConfigErrors, DEFAULT_CONCURRENCY_LIMIT, DEFAULT_MAX_TOKENS,
+    AgentConfig, CacheBackend, CacheConfig, Config, ConfigError, ConfigErrors, DEFAULT_CONCURRENCY_LIMIT, DEFAULT_MAX_TOKENS,
     DEFAULT_MIN_SUCCESSES, DEFAULT_REQUEST_TIMEOUT, EMBEDDED_DEFAULT, FallbackConfig,
     PromptTemplate, ProviderConfig, SynthesizerConfig,
 };
@@ -57,6 +57,7 @@ pub(super) fn parse_and_validate(text: &str, origin: &str) -> Result<Config, Con
         text,
         origin,
         errors: Vec::new(),
+        cache_default: false,
     };
     let config = v.config(raw);
     if v.errors.is_empty() {
@@ -70,6 +71,8 @@ struct Validator<'a> {
     text: &'a str,
     origin: &'a str,
     errors: Vec<ConfigError>,
+    /// `[cache] default`: whether agents that do not say are cached.
+    cache_default: bool,
 }
 
 impl Validator<'_> {
@@ -160,6 +163,8 @@ impl Validator<'_> {
             }
         }
         let default_agents_used = raw.agents.is_none();
+        let mut cache = raw.cache.map(|c| self.cache(c));
+        self.cache_default = cache.as_ref().is_some_and(|c| c.default);
         let agents = match raw.agents {
             Some(agents) if agents.get_ref().is_empty() => {
                 self.error(
@@ -189,6 +194,7 @@ impl Validator<'_> {
                 .into_iter()
                 .map(|a| AgentConfig {
                     policy: defaults.clone(),
+                    cache: self.cache_default,
                     ..a
                 })
                 .collect(),
@@ -205,6 +211,17 @@ impl Validator<'_> {
         let synthesizer = raw
             .synthesizer
             .map(|s| self.synthesizer(s, &providers, &defaults, &agents, request_timeout));
+        // An agent that asks for the cache gets one in memory, even without [cache].
+        let asked = agents
+            .iter()
+            .chain(synthesizer.as_ref().map(|s| &s.agent))
+            .any(|a| a.cache);
+        if cache.is_none() && asked {
+            cache = Some(CacheConfig {
+                default: false,
+                ..CacheConfig::default()
+            });
+        }
 
         let active = agents.iter().filter(|a| !a.standby).count();
         let min_successes = match raw.min_successes {
@@ -246,6 +263,7 @@ impl Validator<'_> {
             agents,
             prices,
             synthesizer,
+            cache,
         }
     }
 
@@ -1005,6 +1023,158 @@ impl Validator<'_> {
         agents
     }
 
+    /// `[cache]`: the backend and its keys, each bounded.
+    fn cache(&mut self, raw: Spanned<super::raw::RawCache>) -> CacheConfig {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let base = CacheConfig::default();
+        let backend_name = raw
+            .backend
+            .as_ref()
+            .map_or("memory", |b| b.get_ref().as_str());
+        let backend = match backend_name {
+            "memory" => {
+                if let Some(url) = &raw.url {
+                    self.error(
+                        Some(url.span()),
+                        "cache.url",
+                        "is for backend = \"redis\"; remove it, or set backend = \"redis\"".into(),
+                    );
+                }
+                let max_entries = match raw.max_entries {
+                    Some(n) if !(1..=100_000_000).contains(n.get_ref()) => {
+                        self.error(
+                            Some(n.span()),
+                            "cache.max_entries",
+                            format!("{} is out of range; expected 1 to 100000000", n.get_ref()),
+                        );
+                        CacheConfig::DEFAULT_MAX_ENTRIES
+                    }
+                    Some(n) => n.into_inner(),
+                    None => CacheConfig::DEFAULT_MAX_ENTRIES,
+                };
+                let max_bytes = match raw.max_bytes {
+                    Some(n) if !(1024..=(64 << 30)).contains(n.get_ref()) => {
+                        self.error(
+                            Some(n.span()),
+                            "cache.max_bytes",
+                            format!(
+                                "{} is out of range; expected 1024 (1 KiB) to 68719476736 (64 GiB)",
+                                n.get_ref()
+                            ),
+                        );
+                        CacheConfig::DEFAULT_MAX_BYTES
+                    }
+                    Some(n) => n.into_inner(),
+                    None => CacheConfig::DEFAULT_MAX_BYTES,
+                };
+                CacheBackend::Memory {
+                    max_entries,
+                    max_bytes,
+                }
+            }
+            "redis" => {
+                for (key, set) in [
+                    ("max_entries", raw.max_entries.as_ref().map(Spanned::span)),
+                    ("max_bytes", raw.max_bytes.as_ref().map(Spanned::span)),
+                ] {
+                    if let Some(at) = set {
+                        self.error(
+                            Some(at),
+                            format!("cache.{key}"),
+                            "bounds the memory backend; Redis bounds itself (its maxmemory), so remove it".into(),
+                        );
+                    }
+                }
+                match &raw.url {
+                    Some(url) => {
+                        let ok = reqwest::Url::parse(url.get_ref())
+                            .is_ok_and(|u| matches!(u.scheme(), "redis" | "rediss") && u.has_host());
+                        if !ok {
+                            self.error(
+                                Some(url.span()),
+                                "cache.url",
+                                "is not a Redis URL; expected redis://HOST:PORT[/DB] or rediss://… for TLS, e.g. \"redis://127.0.0.1:6379\"".into(),
+                            );
+                        }
+                        CacheBackend::Redis {
+                            url: url.get_ref().clone(),
+                        }
+                    }
+                    None => {
+                        self.error(
+                            Some(span.clone()),
+                            "cache.url",
+                            "is missing; backend = \"redis\" needs url = \"redis://HOST:PORT\"".into(),
+                        );
+                        CacheBackend::Redis { url: String::new() }
+                    }
+                }
+            }
+            other => {
+                let at = raw.backend.as_ref().map(Spanned::span);
+                self.error(
+                    at,
+                    "cache.backend",
+                    format!("\"{other}\" is not a cache backend; expected \"memory\" or \"redis\""),
+                );
+                base.backend.clone()
+            }
+        };
+        let ttl = match raw.ttl {
+            Some(t) if t.get_ref().0.is_zero() => {
+                self.error(
+                    Some(t.span()),
+                    "cache.ttl",
+                    "0 would keep nothing; give a positive duration such as \"1h\", or remove [cache]".into(),
+                );
+                base.ttl
+            }
+            Some(t) => t.into_inner().0,
+            None => base.ttl,
+        };
+        let timeout = match raw.timeout {
+            Some(t)
+                if t.get_ref().0.is_zero() || t.get_ref().0 > std::time::Duration::from_secs(10) =>
+            {
+                self.error(
+                    Some(t.span()),
+                    "cache.timeout",
+                    "is out of range; expected 1ms to 10s (a slow cache costs a call at most this)".into(),
+                );
+                base.timeout
+            }
+            Some(t) => t.into_inner().0,
+            None => base.timeout,
+        };
+        let namespace = match raw.namespace {
+            Some(n) => {
+                let ok = !n.get_ref().is_empty()
+                    && n.get_ref().len() <= 64
+                    && n
+                        .get_ref()
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+                if !ok {
+                    self.error(
+                        Some(n.span()),
+                        "cache.namespace",
+                        "expected 1 to 64 letters, digits, `-`, `_`, `.` or `:`".into(),
+                    );
+                }
+                n.into_inner()
+            }
+            None => base.namespace,
+        };
+        CacheConfig {
+            backend,
+            ttl,
+            namespace,
+            timeout,
+            default: raw.default.unwrap_or(true),
+        }
+    }
+
     /// `[synthesizer]`: checked as an agent with id `synthesizer`, plus its prompt (it
     /// must use `{replies}`), its fallback (an agent, whose provider and model take
     /// over) and its reserve (less than the request's deadline).
@@ -1098,6 +1268,7 @@ impl Validator<'_> {
             stop_sequences: raw.stop_sequences,
             stream: raw.stream.unwrap_or(true),
             prompt_cache: raw.prompt_cache,
+            cache: raw.cache,
             attempt_timeout: raw.attempt_timeout,
             retry: raw.retry,
             fallback,
@@ -1278,6 +1449,7 @@ impl Validator<'_> {
             stop_sequences: agent.stop_sequences,
             stream: agent.stream,
             prompt_cache,
+            cache: agent.cache.unwrap_or(self.cache_default),
             policy,
             fallback,
             standby: agent.standby,

@@ -165,6 +165,10 @@ impl Provider for AnthropicProvider {
         "anthropic"
     }
 
+    fn identity(&self) -> String {
+        format!("anthropic {}", self.url)
+    }
+
     async fn complete(&self, request: &CompletionRequest) -> Result<Completion, ProviderError> {
         let started = Instant::now();
         let body = Body {

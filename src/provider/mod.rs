@@ -161,7 +161,8 @@ pub struct Completion {
 /// Input is counted in three parts that add up to the prompt, as Anthropic reports it
 /// and each provider normalises to: tokens neither written to nor read from a prompt
 /// cache, tokens written to it, tokens read from it. Each part has its own price.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Usage {
     /// Input tokens read by the model, the cache's parts aside.
     pub input_tokens: u64,
@@ -216,6 +217,13 @@ impl Usage {
 pub trait Provider: Send + Sync + std::fmt::Debug {
     /// A short name for logs and outcomes, such as `sim` or `anthropic`.
     fn kind(&self) -> &'static str;
+
+    /// Who answers, for the response cache's key: the kind and where it is (its base
+    /// URL, its seed), never its credentials. Two providers with the same identity
+    /// answer the same request the same way.
+    fn identity(&self) -> String {
+        self.kind().to_owned()
+    }
 
     /// Performs one call. Never retries: a failure is classified and returned.
     async fn complete(&self, request: &CompletionRequest) -> Result<Completion, ProviderError>;

@@ -107,6 +107,10 @@ impl Provider for OpenAiProvider {
         "openai"
     }
 
+    fn identity(&self) -> String {
+        format!("openai {}", self.url)
+    }
+
     async fn complete(&self, request: &CompletionRequest) -> Result<Completion, ProviderError> {
         let started = Instant::now();
         let mut messages = Vec::with_capacity(request.history.len() + 2);

@@ -261,6 +261,10 @@ impl Provider for SimProvider {
         "sim"
     }
 
+    fn identity(&self) -> String {
+        format!("sim seed {}", self.seed)
+    }
+
     async fn complete(&self, request: &CompletionRequest) -> Result<Completion, ProviderError> {
         let mut rng = self.rng_for(request);
         let started = tokio::time::Instant::now();

@@ -47,6 +47,10 @@ fn describe() {
         "Requests finished, by outcome (ok: min_successes met; failed; cancelled: the client went away or the drain timed out)."
     );
     describe_counter!(
+        "metaorch_cache_requests_total",
+        "Response cache lookups, by result (hit: the store or an identical call in flight answered; miss; error: the store failed and the call went upstream uncached)."
+    );
+    describe_counter!(
         "metaorch_synthesis_total",
         "Synthesizer calls after the fan-out, by status (succeeded; failed, timed_out, skipped: the answer fell back to the replies laid end to end)."
     );
@@ -137,6 +141,9 @@ pub fn prime(agents: &[(&str, &str, &str)]) {
     for outcome in ["ok", "failed", "cancelled"] {
         counter!("metaorch_requests_total", "outcome" => outcome).absolute(0);
     }
+    for result in ["hit", "miss", "error"] {
+        counter!("metaorch_cache_requests_total", "result" => result).absolute(0);
+    }
     for status in ["succeeded", "failed", "timed_out", "skipped"] {
         counter!("metaorch_synthesis_total", "status" => status).absolute(0);
     }
@@ -222,6 +229,14 @@ pub(crate) fn request_finished(outcome: &'static str, duration: Duration) {
     }
     counter!("metaorch_requests_total", "outcome" => outcome).increment(1);
     histogram!("metaorch_request_duration_seconds").record(duration.as_secs_f64());
+}
+
+/// A cache lookup: `hit`, `miss` or `error`.
+pub(crate) fn cache_request(result: &'static str) {
+    if !enabled() {
+        return;
+    }
+    counter!("metaorch_cache_requests_total", "result" => result).increment(1);
 }
 
 /// A synthesis ended (`succeeded`, `failed`, `timed_out`) or was `skipped`.
