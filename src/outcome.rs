@@ -185,6 +185,9 @@ pub struct AgentOutcome {
     /// known price.
     #[serde(serialize_with = "crate::cost::as_usd")]
     pub cost_usd: Option<f64>,
+    /// The reply came from the response cache (or an identical call in flight): no
+    /// upstream call, no tokens, no cost.
+    pub cached: bool,
 }
 
 /// What a fallback did for an agent whose own call failed.

@@ -115,7 +115,9 @@ impl Flight {
     pub fn finish(mut self, result: FlightResult) {
         self.finished = true;
         self.flights.remove(&self.key, &self.shared);
-        self.shared.state.send_replace(State::Done(Arc::new(result)));
+        self.shared
+            .state
+            .send_replace(State::Done(Arc::new(result)));
     }
 }
 

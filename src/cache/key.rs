@@ -92,15 +92,40 @@ mod tests {
         let base = CacheKey::of("anthropic https://a", &request());
         assert_eq!(base, CacheKey::of("anthropic https://a", &request()));
         let variants: Vec<CompletionRequest> = vec![
-            CompletionRequest { model: "m2".into(), ..request() },
-            CompletionRequest { system: None, ..request() },
-            CompletionRequest { prompt: "p2".into(), ..request() },
-            CompletionRequest { max_tokens: 101, ..request() },
-            CompletionRequest { temperature: Some(0.6), ..request() },
-            CompletionRequest { temperature: None, ..request() },
-            CompletionRequest { stop_sequences: vec!["x".into()], ..request() },
             CompletionRequest {
-                history: vec![Turn { role: Speaker::User, content: "hi".into() }].into(),
+                model: "m2".into(),
+                ..request()
+            },
+            CompletionRequest {
+                system: None,
+                ..request()
+            },
+            CompletionRequest {
+                prompt: "p2".into(),
+                ..request()
+            },
+            CompletionRequest {
+                max_tokens: 101,
+                ..request()
+            },
+            CompletionRequest {
+                temperature: Some(0.6),
+                ..request()
+            },
+            CompletionRequest {
+                temperature: None,
+                ..request()
+            },
+            CompletionRequest {
+                stop_sequences: vec!["x".into()],
+                ..request()
+            },
+            CompletionRequest {
+                history: vec![Turn {
+                    role: Speaker::User,
+                    content: "hi".into(),
+                }]
+                .into(),
                 ..request()
             },
         ];
@@ -109,8 +134,16 @@ mod tests {
         }
         assert_ne!(base, CacheKey::of("anthropic https://b", &request()));
         // Fields cannot bleed into each other.
-        let a = CompletionRequest { system: Some("ab".into()), prompt: "c".into(), ..request() };
-        let b = CompletionRequest { system: Some("a".into()), prompt: "bc".into(), ..request() };
+        let a = CompletionRequest {
+            system: Some("ab".into()),
+            prompt: "c".into(),
+            ..request()
+        };
+        let b = CompletionRequest {
+            system: Some("a".into()),
+            prompt: "bc".into(),
+            ..request()
+        };
         assert_ne!(CacheKey::of("x", &a), CacheKey::of("x", &b));
     }
 

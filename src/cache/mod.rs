@@ -81,8 +81,12 @@ pub trait CacheStore: Send + Sync + fmt::Debug {
     async fn get(&self, key: &CacheKey) -> Result<Option<CachedReply>, CacheError>;
 
     /// Keeps `reply` under `key` for `ttl`.
-    async fn put(&self, key: &CacheKey, reply: &CachedReply, ttl: Duration)
-    -> Result<(), CacheError>;
+    async fn put(
+        &self,
+        key: &CacheKey,
+        reply: &CachedReply,
+        ttl: Duration,
+    ) -> Result<(), CacheError>;
 }
 
 /// The cache every request shares: a store, its time to live, and the calls in flight.

@@ -15,9 +15,9 @@ use super::raw::{
     RawSynthesizer, RawTimeout, RawWindowKind,
 };
 use super::{
-    AgentConfig, CacheBackend, CacheConfig, Config, ConfigError, ConfigErrors, DEFAULT_CONCURRENCY_LIMIT, DEFAULT_MAX_TOKENS,
-    DEFAULT_MIN_SUCCESSES, DEFAULT_REQUEST_TIMEOUT, EMBEDDED_DEFAULT, FallbackConfig,
-    PromptTemplate, ProviderConfig, SynthesizerConfig,
+    AgentConfig, CacheBackend, CacheConfig, Config, ConfigError, ConfigErrors,
+    DEFAULT_CONCURRENCY_LIMIT, DEFAULT_MAX_TOKENS, DEFAULT_MIN_SUCCESSES, DEFAULT_REQUEST_TIMEOUT,
+    EMBEDDED_DEFAULT, FallbackConfig, PromptTemplate, ProviderConfig, SynthesizerConfig,
 };
 use crate::limits::FlowConfig;
 use crate::provider::{ANTHROPIC_VERSION, MaxTokensField, ScriptedFault, SimFaults, SimOptions};
@@ -1088,8 +1088,9 @@ impl Validator<'_> {
                 }
                 match &raw.url {
                     Some(url) => {
-                        let ok = reqwest::Url::parse(url.get_ref())
-                            .is_ok_and(|u| matches!(u.scheme(), "redis" | "rediss") && u.has_host());
+                        let ok = reqwest::Url::parse(url.get_ref()).is_ok_and(|u| {
+                            matches!(u.scheme(), "redis" | "rediss") && u.has_host()
+                        });
                         if !ok {
                             self.error(
                                 Some(url.span()),
@@ -1105,7 +1106,8 @@ impl Validator<'_> {
                         self.error(
                             Some(span.clone()),
                             "cache.url",
-                            "is missing; backend = \"redis\" needs url = \"redis://HOST:PORT\"".into(),
+                            "is missing; backend = \"redis\" needs url = \"redis://HOST:PORT\""
+                                .into(),
                         );
                         CacheBackend::Redis { url: String::new() }
                     }
@@ -1135,12 +1137,14 @@ impl Validator<'_> {
         };
         let timeout = match raw.timeout {
             Some(t)
-                if t.get_ref().0.is_zero() || t.get_ref().0 > std::time::Duration::from_secs(10) =>
+                if t.get_ref().0.is_zero()
+                    || t.get_ref().0 > std::time::Duration::from_secs(10) =>
             {
                 self.error(
                     Some(t.span()),
                     "cache.timeout",
-                    "is out of range; expected 1ms to 10s (a slow cache costs a call at most this)".into(),
+                    "is out of range; expected 1ms to 10s (a slow cache costs a call at most this)"
+                        .into(),
                 );
                 base.timeout
             }
@@ -1151,8 +1155,7 @@ impl Validator<'_> {
             Some(n) => {
                 let ok = !n.get_ref().is_empty()
                     && n.get_ref().len() <= 64
-                    && n
-                        .get_ref()
+                    && n.get_ref()
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
                 if !ok {

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::cache::{CacheKey, CachedReply, Lookup, ResponseCache};
 use crate::cost::PriceTable;
 use crate::limits::{FlowLane, Limiter, Permit};
 use crate::provider::{Completion, CompletionRequest, Provider, Usage};
@@ -61,6 +62,17 @@ pub struct AgentTask {
     /// A sub-agent's call, or the synthesis after the fan-out (which logs
     /// `synthesis.start` / `synthesis.finish` instead of `agent.*`).
     pub kind: TaskKind,
+    /// The response cache its calls go through, if the agent is cached.
+    pub cache: Option<TaskCache>,
+}
+
+/// A task's way into the response cache.
+#[derive(Debug, Clone)]
+pub struct TaskCache {
+    /// The cache every request shares.
+    pub cache: ResponseCache,
+    /// Its provider's identity, part of every key (see [`Provider::identity`]).
+    pub identity: Arc<str>,
 }
 
 /// What a task is for.
@@ -92,6 +104,7 @@ impl AgentTask {
             budget: None,
             fallback: None,
             kind: TaskKind::Agent,
+            cache: None,
         }
     }
 
@@ -122,6 +135,12 @@ impl AgentTask {
     /// Falls back to this when the call fails for good.
     pub fn with_fallback(mut self, fallback: Fallback) -> Self {
         self.fallback = Some(fallback);
+        self
+    }
+
+    /// Answers its calls from `cache` when it can, and keeps their replies there.
+    pub fn with_cache(mut self, cache: TaskCache) -> Self {
+        self.cache = Some(cache);
         self
     }
 
@@ -321,6 +340,7 @@ impl Executor {
                 agent_id = %task.agent_id,
                 provider = %task.provider_name,
                 model = %task.request.model,
+                cache.hit = tracing::field::Empty,
             );
             pending.push(Pending {
                 kind: task.kind,
@@ -524,6 +544,7 @@ impl Pending {
             provider_latency: Duration::ZERO,
             usage: Usage::default(),
             cost_usd: prices.cost(&self.model, &Usage::default()),
+            cached: false,
         }
     }
 
@@ -660,9 +681,11 @@ async fn run_agent(
         provider_latency: Duration::ZERO,
         usage: Usage::default(),
         cost_usd: None,
+        cached: false,
     };
 
-    let report = executor.call(&task, deadline, &progress, first_slot).await;
+    let (report, cached) = executor.call(&task, deadline, &progress, first_slot).await;
+    outcome.cached = cached;
     let mut result = absorb(&mut outcome, report);
     // What the calls that returned a reply cost, each at its own model's price; `None`
     // until one does.
@@ -727,10 +750,11 @@ async fn run_agent(
                     provider = %target.provider_name,
                     model = %target.request.model,
                 );
-                let report = executor
+                let (report, cached) = executor
                     .call(&target, deadline, &progress, None)
                     .instrument(span)
                     .await;
+                outcome.cached = cached;
                 result = absorb(&mut outcome, report);
                 executor.price(&target, &result, &mut spent);
                 next = target.fallback;
@@ -798,6 +822,7 @@ fn log_finish(o: &AgentOutcome, kind: TaskKind) {
                 .then_some(o.usage.cache_read_input_tokens),
             cost_usd,
             fallback,
+            cached = o.cached.then_some(true),
             "agent {} succeeded", o.agent_id
         ),
         Some(error) if o.status == OutcomeStatus::TimedOut => tracing::warn!(
@@ -897,8 +922,64 @@ impl Executor {
         });
     }
 
-    /// One task's call (without its fallback) through the resilience policy.
+    /// One task's call (without its fallback): from the response cache when the task
+    /// is cached and the cache has it (or an identical call in flight gives it), else
+    /// through the resilience policy, keeping a successful reply. A hit takes no slot,
+    /// no rate and makes no upstream call. Says whether the result came from the cache.
     async fn call(
+        &self,
+        task: &AgentTask,
+        deadline: Instant,
+        progress: &Progress,
+        first_slot: Option<Permit>,
+    ) -> (CallReport, bool) {
+        let Some(cached) = &task.cache else {
+            return (
+                self.call_upstream(task, deadline, progress, first_slot)
+                    .await,
+                false,
+            );
+        };
+        let key = CacheKey::of(&cached.identity, &task.request);
+        let (result, source) = match cached.cache.lookup(&key).await {
+            Lookup::Miss(flight) => {
+                let report = self
+                    .call_upstream(task, deadline, progress, first_slot)
+                    .await;
+                let reply = report.result.as_ref().map(CachedReply::of);
+                if let Ok(reply) = &reply {
+                    cached.cache.store(&key, reply).await;
+                }
+                flight.finish(reply.map_err(Clone::clone));
+                return (report, false);
+            }
+            Lookup::Hit(reply) => (Ok(reply), cached.cache.store_name()),
+            Lookup::Shared(result) => ((*result).clone(), "in_flight"),
+        };
+        drop(first_slot);
+        tracing::Span::current().record("cache.hit", true);
+        let result = result.map(|reply| {
+            tracing::info!(
+                event = "agent.cache_hit",
+                source,
+                key = %key,
+                "agent {} answered from the cache ({source})",
+                task.agent_id
+            );
+            if let Some(sink) = &task.request.deltas {
+                sink.send(&task.request, &reply.text);
+            }
+            reply.completion()
+        });
+        let report = CallReport {
+            result,
+            ..CallReport::default()
+        };
+        (report, true)
+    }
+
+    /// One task's call (without its fallback) through the resilience policy.
+    async fn call_upstream(
         &self,
         task: &AgentTask,
         deadline: Instant,

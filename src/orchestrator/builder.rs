@@ -5,8 +5,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{Concat, Inner, Orchestrator, PlannedAgent, PlannedSynthesis, Synthesizer};
-use crate::config::{AgentConfig, Config, FallbackConfig, HttpProviderConfig, ProviderConfig};
+use crate::cache::{CacheStore, MemoryStore, ResponseCache};
+use crate::config::{
+    AgentConfig, CacheBackend, CacheConfig, Config, FallbackConfig, HttpProviderConfig,
+    ProviderConfig,
+};
 use crate::executor::Executor;
+use crate::executor::TaskCache;
 use crate::limits::{ConcurrencyLimit, FlowControl, Limiter};
 use crate::provider::{
     ANTHROPIC_BASE_URL, AnthropicOptions, AnthropicProvider, OPENAI_BASE_URL, OpenAiOptions,
@@ -34,6 +39,9 @@ pub struct OrchestratorBuilder {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum BuildError {
+    /// The configured cache backend is not in this build.
+    #[error("the {0} cache backend is not available in this build; use backend = \"memory\"")]
+    CacheBackend(String),
     /// The config has no agents.
     #[error("no agents are configured; add at least one [[agents]] table")]
     NoAgents,
@@ -172,6 +180,10 @@ impl OrchestratorBuilder {
             ))
         });
         let prices = Arc::new(config.price_table());
+        let cache = match &config.cache {
+            Some(c) => Some(response_cache(c)?),
+            None => None,
+        };
         let planned = |agent: AgentConfig| -> Result<PlannedAgent, BuildError> {
             let Some(provider) = providers.get(&agent.provider) else {
                 let mut defined: Vec<_> = providers.keys().cloned().collect();
@@ -188,6 +200,13 @@ impl OrchestratorBuilder {
                 breaker: resilience.breaker(&agent.provider, &agent.model),
                 budget: resilience.budget(&agent.provider, &agent.model),
                 lane: flow.lane(&agent.provider, &agent.model),
+                cache: cache
+                    .as_ref()
+                    .filter(|_| agent.cache)
+                    .map(|cache| TaskCache {
+                        cache: cache.clone(),
+                        identity: Arc::from(provider.identity()),
+                    }),
                 config: agent,
             })
         };
@@ -234,6 +253,19 @@ impl OrchestratorBuilder {
             }),
         })
     }
+}
+
+/// The response cache `[cache]` describes. A store that is down is no error here:
+/// calls go upstream until it answers.
+fn response_cache(config: &CacheConfig) -> Result<ResponseCache, BuildError> {
+    let store: Arc<dyn CacheStore> = match &config.backend {
+        CacheBackend::Memory {
+            max_entries,
+            max_bytes,
+        } => Arc::new(MemoryStore::new(*max_entries, *max_bytes, config.ttl)),
+        CacheBackend::Redis { .. } => return Err(BuildError::CacheBackend("redis".to_owned())),
+    };
+    Ok(ResponseCache::new(store, config.ttl))
 }
 
 fn build_provider(

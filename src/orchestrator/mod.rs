@@ -18,7 +18,9 @@ use tracing::Instrument;
 
 use crate::config::{AgentConfig, FallbackConfig};
 use crate::cost::PriceTable;
-use crate::executor::{AgentEvent, AgentOutcome, AgentTask, Executor, Fallback, TaskKind};
+use crate::executor::{
+    AgentEvent, AgentOutcome, AgentTask, Executor, Fallback, TaskCache, TaskKind,
+};
 use crate::limits::{FlowControl, FlowLane, LaneSnapshot};
 use crate::provider::{CompletionRequest, DeltaSink, Provider, RequestMeta};
 use crate::resilience::{BreakerSnapshot, BreakerState, CallPolicy, CircuitBreaker, RetryBudget};
@@ -111,6 +113,8 @@ struct PlannedAgent {
     breaker: Arc<CircuitBreaker>,
     budget: Arc<RetryBudget>,
     lane: Arc<FlowLane>,
+    /// The response cache, when this agent is cached.
+    cache: Option<TaskCache>,
 }
 
 impl Orchestrator {
@@ -421,7 +425,7 @@ fn plan(
 
 /// A planned agent's call of `request`, with its policy, breaker, budget and lane.
 fn agent_task(agent: &PlannedAgent, request: CompletionRequest) -> AgentTask {
-    AgentTask::new(
+    let task = AgentTask::new(
         agent.config.id.clone(),
         agent.config.provider.clone(),
         Arc::clone(&agent.provider),
@@ -430,7 +434,11 @@ fn agent_task(agent: &PlannedAgent, request: CompletionRequest) -> AgentTask {
     .with_policy(Arc::clone(&agent.policy))
     .with_breaker(Arc::clone(&agent.breaker))
     .with_budget(Arc::clone(&agent.budget))
-    .with_lane(Arc::clone(&agent.lane))
+    .with_lane(Arc::clone(&agent.lane));
+    match &agent.cache {
+        Some(cache) => task.with_cache(cache.clone()),
+        None => task,
+    }
 }
 
 /// An agent's system prompt followed by the conversation's instructions.
