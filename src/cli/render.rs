@@ -60,6 +60,9 @@ pub fn outcomes(outcomes: &[AgentOutcome]) -> String {
             o.model
         );
         let mut notes = Vec::new();
+        if o.cached {
+            notes.push("answered from the cache: no upstream call".to_owned());
+        }
         // Waits worth a mention: a tenth of a second or more.
         if o.queue_wait >= Duration::from_millis(100) {
             let pause = if o.paused >= Duration::from_millis(100) {

@@ -332,6 +332,9 @@ fn notes(a: &AgentRow) -> Vec<String> {
         if a.synthesis {
             s.push_str(", merging the replies into the answer");
         }
+        if let Some(source) = &a.cached {
+            let _ = write!(s, ", answered from the cache ({source})");
+        }
         if let Some(q) = a.queue_ms.filter(|q| *q >= 1.0) {
             let _ = write!(s, ", queued {}", secs(q));
             if let Some(p) = a.pause_ms.filter(|p| *p >= 1.0) {

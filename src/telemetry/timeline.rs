@@ -343,6 +343,9 @@ pub struct AgentRow {
     /// The synthesizer's call after the fan-out, not a sub-agent.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub synthesis: bool,
+    /// Answered from the response cache: where from (`memory`, `redis`, `in_flight`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached: Option<String>,
 }
 
 /// One retry of an agent.
@@ -553,6 +556,7 @@ impl Timeline {
                     fallback: None,
                     error: None,
                     synthesis: false,
+                    cached: None,
                 }
             });
             row.end_ms = row.end_ms.max(t);
@@ -582,6 +586,7 @@ impl Timeline {
                     });
                 }
                 "synthesis.start" => row.synthesis = true,
+                "agent.cache_hit" => row.cached = Some(text(&line["source"])),
                 "agent.success" | "agent.failure" | "agent.timeout" | "agent.panic"
                 | "synthesis.finish" => {
                     row.status = match event {
