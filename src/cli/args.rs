@@ -182,6 +182,40 @@ pub enum BenchMode {
     /// served, 429 and 529 answers, failed agents, latency, and the concurrency limit
     /// over time.
     Limits(LimitsArgs),
+    /// Requests drawn from a few distinct queries (Zipf-like), with no cache, the
+    /// memory cache and, with --redis-url, the Redis cache: upstream calls saved, hit
+    /// rate, latency.
+    Cache(CacheBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CacheBenchArgs {
+    #[command(flatten)]
+    pub upstream: BenchUpstream,
+
+    /// Requests in all, per mode.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub requests: usize,
+
+    /// Distinct queries they are drawn from.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub distinct: usize,
+
+    /// The Zipf exponent of the draw: query k is asked in proportion to 1 / k^s.
+    #[arg(long, value_name = "S", default_value_t = 1.0)]
+    pub zipf: f64,
+
+    /// Requests kept in flight at once.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub in_flight: usize,
+
+    /// Also run with the Redis cache at this URL (a namespace of its own per run).
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

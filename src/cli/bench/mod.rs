@@ -7,6 +7,7 @@
 //! real HTTP upstream such as `metaorch mock-upstream`. Every number is measured here,
 //! by the client: nothing is asserted, and nothing is tuned to the machine.
 
+mod cache;
 mod chart;
 mod limits;
 mod stats;
@@ -60,6 +61,7 @@ pub fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         Some(BenchMode::Load(load_args)) => runtime.block_on(load(load_args, false)),
         Some(BenchMode::Throughput(load_args)) => runtime.block_on(load(load_args, true)),
         Some(BenchMode::Limits(limits_args)) => runtime.block_on(limits::run(limits_args)),
+        Some(BenchMode::Cache(cache_args)) => runtime.block_on(cache::run(cache_args)),
     }
 }
 
@@ -107,6 +109,7 @@ fn setup(
     up: &BenchUpstream,
     limit: usize,
     default_latency: (Duration, Duration),
+    cache: Option<metaorch::config::CacheConfig>,
 ) -> anyhow::Result<Setup> {
     if !(up.time_scale > 0.0 && up.time_scale.is_finite()) {
         bail!(
@@ -152,8 +155,11 @@ fn setup(
     if !up.synthesize {
         config.synthesizer = None;
     }
+    let cached = cache.is_some();
+    config.cache = cache;
     let synthesizer = config.synthesizer.as_mut().map(|s| &mut s.agent);
     for agent in config.agents.iter_mut().chain(synthesizer) {
+        agent.cache = cached;
         agent.provider = "bench".into();
         if !sim {
             agent.model = "bench-model".into();
@@ -268,7 +274,7 @@ async fn table(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let mut upstream = String::new();
     for (name, limit) in modes {
         let lanes = (0..args.lanes.min(args.requests))
-            .map(|_| setup(&args.upstream, limit, default_latency))
+            .map(|_| setup(&args.upstream, limit, default_latency, None))
             .collect::<anyhow::Result<Vec<_>>>()?;
         upstream = lanes[0].upstream.clone();
         results.push(run_mode(lanes, &name, limit, args.requests).await?);
@@ -515,7 +521,7 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let setup = setup(&args.upstream, limit, default_latency)?;
+    let setup = setup(&args.upstream, limit, default_latency, None)?;
     let counter = Arc::new(AtomicU64::new(0));
     let warm = Instant::now() + args.warmup;
     let deadline = warm + args.duration;
