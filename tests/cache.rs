@@ -300,3 +300,89 @@ fn the_cache_is_off_unless_configured_and_its_keys_are_checked() {
         assert!(e.contains(expected), "{toml}: {e}");
     }
 }
+
+/// A store that fails while `down` is set, and otherwise keeps replies in memory.
+#[derive(Debug, Default)]
+struct Flaky {
+    down: std::sync::atomic::AtomicBool,
+    inner: std::sync::Mutex<std::collections::HashMap<String, metaorch::cache::CachedReply>>,
+}
+
+#[async_trait::async_trait]
+impl metaorch::cache::CacheStore for Flaky {
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+
+    async fn get(
+        &self,
+        key: &metaorch::cache::CacheKey,
+    ) -> Result<Option<metaorch::cache::CachedReply>, metaorch::cache::CacheError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(metaorch::cache::CacheError("connection refused".into()));
+        }
+        Ok(self.inner.lock().unwrap().get(&key.to_string()).cloned())
+    }
+
+    async fn put(
+        &self,
+        key: &metaorch::cache::CacheKey,
+        reply: &metaorch::cache::CachedReply,
+        _ttl: Duration,
+    ) -> Result<(), metaorch::cache::CacheError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(metaorch::cache::CacheError("connection refused".into()));
+        }
+        self.inner
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), reply.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_store_is_a_miss_logged_once_per_outage_and_heals() {
+    let capture = common::Capture::global();
+    let store = std::sync::Arc::new(Flaky::default());
+    let config = Config::from_toml_str(
+        "[cache]\n[providers.sim]\nkind = \"sim\"\nlatency_min = \"10ms\"\nlatency_max = \"10ms\"\n[[agents]]\nid = \"a\"\nprovider = \"sim\"\n",
+        "t.toml",
+    )
+    .unwrap();
+    let orchestrator = Orchestrator::builder()
+        .config(config)
+        .cache_store(store.clone())
+        .build()
+        .unwrap();
+    orchestrator.process("warm").await.unwrap();
+    assert!(orchestrator.process("warm").await.unwrap().outcomes[0].cached);
+    store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    for n in 0..10 {
+        let r = orchestrator
+            .process(&format!("while down {}", n % 2))
+            .await
+            .unwrap();
+        assert!(r.ok, "the cache is never a reason to fail");
+        assert!(!r.outcomes[0].cached);
+    }
+    // Even what was cached before goes upstream while the store fails.
+    assert!(!orchestrator.process("warm").await.unwrap().outcomes[0].cached);
+    store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    orchestrator.process("after").await.unwrap();
+    assert!(
+        orchestrator.process("after").await.unwrap().outcomes[0].cached,
+        "hits resume"
+    );
+    let events: Vec<String> = capture
+        .lines()
+        .iter()
+        .filter_map(|l| l["event"].as_str().map(str::to_owned))
+        .filter(|e| e.starts_with("cache."))
+        .collect();
+    assert_eq!(
+        events,
+        ["cache.unavailable", "cache.recovered"],
+        "once per outage"
+    );
+}

@@ -33,6 +33,7 @@ pub struct OrchestratorBuilder {
     resilience: Option<Arc<Resilience>>,
     flow: Option<Arc<FlowControl>>,
     synthesizer: Option<Arc<dyn Synthesizer>>,
+    cache_store: Option<Arc<dyn CacheStore>>,
 }
 
 /// Why an orchestrator could not be built.
@@ -143,6 +144,15 @@ impl OrchestratorBuilder {
         self
     }
 
+    /// Keeps cached replies in `store` instead of the one `[cache]` describes. The
+    /// config still says which agents are cached (`[cache] default`, each agent's
+    /// `cache`) and for how long: without `[cache]` or an agent's `cache = true`,
+    /// nothing is.
+    pub fn cache_store(mut self, store: Arc<dyn CacheStore>) -> Self {
+        self.cache_store = Some(store);
+        self
+    }
+
     /// Builds the orchestrator.
     pub fn build(self) -> Result<Orchestrator, BuildError> {
         let config = self.config.unwrap_or_else(Config::embedded);
@@ -180,9 +190,13 @@ impl OrchestratorBuilder {
             ))
         });
         let prices = Arc::new(config.price_table());
-        let cache = match &config.cache {
-            Some(c) => Some(response_cache(c)?),
-            None => None,
+        let cache = match (self.cache_store, &config.cache) {
+            (Some(store), c) => {
+                let ttl = c.as_ref().map_or(CacheConfig::DEFAULT_TTL, |c| c.ttl);
+                Some(ResponseCache::new(store, ttl))
+            }
+            (None, Some(c)) => Some(response_cache(c)?),
+            (None, None) => None,
         };
         let planned = |agent: AgentConfig| -> Result<PlannedAgent, BuildError> {
             let Some(provider) = providers.get(&agent.provider) else {
