@@ -6,13 +6,14 @@
 //! looks a call up, and on a miss lets one caller (the leader) make it while identical
 //! calls in flight in this process wait for its result ([`flight`]). Only successful
 //! completions are stored — never errors, fallbacks or a stream cut short. A store is
-//! in memory ([`MemoryStore`], moka) or shared through Redis; either can fail, and a
-//! failing store makes the call go upstream as if uncached: the cache is never a
-//! reason for a request to fail.
+//! in memory ([`MemoryStore`], moka) or shared through Redis ([`RedisStore`]); either
+//! can fail, and a failing store makes the call go upstream as if uncached: the cache
+//! is never a reason for a request to fail.
 
 pub mod flight;
 mod key;
 mod memory;
+mod redis;
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use self::redis::RedisStore;
 pub use flight::{Flight, FlightResult, Joined, SingleFlight};
 pub use key::CacheKey;
 pub use memory::MemoryStore;

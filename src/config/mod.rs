@@ -13,6 +13,7 @@ mod raw;
 mod validate;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -110,8 +111,8 @@ pub struct CacheConfig {
     pub default: bool,
 }
 
-/// Where the cache keeps replies.
-#[derive(Debug, Clone, PartialEq)]
+/// Where the cache keeps replies. Its `Debug` hides the credentials of a Redis URL.
+#[derive(Clone, PartialEq)]
 pub enum CacheBackend {
     /// In this process, bounded.
     Memory {
@@ -125,6 +126,25 @@ pub enum CacheBackend {
         /// `redis://` or `rediss://` (TLS), with credentials if any.
         url: String,
     },
+}
+
+impl fmt::Debug for CacheBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CacheBackend::Memory {
+                max_entries,
+                max_bytes,
+            } => f
+                .debug_struct("Memory")
+                .field("max_entries", max_entries)
+                .field("max_bytes", max_bytes)
+                .finish(),
+            CacheBackend::Redis { url } => f
+                .debug_struct("Redis")
+                .field("url", &redacted_url(url))
+                .finish(),
+        }
+    }
 }
 
 impl CacheBackend {
@@ -591,6 +611,25 @@ pub fn is_http_url(url: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// `url` with its credentials (`user:password@`) replaced by `***@`, for `Debug`,
+/// errors and logs; a URL without any is returned as it is.
+///
+/// ```
+/// use metaorch::config::redacted_url;
+/// assert_eq!(redacted_url("redis://:hunter2@cache:6379/0"), "redis://***@cache:6379/0");
+/// assert_eq!(redacted_url("redis://cache:6379"), "redis://cache:6379");
+/// ```
+pub fn redacted_url(url: &str) -> String {
+    let authority_start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[authority_start..];
+    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    // The last `@` of the authority ends the user info: a password may hold an `@`.
+    match rest[..authority_len].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..authority_start], &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
 /// Which config file to load, by precedence: the `--config` flag, then
 /// `METAORCH_CONFIG`, then `./metaorch.toml` if it exists; `None` means the embedded
 /// default.
@@ -648,6 +687,26 @@ mod tests {
         assert_eq!(
             discover(None, None, dir.path()),
             Some(dir.path().join("metaorch.toml"))
+        );
+    }
+
+    #[test]
+    fn redacted_url_hides_user_and_password_only() {
+        for (url, shown) in [
+            ("redis://:pw@h:6379/0", "redis://***@h:6379/0"),
+            ("rediss://user:pw@h", "rediss://***@h"),
+            ("redis://user:p@ss@h:1/2?x=@", "redis://***@h:1/2?x=@"),
+            ("redis://h:6379", "redis://h:6379"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redacted_url(url), shown, "{url}");
+        }
+        let backend = CacheBackend::Redis {
+            url: "redis://:hunter2@h:6379".into(),
+        };
+        assert_eq!(
+            format!("{backend:?}"),
+            r#"Redis { url: "redis://***@h:6379" }"#
         );
     }
 }
