@@ -2,7 +2,9 @@
 # Installs what the tests need beyond Rust, so that `cargo test` itself stays offline:
 #   - a Python virtual environment with the official `openai` package, in
 #     target/openai-venv (or $METAORCH_OPENAI_VENV), for the test that drives
-#     `metaorch serve` with the official client.
+#     `metaorch serve` with the official client;
+#   - `redis-server`, which the Redis tests start on 127.0.0.1 (they never use a
+#     Redis already running).
 # Safe to run again: what is already there is kept. Needs the Python and Debian
 # package registries on first run only.
 set -euo pipefail
@@ -30,4 +32,27 @@ else
     python3 -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'openai>=1.40'
     "$venv/bin/python" -c 'import openai; print("test-deps: openai", openai.__version__)'
+fi
+
+if command -v redis-server >/dev/null 2>&1; then
+    echo "test-deps: $(redis-server --version | cut -d' ' -f1-3)"
+else
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "test-deps: redis-server is needed and there is no apt-get here; install Redis (6 or later) so that redis-server is on PATH" >&2
+        exit 1
+    fi
+    if [ "$(id -u)" = 0 ]; then
+        as_root=()
+    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        as_root=(sudo)
+    else
+        echo "test-deps: redis-server is needed; run as root (or with sudo): apt-get install -y redis-server" >&2
+        exit 1
+    fi
+    echo "test-deps: installing redis-server with apt-get"
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+    # The package starts a system Redis on port 6379 where services run; the tests
+    # start their own on free ports and need none.
+    echo "test-deps: $(redis-server --version | cut -d' ' -f1-3)"
 fi
