@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 
 use common::redis::{RedisServer, skip};
 use metaorch::cache::{CacheKey, CacheStore, CachedReply, Lookup, RedisStore, ResponseCache};
+use metaorch::config::{CacheBackend, CacheConfig, Config};
+use metaorch::mock_upstream::{MockOptions, MockUpstream};
+use metaorch::orchestrator::BuildError;
 use metaorch::provider::{CompletionRequest, Usage};
+use metaorch::{Orchestrator, OutcomeStatus};
 
 const TIMEOUT: Duration = Duration::from_millis(200);
 const HOUR: Duration = Duration::from_secs(3600);
@@ -419,17 +423,16 @@ timeout = "200ms"
     )
 }
 
-/// `metaorch run --format json QUERY` in `dir`, parsed.
-fn run_json(dir: &std::path::Path, query: &str) -> serde_json::Value {
-    let out = common::metaorch_command(dir, &["run", "--format", "json", query])
+/// `metaorch run --format json ARGS…` in `dir`: the document, and what went to
+/// stderr (the log).
+fn run_json(dir: &std::path::Path, args: &[&str]) -> (serde_json::Value, String) {
+    let out = common::metaorch_command(dir, &[&["run", "--format", "json"], args].concat())
         .output()
         .expect("the metaorch binary runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("run prints one JSON document")
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    let doc = serde_json::from_slice(&out.stdout).expect("run prints one JSON document");
+    (doc, stderr)
 }
 
 #[test]
@@ -447,14 +450,21 @@ fn run_answers_with_its_redis_cache_down() {
     )
     .unwrap();
     let started = Instant::now();
-    let doc = run_json(dir.path(), "q");
+    let (doc, log) = run_json(dir.path(), &["--log-level", "info", "q"]);
     assert_eq!(doc["summary"]["succeeded"], 6, "{doc}");
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert!(!doc.to_string().contains("pw-Yt5"));
+    assert_eq!(log.matches("cache.unavailable").count(), 1, "{log}");
+    assert!(
+        log.contains(&format!("redis://***@127.0.0.1:{port}")),
+        "{log}"
+    );
+    assert!(
+        !doc.to_string().contains("pw-Yt5") && !log.contains("pw-Yt5"),
+        "{log}"
+    );
 }
 
 #[test]
-#[ignore = "needs the executor to answer from the cache and report `cached` per outcome"]
 fn two_runs_share_replies_through_redis() {
     let Some(redis) = RedisServer::start() else {
         return skip("two_runs_share_replies_through_redis");
@@ -469,8 +479,9 @@ fn two_runs_share_replies_through_redis() {
         )
         .unwrap();
     }
-    let first = run_json(one.path(), "What is shared?");
-    let second = run_json(two.path(), "What is shared?");
+    // The same seed: a simulated reply depends on it, and so does its key.
+    let (first, _) = run_json(one.path(), &["--seed", "7", "What is shared?"]);
+    let (second, _) = run_json(two.path(), &["--seed", "7", "What is shared?"]);
     for (doc, cached) in [(&first, false), (&second, true)] {
         let outcomes = doc["outcomes"].as_array().unwrap();
         assert_eq!(outcomes.len(), 6, "{doc}");
@@ -489,4 +500,81 @@ fn two_runs_share_replies_through_redis() {
         .query(&mut raw)
         .unwrap();
     assert!(keys.len() >= 6, "{keys:?}");
+}
+
+/// Three agents on Anthropic's wire format at `upstream`, cached in the Redis at `url`.
+fn orchestrator(upstream: &str, url: &str, namespace: &str) -> Orchestrator {
+    let mut toml = format!(
+        "[cache]\nbackend = \"redis\"\nurl = \"{url}\"\nnamespace = \"{namespace}\"\n\
+         [providers.claude]\nkind = \"anthropic\"\nbase_url = \"{upstream}\"\n"
+    );
+    for id in ["a", "b", "c"] {
+        toml.push_str(&format!(
+            "[[agents]]\nid = \"{id}\"\nprovider = \"claude\"\nmodel = \"claude-haiku-4-5\"\nprompt = \"As {id}: {{query}}\"\n"
+        ));
+    }
+    Orchestrator::builder()
+        .config(Config::from_toml_str(&toml, "test.toml").unwrap())
+        .env(|name| (name == "ANTHROPIC_API_KEY").then(|| "sk-test-key".to_owned()))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn two_orchestrators_share_hits_through_redis() {
+    let Some(redis) = RedisServer::start() else {
+        return skip("two_orchestrators_share_hits_through_redis");
+    };
+    let mock = MockUpstream::start(([127, 0, 0, 1], 0).into(), MockOptions::default())
+        .await
+        .unwrap();
+    // Two instances: their own executors, in-flight tables and connections; one Redis.
+    let one = orchestrator(&mock.url(), &redis.url(), "shared");
+    let two = orchestrator(&mock.url(), &redis.url(), "shared");
+    let first = one.process("What is shared?").await.unwrap();
+    assert!(first.outcomes.iter().all(|o| !o.cached));
+    assert_eq!(mock.requests().len(), 3);
+
+    let second = two.process("What is shared?").await.unwrap();
+    assert_eq!(
+        mock.requests().len(),
+        3,
+        "the second instance calls no upstream"
+    );
+    for (a, b) in first.outcomes.iter().zip(&second.outcomes) {
+        assert!(b.cached, "{} was not cached", b.agent_id);
+        assert_eq!(b.status, OutcomeStatus::Succeeded);
+        assert_eq!(a.output, b.output);
+    }
+    // Another namespace shares nothing.
+    let other = orchestrator(&mock.url(), &redis.url(), "other");
+    other.process("What is shared?").await.unwrap();
+    assert_eq!(mock.requests().len(), 6);
+}
+
+#[test]
+fn a_url_redis_cannot_use_fails_the_build_and_a_redis_down_does_not() {
+    let build = |url: &str| {
+        let mut config = Config::embedded();
+        config.cache = Some(CacheConfig {
+            backend: CacheBackend::Redis { url: url.into() },
+            ..CacheConfig::default()
+        });
+        Orchestrator::builder().config(config).build()
+    };
+    // Nobody listens on port 1: building does not connect.
+    assert!(build("redis://:pw-Qm3@127.0.0.1:1/0").is_ok());
+    let error = build("redis://:pw-Qm3@127.0.0.1:1/not-a-db").unwrap_err();
+    assert!(matches!(error, BuildError::CacheUrl(_)), "{error:?}");
+    let text = format!("{:#}", anyhow::Error::from(error.clone()));
+    assert!(
+        text.starts_with(
+            "cache.url cannot be used: redis://***@127.0.0.1:1/not-a-db is not a Redis URL"
+        ),
+        "{text}"
+    );
+    assert!(
+        !text.contains("pw-Qm3") && !format!("{error:?}").contains("pw-Qm3"),
+        "{text}"
+    );
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{Concat, Inner, Orchestrator, PlannedAgent, PlannedSynthesis, Synthesizer};
-use crate::cache::{CacheStore, MemoryStore, ResponseCache};
+use crate::cache::{CacheError, CacheStore, MemoryStore, RedisStore, ResponseCache};
 use crate::config::{
     AgentConfig, CacheBackend, CacheConfig, Config, FallbackConfig, HttpProviderConfig,
     ProviderConfig,
@@ -40,9 +40,10 @@ pub struct OrchestratorBuilder {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum BuildError {
-    /// The configured cache backend is not in this build.
-    #[error("the {0} cache backend is not available in this build; use backend = \"memory\"")]
-    CacheBackend(String),
+    /// The cache's Redis URL cannot be used (never because Redis is down: the store
+    /// connects on first use).
+    #[error("cache.url cannot be used")]
+    CacheUrl(#[source] CacheError),
     /// The config has no agents.
     #[error("no agents are configured; add at least one [[agents]] table")]
     NoAgents,
@@ -277,7 +278,10 @@ fn response_cache(config: &CacheConfig) -> Result<ResponseCache, BuildError> {
             max_entries,
             max_bytes,
         } => Arc::new(MemoryStore::new(*max_entries, *max_bytes, config.ttl)),
-        CacheBackend::Redis { .. } => return Err(BuildError::CacheBackend("redis".to_owned())),
+        CacheBackend::Redis { url } => Arc::new(
+            RedisStore::new(url, &config.namespace, config.timeout)
+                .map_err(BuildError::CacheUrl)?,
+        ),
     };
     Ok(ResponseCache::new(store, config.ttl))
 }
