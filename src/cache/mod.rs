@@ -23,7 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-pub use self::redis::RedisStore;
+pub use self::redis::{RedisStore, redacted_url};
 pub use flight::{Flight, FlightResult, Joined, SingleFlight};
 pub use key::CacheKey;
 pub use memory::MemoryStore;

@@ -20,7 +20,6 @@ use redis::{FromRedisValue, RedisError};
 use tokio::time::Instant;
 
 use super::{CacheError, CacheKey, CacheStore, CachedReply};
-use crate::config::redacted_url;
 
 /// The first pause after a failure.
 const FIRST_PAUSE: Duration = Duration::from_secs(1);
@@ -66,7 +65,7 @@ impl RedisStore {
     /// `timeout`. Does not connect: fails only for a URL that cannot be used.
     pub fn new(url: &str, namespace: &str, timeout: Duration) -> Result<RedisStore, CacheError> {
         let shown_url = redacted_url(url);
-        let userinfo = userinfo(url).map(str::to_owned);
+        let userinfo = userinfo_at(url).map(|(_, info)| info.to_owned());
         let client = redis::Client::open(url).map_err(|e| {
             CacheError(format!(
                 "{shown_url} is not a Redis URL ({}); expected redis://HOST:PORT[/DB], or rediss://… for TLS",
@@ -278,11 +277,28 @@ impl Pause {
     }
 }
 
-/// The user info of `url` (between `scheme://` and the last `@` of the authority).
-fn userinfo(url: &str) -> Option<&str> {
-    let rest = &url[url.find("://").map_or(0, |i| i + 3)..];
+/// `url` with its credentials (`user:password@`) replaced by `***@`, for `Debug`,
+/// errors and logs; a URL without any is returned as it is.
+///
+/// ```
+/// use metaorch::cache::redacted_url;
+/// assert_eq!(redacted_url("redis://:hunter2@cache:6379/0"), "redis://***@cache:6379/0");
+/// assert_eq!(redacted_url("redis://cache:6379"), "redis://cache:6379");
+/// ```
+pub fn redacted_url(url: &str) -> String {
+    match userinfo_at(url) {
+        Some((start, info)) => format!("{}***{}", &url[..start], &url[start + info.len()..]),
+        None => url.to_owned(),
+    }
+}
+
+/// The user info of `url` and where it starts: between `scheme://` and the last `@`
+/// of the authority (a password may hold an `@`).
+fn userinfo_at(url: &str) -> Option<(usize, &str)> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
     let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    authority.rfind('@').map(|at| &authority[..at])
+    authority.rfind('@').map(|at| (start, &authority[..at]))
 }
 
 /// `text` without the URL's credentials, in case an error quotes them.
@@ -322,6 +338,19 @@ mod tests {
         pause.succeeded();
         assert_eq!(pause, Pause::default());
         assert_eq!(pause.left(now), None);
+    }
+
+    #[test]
+    fn redacted_url_hides_user_and_password_only() {
+        for (url, shown) in [
+            ("redis://:pw@h:6379/0", "redis://***@h:6379/0"),
+            ("rediss://user:pw@h", "rediss://***@h"),
+            ("redis://user:p@ss@h:1/2?x=@", "redis://***@h:1/2?x=@"),
+            ("redis://h:6379", "redis://h:6379"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redacted_url(url), shown, "{url}");
+        }
     }
 
     #[test]
