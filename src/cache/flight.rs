@@ -209,6 +209,9 @@ mod tests {
                 tokio::spawn(async move {
                     match flights.join(&key(1)).await {
                         Joined::Lead(flight) => {
+                            // A call takes time: the other waiters join this flight
+                            // before it reports.
+                            tokio::task::yield_now().await;
                             flight.finish(Ok(reply("taken over")));
                             "led"
                         }
