@@ -37,7 +37,7 @@ const MAX_TTL_MS: u64 = 1 << 40;
 /// use metaorch::cache::RedisStore;
 ///
 /// let store = RedisStore::new("redis://127.0.0.1:6379", "metaorch", Duration::from_millis(100))?;
-/// assert_eq!(format!("{store:?}").contains("127.0.0.1:6379"), true);
+/// assert!(format!("{store:?}").contains("redis://127.0.0.1:6379"));
 /// # Ok::<(), metaorch::cache::CacheError>(())
 /// ```
 pub struct RedisStore {
