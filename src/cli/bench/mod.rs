@@ -149,6 +149,10 @@ fn setup(
     });
     let mut config = Config::embedded();
     config.concurrency_limit = limit.max(1);
+    // Every call the bench keeps in flight may be in flight at the provider: the
+    // adaptive limit may climb that far (by default it stops at 1,024).
+    let ceiling = u32::try_from(limit).unwrap_or(u32::MAX);
+    config.flow.concurrency.max = config.flow.concurrency.max.max(ceiling);
     config.request_timeout = Duration::from_secs(3600);
     // The fan-out is measured (six calls a request, comparable across versions),
     // unless the synthesis is asked for too.
