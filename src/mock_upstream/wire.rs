@@ -177,15 +177,15 @@ pub(crate) async fn handle(
             | MockFault::Server
             | MockFault::GatewayTimeout),
         ) => {
-            tokio::time::sleep(latency / 10).await;
+            pause(latency / 10).await;
             fault_response(api, f, options.retry_after, &request_id)
         }
         Some(MockFault::Malformed) => {
-            tokio::time::sleep(latency).await;
+            pause(latency).await;
             raw(200, "application/json", Body::from(&b"{\"id\": \"msg_broken\", \"type\": \"message\", \"content\": [{\"type\": \"te"[..]), &request_id, api)
         }
         Some(MockFault::Oversized) => {
-            tokio::time::sleep(latency).await;
+            pause(latency).await;
             record.output_tokens = 9 << 18;
             let text = "x".repeat(9 << 20);
             let body = match api {
@@ -202,7 +202,7 @@ pub(crate) async fn handle(
             json_response(200, &body, &request_id, api)
         }
         Some(MockFault::Reset) => {
-            tokio::time::sleep(latency / 10).await;
+            pause(latency / 10).await;
             // Headers go out, then the body fails before its first byte: hyper drops
             // the connection.
             let broken = stream::iter([Err::<Bytes, _>(io::Error::new(
@@ -218,7 +218,7 @@ pub(crate) async fn handle(
             )
         }
         Some(MockFault::Error200) => {
-            tokio::time::sleep(latency / 10).await;
+            pause(latency / 10).await;
             let body = match api {
                 Api::Anthropic => json!({
                     "type": "error",
@@ -233,7 +233,7 @@ pub(crate) async fn handle(
             json_response(200, &body, &request_id, api)
         }
         Some(MockFault::Cut) => {
-            tokio::time::sleep(latency / 2).await;
+            pause(latency / 2).await;
             record.output_tokens = output_tokens;
             let full = Reply {
                 api,
@@ -264,7 +264,7 @@ pub(crate) async fn handle(
             };
             if record.stream {
                 // A third of the latency before the first byte, the rest across deltas.
-                tokio::time::sleep(latency / 3).await;
+                pause(latency / 3).await;
                 let events = full.events(stream_fault);
                 let gap = (latency - latency / 3) / (events.len().max(1) as u32);
                 // The permit rides with the stream and is let go with its last event,
@@ -275,7 +275,7 @@ pub(crate) async fn handle(
                     (events, Some(permit)),
                     move |(mut events, mut permit)| async move {
                         let event = events.next()?;
-                        tokio::time::sleep(gap).await;
+                        pause(gap).await;
                         if events.peek().is_none() {
                             permit.take();
                         }
@@ -290,7 +290,7 @@ pub(crate) async fn handle(
                     api,
                 )
             } else {
-                tokio::time::sleep(latency).await;
+                pause(latency).await;
                 json_response(200, &full.body(), &request_id, api)
             }
         }
@@ -829,4 +829,12 @@ fn raw(
         headers.insert(id_header, v);
     }
     response
+}
+
+/// Waits `d`; no time at all when it is zero (a zero sleep still waits for the timer's
+/// next tick, about a millisecond, which a zero-latency mock must not add).
+async fn pause(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
 }
