@@ -578,3 +578,57 @@ fn a_url_redis_cannot_use_fails_the_build_and_a_redis_down_does_not() {
         "{text}"
     );
 }
+
+/// A TCP proxy on 127.0.0.1 that holds each connection for `delay` before passing it
+/// on to `port`: a server far away, whose connect takes longer than a call may wait.
+async fn slow_proxy(port: u16, delay: Duration) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let mut server = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    proxy_port
+}
+
+#[tokio::test]
+async fn a_connect_slower_than_the_timeout_finishes_for_the_calls_after_it() {
+    let Some(redis) = RedisServer::start() else {
+        return skip("a_connect_slower_than_the_timeout_finishes_for_the_calls_after_it");
+    };
+    let proxy = slow_proxy(redis.port(), Duration::from_millis(300)).await;
+    let timeout = Duration::from_millis(100);
+    let store = RedisStore::new(&format!("redis://127.0.0.1:{proxy}"), "far", timeout).unwrap();
+    let k = key("q");
+
+    let started = Instant::now();
+    let error = store.get(&k).await.unwrap_err();
+    assert!(
+        started.elapsed() < timeout + Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        error.to_string().contains("did not answer within 100ms"),
+        "{error}"
+    );
+    // The connect goes on without the call, and ends the pause when it is made.
+    let answered = within(Duration::from_secs(5), async || store.get(&k).await.ok())
+        .await
+        .expect("the store answers once its connect is made");
+    assert_eq!(answered, None);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    store.put(&k, &reply("far"), HOUR).await.unwrap();
+    assert_eq!(store.get(&k).await.unwrap(), Some(reply("far")));
+}

@@ -2,29 +2,37 @@
 //! and namespace answers from the others' calls.
 //!
 //! The `redis` crate's `ConnectionManager` holds one multiplexed connection and
-//! reconnects it after a drop. Two things it does not do are added here, because the
-//! cache must fail open (a request never waits on it): every operation, connecting
-//! included, is bounded by the configured timeout; and after a failure the store
-//! leaves the server alone for a while (1 s, doubling to 30 s while it keeps failing),
-//! answering every call with an error at once, so an outage costs calls nothing and
-//! the server coming back is not met by a connect from every call.
+//! reconnects it after a drop. Three things it does not do are added here, because the
+//! cache must fail open (a request never waits on it): every call is bounded by the
+//! configured timeout, its wait for a connection included; connecting runs in a task
+//! of its own with a bound of its own (a TLS handshake to a distant server may take
+//! longer than one call may wait, and still succeed for the calls after it); and after
+//! a failure the store leaves the server alone for a while (1 s, doubling to 30 s while
+//! it keeps failing), answering every call with an error at once, so an outage costs
+//! calls nothing and a server coming back is not met by a connect from every call.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, RedisError};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{CacheError, CacheKey, CacheStore, CachedReply};
+use pause::Pause;
+pub use redact::redacted_url;
+use redact::{scrub, userinfo_at};
 
-/// The first pause after a failure.
-const FIRST_PAUSE: Duration = Duration::from_secs(1);
-/// The longest pause, however long the server stays down.
-const MAX_PAUSE: Duration = Duration::from_secs(30);
+mod pause;
+mod redact;
+
+/// The least time a connect (TCP, TLS, AUTH) is given, in the background.
+const MIN_CONNECT_TIME: Duration = Duration::from_secs(5);
 /// The longest time to live sent (about 34 years): past Redis's range, `SET` fails.
 const MAX_TTL_MS: u64 = 1 << 40;
 
@@ -42,21 +50,45 @@ const MAX_TTL_MS: u64 = 1 << 40;
 /// ```
 pub struct RedisStore {
     client: redis::Client,
+    namespace: String,
+    /// The most one call may take, its wait for a connection included.
+    timeout: Duration,
+    /// How failures are told, without the URL's credentials.
+    text: ErrorText,
+    /// The connection, the connect under way, and the pause.
+    link: Arc<Link>,
+    /// Whether a value that is not a reply was met: logged once, read as a miss.
+    corrupt_seen: AtomicBool,
+}
+
+/// What a store shares with its connect task.
+#[derive(Debug, Default)]
+struct Link {
+    state: Mutex<LinkState>,
+    /// Woken when a connect ends, either way.
+    connected: Notify,
+}
+
+#[derive(Default)]
+struct LinkState {
+    /// The connection, once made; its manager reconnects it after a drop.
+    manager: Option<ConnectionManager>,
+    /// The connect under way, if any: one at a time, whoever waits for it.
+    connecting: Option<JoinHandle<()>>,
+    /// Why the last connect failed.
+    failure: Option<CacheError>,
+    /// How long the server is left alone after failing.
+    pause: Pause,
+}
+
+/// The URL as it may be shown, and the texts of failures that name it.
+#[derive(Debug, Clone)]
+struct ErrorText {
     /// The URL with its credentials hidden: all that `Debug` and errors show of it.
     shown_url: String,
     /// The user info of the URL as written, scrubbed from any text the crate returns.
     userinfo: Option<String>,
-    namespace: String,
-    /// The most one call may take, connecting included.
     timeout: Duration,
-    /// The connection, once made; its manager reconnects it after a drop.
-    connection: Mutex<Option<ConnectionManager>>,
-    /// Held while connecting, so that one caller connects and the others wait for it.
-    connecting: tokio::sync::Mutex<()>,
-    /// How long the server is left alone after failing.
-    pause: Mutex<Pause>,
-    /// Whether a value that is not a reply was met: logged once, read as a miss.
-    corrupt_seen: AtomicBool,
 }
 
 impl RedisStore {
@@ -64,23 +96,24 @@ impl RedisStore {
     /// or `rediss://` for TLS), its keys prefixed by `namespace`, each call bounded by
     /// `timeout`. Does not connect: fails only for a URL that cannot be used.
     pub fn new(url: &str, namespace: &str, timeout: Duration) -> Result<RedisStore, CacheError> {
-        let shown_url = redacted_url(url);
-        let userinfo = userinfo_at(url).map(|(_, info)| info.to_owned());
+        let text = ErrorText {
+            shown_url: redacted_url(url),
+            userinfo: userinfo_at(url).map(|(_, info)| info.to_owned()),
+            timeout,
+        };
         let client = redis::Client::open(url).map_err(|e| {
             CacheError(format!(
-                "{shown_url} is not a Redis URL ({}); expected redis://HOST:PORT[/DB], or rediss://… for TLS",
-                scrub(&e.to_string(), userinfo.as_deref())
+                "{} is not a Redis URL ({}); expected redis://HOST:PORT[/DB], or rediss://… for TLS",
+                text.shown_url,
+                text.scrub(&e.to_string())
             ))
         })?;
         Ok(RedisStore {
             client,
-            shown_url,
-            userinfo,
             namespace: namespace.to_owned(),
             timeout,
-            connection: Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
-            pause: Mutex::new(Pause::default()),
+            text,
+            link: Arc::default(),
             corrupt_seen: AtomicBool::new(false),
         })
     }
@@ -92,10 +125,10 @@ impl RedisStore {
 
     /// Runs `cmd`, bounded by the timeout, unless the server is being left alone.
     async fn call<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, CacheError> {
-        if let Some(left) = self.pause().left(Instant::now()) {
+        if let Some(left) = self.link.state().pause.left(Instant::now()) {
             return Err(CacheError(format!(
                 "redis {} failed recently; not asked again for {} ms",
-                self.shown_url,
+                self.text.shown_url,
                 left.as_millis()
             )));
         }
@@ -107,40 +140,101 @@ impl RedisStore {
                 Err(e) if e.is_unrecoverable_error() => cmd.query_async(&mut connection).await,
                 result => result,
             }
-            .map_err(|e| self.failure("failed", &e))
+            .map_err(|e| self.text.failure("failed", &e))
         };
         let result = tokio::time::timeout(self.timeout, attempt)
             .await
-            .unwrap_or_else(|_| Err(self.timed_out()));
+            .unwrap_or_else(|_| Err(self.text.timed_out()));
+        let mut state = self.link.state();
         match &result {
-            Ok(_) => self.pause().succeeded(),
-            Err(_) => self.pause().failed(Instant::now()),
+            Ok(_) => state.pause.succeeded(),
+            Err(_) => state.pause.failed(Instant::now()),
         }
         result
     }
 
-    /// The connection, made now if there is none yet.
+    /// The connection, once the connect under way (started now if none is) ends.
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {
-        if let Some(connection) = self.slot().clone() {
-            return Ok(connection);
+        let connected = self.link.connected.notified();
+        tokio::pin!(connected);
+        // Registered before the state is read, so that a connect ending in between
+        // still wakes this call.
+        connected.as_mut().enable();
+        {
+            let mut state = self.link.state();
+            if let Some(manager) = &state.manager {
+                return Ok(manager.clone());
+            }
+            if state.connecting.is_none() {
+                state.connecting = Some(self.connect());
+            }
         }
-        let _connecting = self.connecting.lock().await;
-        if let Some(connection) = self.slot().clone() {
-            return Ok(connection);
+        connected.await;
+        let state = self.link.state();
+        match (&state.manager, &state.failure) {
+            (Some(manager), _) => Ok(manager.clone()),
+            (None, Some(failure)) => Err(failure.clone()),
+            (None, None) => Err(CacheError(format!(
+                "redis {}: the connect ended without a connection",
+                self.text.shown_url
+            ))),
         }
-        // The caller's timeout bounds the whole connect; the manager's own retries
-        // are left out, since the pause decides when to try again.
-        let config = ConnectionManagerConfig::new()
-            .set_number_of_retries(0)
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout));
-        let connection = ConnectionManager::new_with_config(self.client.clone(), config)
-            .await
-            .map_err(|e| self.failure("could not be reached", &e))?;
-        *self.slot() = Some(connection.clone());
-        Ok(connection)
     }
 
+    /// Starts a connect in a task of its own: it may outlast the call that started
+    /// it, for the calls after it. Its outcome is kept in the link: the connection, or
+    /// why not and a pause.
+    fn connect(&self) -> JoinHandle<()> {
+        let bound = self.timeout.max(MIN_CONNECT_TIME);
+        let config = ConnectionManagerConfig::new()
+            // The pause decides when to try again, not the manager's own retries.
+            .set_number_of_retries(0)
+            .set_connection_timeout(Some(bound))
+            .set_response_timeout(Some(self.timeout));
+        let (client, link, text) = (
+            self.client.clone(),
+            Arc::clone(&self.link),
+            self.text.clone(),
+        );
+        tokio::spawn(async move {
+            let made =
+                tokio::time::timeout(bound, ConnectionManager::new_with_config(client, config))
+                    .await;
+            let mut state = link.state();
+            state.connecting = None;
+            match made {
+                Ok(Ok(manager)) => {
+                    state.manager = Some(manager);
+                    state.failure = None;
+                    state.pause.succeeded();
+                }
+                Ok(Err(e)) => {
+                    state.failure = Some(text.failure("could not be reached", &e));
+                    state.pause.failed(Instant::now());
+                }
+                Err(_) => {
+                    state.failure = Some(CacheError(format!(
+                        "redis {} could not be reached within {bound:?}",
+                        text.shown_url
+                    )));
+                    state.pause.failed(Instant::now());
+                }
+            }
+            drop(state);
+            link.connected.notify_waiters();
+        })
+    }
+}
+
+impl Link {
+    fn state(&self) -> MutexGuard<'_, LinkState> {
+        // Each field is replaced whole under the lock: a panic cannot leave one
+        // half-written.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl ErrorText {
     fn timed_out(&self) -> CacheError {
         CacheError(format!(
             "redis {} did not answer within {:?} (cache.timeout)",
@@ -149,27 +243,39 @@ impl RedisStore {
     }
 
     fn failure(&self, what: &str, error: &RedisError) -> CacheError {
-        // The connection's own response timeout is ours: one message for both.
+        // The connection's own response timeout is the call's: one message for both.
         if error.is_timeout() {
             return self.timed_out();
         }
         CacheError(format!(
             "redis {} {what}: {}",
             self.shown_url,
-            scrub(&error.to_string(), self.userinfo.as_deref())
+            self.scrub(&error.to_string())
         ))
     }
 
-    fn slot(&self) -> MutexGuard<'_, Option<ConnectionManager>> {
-        // A panic elsewhere cannot leave an Option half-written.
-        self.connection
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    /// `text` without the URL's credentials, in case an error quotes them.
+    fn scrub(&self, text: &str) -> String {
+        scrub(text, self.userinfo.as_deref())
     }
+}
 
-    fn pause(&self) -> MutexGuard<'_, Pause> {
-        // Pause is a pair of plain values, consistent after any panic.
-        self.pause.lock().unwrap_or_else(PoisonError::into_inner)
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        // A connect nobody can use any more.
+        if let Some(connecting) = self.link.state().connecting.take() {
+            connecting.abort();
+        }
+    }
+}
+
+impl fmt::Debug for LinkState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LinkState")
+            .field("connected", &self.manager.is_some())
+            .field("connecting", &self.connecting.is_some())
+            .field("pause", &self.pause)
+            .finish_non_exhaustive()
     }
 }
 
@@ -197,7 +303,7 @@ impl CacheStore for RedisStore {
                         key = %redis_key,
                         error.message = %e,
                         "{redis_key} in redis {} does not hold a cached reply ({e}); read as a miss and overwritten by the next reply (said once)",
-                        self.shown_url
+                        self.text.shown_url
                     );
                 }
                 Ok(None)
@@ -229,129 +335,22 @@ impl CacheStore for RedisStore {
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let pause = *self.pause();
+        let state = self.link.state();
         f.debug_struct("RedisStore")
-            .field("url", &self.shown_url)
+            .field("url", &self.text.shown_url)
             .field("namespace", &self.namespace)
             .field("timeout", &self.timeout)
-            .field("connection_made", &self.slot().is_some())
-            .field("failures_in_a_row", &pause.failures)
-            .field("paused_for", &pause.left(Instant::now()))
+            .field("connected", &state.manager.is_some())
+            .field("connecting", &state.connecting.is_some())
+            .field("failures_in_a_row", &state.pause.failures)
+            .field("paused_for", &state.pause.left(Instant::now()))
             .finish_non_exhaustive()
     }
-}
-
-/// How long a failing server is left alone: [`FIRST_PAUSE`] after a failure, twice
-/// as long after each failure that follows, at most [`MAX_PAUSE`]; nothing after a
-/// success.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Pause {
-    /// Failures in a row.
-    failures: u32,
-    /// Until when calls are answered without asking the server.
-    until: Option<Instant>,
-}
-
-impl Pause {
-    /// How long the pause still lasts at `now`, if it does.
-    fn left(&self, now: Instant) -> Option<Duration> {
-        self.until
-            .filter(|until| *until > now)
-            .map(|until| until - now)
-    }
-
-    fn failed(&mut self, now: Instant) {
-        // Calls that were already under way when a pause began fail as well: they
-        // are the same outage, not a longer one.
-        if self.left(now).is_some() {
-            return;
-        }
-        let doublings = self.failures.min(5);
-        self.failures = self.failures.saturating_add(1);
-        let pause = (FIRST_PAUSE * 2u32.pow(doublings)).min(MAX_PAUSE);
-        self.until = Some(now + pause);
-    }
-
-    fn succeeded(&mut self) {
-        *self = Pause::default();
-    }
-}
-
-/// `url` with its credentials (`user:password@`) replaced by `***@`, for `Debug`,
-/// errors and logs; a URL without any is returned as it is.
-///
-/// ```
-/// use metaorch::cache::redacted_url;
-/// assert_eq!(redacted_url("redis://:hunter2@cache:6379/0"), "redis://***@cache:6379/0");
-/// assert_eq!(redacted_url("redis://cache:6379"), "redis://cache:6379");
-/// ```
-pub fn redacted_url(url: &str) -> String {
-    match userinfo_at(url) {
-        Some((start, info)) => format!("{}***{}", &url[..start], &url[start + info.len()..]),
-        None => url.to_owned(),
-    }
-}
-
-/// The user info of `url` and where it starts: between `scheme://` and the last `@`
-/// of the authority (a password may hold an `@`).
-fn userinfo_at(url: &str) -> Option<(usize, &str)> {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let rest = &url[start..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    authority.rfind('@').map(|at| (start, &authority[..at]))
-}
-
-/// `text` without the URL's credentials, in case an error quotes them.
-fn scrub(text: &str, userinfo: Option<&str>) -> String {
-    let mut text = text.to_owned();
-    if let Some(userinfo) = userinfo.filter(|u| !u.is_empty()) {
-        text = text.replace(userinfo, "***");
-        let password = userinfo.split_once(':').map_or("", |(_, p)| p);
-        if password.len() >= 4 {
-            text = text.replace(password, "***");
-        }
-    }
-    text
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pause_doubles_to_its_cap_and_ends_on_success() {
-        let t0 = Instant::now();
-        let mut pause = Pause::default();
-        assert_eq!(pause.left(t0), None);
-        let mut now = t0;
-        let mut pauses = Vec::new();
-        for _ in 0..8 {
-            pause.failed(now);
-            let left = pause.left(now).unwrap();
-            pauses.push(left.as_secs());
-            // A failure during the pause does not lengthen it.
-            pause.failed(now + left / 2);
-            assert_eq!(pause.left(now), Some(left));
-            now += left;
-        }
-        assert_eq!(pauses, [1, 2, 4, 8, 16, 30, 30, 30]);
-        pause.succeeded();
-        assert_eq!(pause, Pause::default());
-        assert_eq!(pause.left(now), None);
-    }
-
-    #[test]
-    fn redacted_url_hides_user_and_password_only() {
-        for (url, shown) in [
-            ("redis://:pw@h:6379/0", "redis://***@h:6379/0"),
-            ("rediss://user:pw@h", "rediss://***@h"),
-            ("redis://user:p@ss@h:1/2?x=@", "redis://***@h:1/2?x=@"),
-            ("redis://h:6379", "redis://h:6379"),
-            ("not a url", "not a url"),
-        ] {
-            assert_eq!(redacted_url(url), shown, "{url}");
-        }
-    }
 
     #[test]
     fn keys_are_namespaced_and_versioned() {
@@ -383,14 +382,6 @@ mod tests {
             error.0.starts_with("redis://***@ is not a Redis URL"),
             "{error}"
         );
-
-        assert_eq!(
-            scrub(
-                "auth admin:s3cr3t-pw failed, s3cr3t-pw",
-                Some("admin:s3cr3t-pw")
-            ),
-            "auth *** failed, ***"
-        );
     }
 
     #[tokio::test]
@@ -412,6 +403,6 @@ mod tests {
         assert!(error.0.contains("could not be reached"), "{error}");
         let paused = store.get(&key).await.unwrap_err();
         assert!(paused.0.contains("not asked again for"), "{paused}");
-        assert!(store.pause().left(Instant::now()).is_some());
+        assert!(store.link.state().pause.left(Instant::now()).is_some());
     }
 }
