@@ -155,6 +155,9 @@ impl RedisStore {
 
     /// The connection, once the connect under way (started now if none is) ends.
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {
+        if let Some(manager) = &self.link.state().manager {
+            return Ok(manager.clone());
+        }
         let connected = self.link.connected.notified();
         tokio::pin!(connected);
         // Registered before the state is read, so that a connect ending in between
