@@ -962,6 +962,7 @@ impl Validator<'_> {
                         version: a.version.unwrap_or_else(|| ANTHROPIC_VERSION.into()),
                         max_tokens_field: MaxTokensField::default(),
                         prompt_cache: a.prompt_cache.unwrap_or(false),
+                        http2: a.http2.unwrap_or_default(),
                     };
                     self.http_provider(&config, &name, span);
                     ProviderConfig::Anthropic(config)
@@ -974,6 +975,7 @@ impl Validator<'_> {
                         version: String::new(),
                         max_tokens_field: o.max_tokens_field.unwrap_or_default(),
                         prompt_cache: false,
+                        http2: o.http2.unwrap_or_default(),
                     };
                     self.http_provider(&config, &name, span);
                     ProviderConfig::OpenAi(config)
