@@ -806,3 +806,41 @@ fn the_synthesizer_template_fills_both_placeholders_in_one_pass() {
         "Q: what about {replies}? R: the replies {other}"
     );
 }
+
+#[test]
+fn http2_is_read_per_provider_with_auto_by_default() {
+    let config = Config::from_toml_str(
+        "[providers.local]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:8081\"\nhttp2 = \"always\"\n\n\
+         [providers.claude]\nkind = \"anthropic\"\n\n\
+         [providers.plain]\nkind = \"openai\"\nhttp2 = \"never\"\n\n\
+         [[agents]]\nid = \"a\"\nprovider = \"local\"\n",
+        "test.toml",
+    )
+    .unwrap();
+    let http2 = |name: &str| match &config.providers[name] {
+        ProviderConfig::OpenAi(http) | ProviderConfig::Anthropic(http) => http.http2,
+        ProviderConfig::Sim(_) => unreachable!("{name} is an HTTP provider"),
+    };
+    use metaorch::provider::Http2;
+    assert_eq!(http2("local"), Http2::Always);
+    assert_eq!(http2("claude"), Http2::Auto);
+    assert_eq!(http2("plain"), Http2::Never);
+}
+
+#[test]
+fn a_bad_http2_value_names_the_field_and_the_choices() {
+    let e = one_error(&format!(
+        "[providers.local]\nkind = \"openai\"\nhttp2 = \"yes\"\n\n{AGENT}"
+    ));
+    assert_eq!(
+        e,
+        "test.toml:3:9: providers.local.http2: unknown variant `yes`, expected one of `auto`, `always`, `never`"
+    );
+    let e = one_error(&format!(
+        "[providers.local]\nkind = \"anthropic\"\nhttp2 = true\n\n{AGENT}"
+    ));
+    assert!(
+        e.starts_with("test.toml:3:9: providers.local.http2: invalid type: boolean `true`"),
+        "{e}"
+    );
+}

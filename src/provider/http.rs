@@ -529,6 +529,41 @@ mod tests {
         assert!(traceparent(&"0".repeat(32)).is_none());
     }
 
+    /// The connections a burst opened leave the pool once idle for its timeout.
+    #[tokio::test]
+    async fn the_idle_pool_shrinks() {
+        use crate::mock_upstream::{MockOptions, MockUpstream};
+        let mock = MockUpstream::start(([127, 0, 0, 1], 0).into(), MockOptions::default())
+            .await
+            .unwrap();
+        for (http2, burst) in [(Http2::Never, 5), (Http2::Always, 1)] {
+            let before = mock.stats();
+            let client = client_with_idle(http2, Duration::from_millis(200));
+            let url = format!("{}/mock/stats", mock.url());
+            let mut calls = tokio::task::JoinSet::new();
+            for _ in 0..5 {
+                calls.spawn(client.get(&url).send());
+            }
+            while let Some(sent) = calls.join_next().await {
+                sent.unwrap().unwrap().bytes().await.unwrap();
+            }
+            let after = mock.stats();
+            let opened = after.connections_accepted - before.connections_accepted;
+            assert!((1..=burst).contains(&opened), "{http2}: {opened} opened");
+            assert_eq!(after.connections_open, opened, "{http2}: kept idle");
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while mock.stats().connections_open > 0 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(
+                mock.stats().connections_open,
+                0,
+                "{http2}: closed when idle"
+            );
+        }
+        mock.stop().await;
+    }
+
     #[test]
     fn urls_join_with_one_slash() {
         assert_eq!(
