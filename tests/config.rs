@@ -806,3 +806,47 @@ fn the_synthesizer_template_fills_both_placeholders_in_one_pass() {
         "Q: what about {replies}? R: the replies {other}"
     );
 }
+
+#[test]
+fn http2_is_read_per_provider_with_auto_by_default() {
+    let config = Config::from_toml_str(
+        r#"
+[providers.local]
+kind = "openai"
+base_url = "http://127.0.0.1:8081"
+http2 = "always"
+[providers.claude]
+kind = "anthropic"
+http2 = "never"
+[providers.plain]
+kind = "openai"
+[[agents]]
+id = "a"
+provider = "sim"
+"#,
+        "test.toml",
+    )
+    .unwrap();
+    let http2 = |name: &str| match &config.providers[name] {
+        ProviderConfig::OpenAi(http) | ProviderConfig::Anthropic(http) => http.http2,
+        ProviderConfig::Sim(_) => unreachable!("{name} is an HTTP provider"),
+    };
+    use metaorch::provider::Http2;
+    assert_eq!(http2("local"), Http2::Always);
+    assert_eq!(http2("claude"), Http2::Never);
+    assert_eq!(http2("plain"), Http2::Auto);
+}
+
+#[test]
+fn a_bad_http2_value_names_the_field_and_the_choices() {
+    let e = one_error(&format!(
+        "[providers.local]\nkind = \"openai\"\nhttp2 = \"yes\"\n\n{AGENT}"
+    ));
+    assert!(
+        e.ends_with(
+            "providers.local.http2: \"yes\" is not an HTTP/2 mode; expected \"auto\" (HTTP/2 by ALPN over https, HTTP/1.1 over http), \"always\" (HTTP/2 only: h2c over http) or \"never\" (HTTP/1.1 only)"
+        ),
+        "{e}"
+    );
+    assert!(e.starts_with("test.toml:1:"), "{e}");
+}

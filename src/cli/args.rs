@@ -320,6 +320,12 @@ pub struct BenchUpstream {
     #[arg(long, value_enum, default_value_t = ApiArg::Anthropic)]
     pub api: ApiArg,
 
+    /// HTTP/2 to a URL upstream: `auto` (by ALPN over https, HTTP/1.1 over http),
+    /// `always` (h2c with prior knowledge over http, as mock-upstream speaks it) or
+    /// `never` (HTTP/1.1 only).
+    #[arg(long, value_name = "auto|always|never", default_value_t = metaorch::provider::Http2::Auto)]
+    pub http2: metaorch::provider::Http2,
+
     /// Simulated latency range (sim upstream). Default: 500ms..2000ms, or 0ms for
     /// `throughput`.
     #[arg(long, value_name = "MIN..MAX", value_parser = parse_range)]

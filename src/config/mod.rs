@@ -370,6 +370,9 @@ pub struct HttpProviderConfig {
     /// Whether this provider's agents mark their system prompt for the prompt cache
     /// unless they say otherwise (Anthropic only).
     pub prompt_cache: bool,
+    /// Which HTTP version to speak: HTTP/2 by ALPN over https (`auto`), h2c with prior
+    /// knowledge (`always`), or HTTP/1.1 only (`never`).
+    pub http2: crate::provider::Http2,
 }
 
 /// One sub-agent.

@@ -178,6 +178,7 @@ pub(crate) struct RawAnthropic {
     pub api_key_env: Option<String>,
     pub version: Option<String>,
     pub prompt_cache: Option<bool>,
+    pub http2: Option<String>,
     pub flow: Option<RawFlow>,
 }
 
@@ -187,6 +188,7 @@ pub(crate) struct RawOpenAi {
     pub base_url: Option<String>,
     pub api_key_env: Option<String>,
     pub max_tokens_field: Option<crate::provider::MaxTokensField>,
+    pub http2: Option<String>,
     pub flow: Option<RawFlow>,
 }
 

@@ -20,7 +20,9 @@ use super::{
     EMBEDDED_DEFAULT, FallbackConfig, PromptTemplate, ProviderConfig, SynthesizerConfig,
 };
 use crate::limits::FlowConfig;
-use crate::provider::{ANTHROPIC_VERSION, MaxTokensField, ScriptedFault, SimFaults, SimOptions};
+use crate::provider::{
+    ANTHROPIC_VERSION, Http2, MaxTokensField, ScriptedFault, SimFaults, SimOptions,
+};
 use crate::resilience::{BreakerConfig, CallPolicy, RetryBudgetConfig, RetryPolicy, Window};
 
 /// The most attempts a policy may make: more is a config mistake, not resilience.
@@ -770,6 +772,26 @@ impl Validator<'_> {
         flow
     }
 
+    /// `providers.NAME.http2`: read here rather than by serde, whose error inside a
+    /// provider table (buffered by its `kind` tag) would lose the field's name.
+    fn http2(&mut self, value: Option<&str>, name: &str, span: Range<usize>) -> Http2 {
+        match value.map(str::parse::<Http2>) {
+            None => Http2::default(),
+            Some(Ok(http2)) => http2,
+            Some(Err(_)) => {
+                self.error(
+                    Some(span),
+                    format!("providers.{name}.http2"),
+                    format!(
+                        "\"{}\" is not an HTTP/2 mode; expected \"auto\" (HTTP/2 by ALPN over https, HTTP/1.1 over http), \"always\" (HTTP/2 only: h2c over http) or \"never\" (HTTP/1.1 only)",
+                        value.unwrap_or_default()
+                    ),
+                );
+                Http2::default()
+            }
+        }
+    }
+
     fn http_provider(&mut self, config: &HttpProviderConfig, name: &str, span: Range<usize>) {
         if let Some(url) = config
             .base_url
@@ -962,6 +984,7 @@ impl Validator<'_> {
                         version: a.version.unwrap_or_else(|| ANTHROPIC_VERSION.into()),
                         max_tokens_field: MaxTokensField::default(),
                         prompt_cache: a.prompt_cache.unwrap_or(false),
+                        http2: self.http2(a.http2.as_deref(), &name, span.clone()),
                     };
                     self.http_provider(&config, &name, span);
                     ProviderConfig::Anthropic(config)
@@ -974,6 +997,7 @@ impl Validator<'_> {
                         version: String::new(),
                         max_tokens_field: o.max_tokens_field.unwrap_or_default(),
                         prompt_cache: false,
+                        http2: self.http2(o.http2.as_deref(), &name, span.clone()),
                     };
                     self.http_provider(&config, &name, span);
                     ProviderConfig::OpenAi(config)

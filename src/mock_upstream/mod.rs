@@ -14,6 +14,7 @@
 //! API's 429 or 529, and every response carries the rate-limit headers of the limits
 //! that are set (and none when none are).
 
+mod conn;
 mod faults;
 mod ratelimit;
 mod wire;
@@ -31,12 +32,14 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
+use axum::http::Version;
 use axum::response::Response;
-use axum::routing::post;
+use axum::routing::{get, post};
 use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use conn::MockStats;
 pub use faults::{MockFault, MockScript};
 use wire::Api;
 
@@ -91,6 +94,8 @@ pub struct RequestRecord {
     pub timestamp: String,
     /// `anthropic` or `openai`.
     pub api: &'static str,
+    /// The protocol it came over: `HTTP/1.1` or `HTTP/2.0`.
+    pub http: &'static str,
     /// The model asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
@@ -143,6 +148,8 @@ pub(crate) struct Shared {
     records: Mutex<Vec<RequestRecord>>,
     log: Option<Mutex<File>>,
     ids: AtomicU64,
+    /// Connections accepted and requests by protocol.
+    counters: Arc<conn::Counters>,
 }
 
 impl Shared {
@@ -198,21 +205,17 @@ impl MockUpstream {
             records: Mutex::new(Vec::new()),
             log,
             ids: AtomicU64::new(1),
+            counters: Arc::new(conn::Counters::default()),
         });
         let app = Router::new()
             .route("/v1/messages", post(messages))
             .route("/v1/chat/completions", post(chat))
+            .route("/mock/stats", get(stats))
             .with_state(Arc::clone(&shared));
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await
-        });
+        let task = tokio::spawn(conn::serve(listener, app, Arc::clone(&shared.counters), rx));
         Ok(MockUpstream {
             addr,
             shared,
@@ -240,6 +243,12 @@ impl MockUpstream {
             .clone()
     }
 
+    /// Connections accepted so far and requests by protocol, as `GET /mock/stats`
+    /// answers.
+    pub fn stats(&self) -> MockStats {
+        self.shared.counters.snapshot()
+    }
+
     /// Requests the account has admitted that are still in progress (a stream until its
     /// last event).
     pub fn in_flight(&self) -> usize {
@@ -261,12 +270,28 @@ impl MockUpstream {
     }
 }
 
-async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    wire::handle(&shared, Api::Anthropic, &headers, &body).await
+async fn messages(
+    State(shared): State<Arc<Shared>>,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    shared.counters.request(version);
+    wire::handle(&shared, Api::Anthropic, version, &headers, &body).await
 }
 
-async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    wire::handle(&shared, Api::OpenAi, &headers, &body).await
+async fn chat(
+    State(shared): State<Arc<Shared>>,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    shared.counters.request(version);
+    wire::handle(&shared, Api::OpenAi, version, &headers, &body).await
+}
+
+async fn stats(State(shared): State<Arc<Shared>>) -> axum::Json<MockStats> {
+    axum::Json(shared.counters.snapshot())
 }
 
 impl Shared {

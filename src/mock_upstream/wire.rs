@@ -33,6 +33,7 @@ impl Api {
 pub(crate) async fn handle(
     shared: &Shared,
     api: Api,
+    version: axum::http::Version,
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Response {
@@ -45,6 +46,11 @@ pub(crate) async fn handle(
     let mut record = RequestRecord {
         timestamp: now_rfc3339(),
         api: api.name(),
+        http: match version {
+            axum::http::Version::HTTP_2 => "HTTP/2.0",
+            axum::http::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        },
         model: None,
         stream: false,
         status: 200,

@@ -322,11 +322,13 @@ fn build_provider(
             base_url: base_url(http, "ANTHROPIC_BASE_URL", ANTHROPIC_BASE_URL)?,
             api_key: key(http)?,
             version: http.version.clone(),
+            http2: http.http2,
         })),
         ProviderConfig::OpenAi(http) => Arc::new(OpenAiProvider::new(OpenAiOptions {
             base_url: base_url(http, "OPENAI_BASE_URL", OPENAI_BASE_URL)?,
             api_key: key(http)?,
             max_tokens_field: http.max_tokens_field,
+            http2: http.http2,
         })),
     })
 }

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use reqwest::header::CONTENT_TYPE;
 use serde::{Deserialize, Serialize};
 
-use super::http::{self, ResponseMeta, Secret};
+use super::http::{self, Http2, ResponseMeta, Secret};
 use super::sse::SseEvent;
 use super::{Completion, CompletionRequest, ErrorKind, Provider, ProviderError, Usage};
 
@@ -33,6 +33,8 @@ pub struct AnthropicOptions {
     pub api_key: Option<Secret>,
     /// Sent as `anthropic-version`.
     pub version: String,
+    /// Which HTTP version to speak.
+    pub http2: Http2,
 }
 
 impl Default for AnthropicOptions {
@@ -41,6 +43,7 @@ impl Default for AnthropicOptions {
             base_url: ANTHROPIC_BASE_URL.to_owned(),
             api_key: None,
             version: ANTHROPIC_VERSION.to_owned(),
+            http2: Http2::default(),
         }
     }
 }
@@ -56,11 +59,12 @@ pub struct AnthropicProvider {
 impl AnthropicProvider {
     /// A provider with its own connection pool.
     pub fn new(options: AnthropicOptions) -> Self {
+        let client = http::client(options.http2);
         let url = endpoint(&options.base_url, "v1/messages");
         AnthropicProvider {
             options,
             url,
-            client: http::client(),
+            client,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{HeaderMap, HeaderValue};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{ErrorKind, ProviderError, retry_after};
 
@@ -59,15 +59,101 @@ impl fmt::Display for Secret {
     }
 }
 
+/// How long a connection may sit idle in a provider's pool before it is closed: after
+/// a burst, the connections it opened are let go within this (reqwest's default is 90
+/// s; APIs behind load balancers often drop idle connections sooner anyway).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The HTTP/2 flow-control window of one call: a whole ordinary reply (and the 8 MiB
+/// cap's first eighth) arrives without waiting for a `WINDOW_UPDATE`. A window is
+/// credit, not a buffer: memory is spent only on what arrives unread.
+pub const H2_STREAM_WINDOW: u32 = 1 << 20;
+
+/// The HTTP/2 window all calls on one connection share: thousands of small replies in
+/// flight at once do not stall each other.
+pub const H2_CONNECTION_WINDOW: u32 = 16 << 20;
+
+/// How often an HTTP/2 connection with calls in flight is pinged, and how long a ping
+/// may go unanswered before the connection counts as dead. One dead connection holds
+/// every call multiplexed on it: a ping finds it before the attempt timeouts do, and
+/// its calls fail as connection errors, which are retried.
+pub const H2_KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(10));
+
+/// Which HTTP version a provider speaks (`providers.NAME.http2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Http2 {
+    /// HTTP/2 where the server offers it during the TLS handshake (ALPN), as the
+    /// Anthropic and OpenAI APIs do; HTTP/1.1 over `http://`.
+    #[default]
+    Auto,
+    /// HTTP/2 only, with prior knowledge: h2c over `http://`, and only `h2` offered
+    /// over TLS. For local servers that speak it, such as `metaorch mock-upstream`.
+    Always,
+    /// HTTP/1.1 only: one connection per call in flight.
+    Never,
+}
+
+impl Http2 {
+    /// The name as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Http2::Auto => "auto",
+            Http2::Always => "always",
+            Http2::Never => "never",
+        }
+    }
+}
+
+impl fmt::Display for Http2 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Http2 {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Http2::Auto),
+            "always" => Ok(Http2::Always),
+            "never" => Ok(Http2::Never),
+            _ => Err(format!(
+                "\"{s}\" is not an HTTP/2 mode; expected auto, always or never"
+            )),
+        }
+    }
+}
+
 /// An HTTP client for providers: no retries of its own (the resilience layer is the
-/// only one), no redirects (an API that redirects is misconfigured), a connect timeout.
-pub(crate) fn client() -> reqwest::Client {
-    reqwest::Client::builder()
+/// only one), no redirects (an API that redirects is misconfigured), a connect timeout,
+/// and HTTP/2 as `http2` says.
+pub(crate) fn client(http2: Http2) -> reqwest::Client {
+    client_with_idle(http2, POOL_IDLE_TIMEOUT)
+}
+
+/// [`client`] with another idle timeout (tests watch the pool shrink).
+pub(crate) fn client_with_idle(http2: Http2, pool_idle_timeout: Duration) -> reqwest::Client {
+    let builder = reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("metaorch/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .unwrap_or_else(|_| reqwest::Client::new())
+        .pool_idle_timeout(pool_idle_timeout)
+        // Fixed windows, not the adaptive one: its estimate starts at 64 KiB and grows
+        // with bulk transfers, and calls here are many small replies.
+        .http2_adaptive_window(false)
+        .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+        .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .http2_keep_alive_interval(H2_KEEP_ALIVE.0)
+        .http2_keep_alive_timeout(H2_KEEP_ALIVE.1)
+        .http2_keep_alive_while_idle(false);
+    let builder = match http2 {
+        Http2::Auto => builder,
+        Http2::Always => builder.http2_prior_knowledge(),
+        Http2::Never => builder.http1_only(),
+    };
+    builder.build().unwrap_or_else(|_| reqwest::Client::new())
 }
 
 /// The rate limit state a provider reported with its response, for flow control.
@@ -441,6 +527,41 @@ mod tests {
         assert_eq!(tp.len(), 55);
         assert!(traceparent("not-an-id").is_none());
         assert!(traceparent(&"0".repeat(32)).is_none());
+    }
+
+    /// The connections a burst opened leave the pool once idle for its timeout.
+    #[tokio::test]
+    async fn the_idle_pool_shrinks() {
+        use crate::mock_upstream::{MockOptions, MockUpstream};
+        let mock = MockUpstream::start(([127, 0, 0, 1], 0).into(), MockOptions::default())
+            .await
+            .unwrap();
+        for (http2, burst) in [(Http2::Never, 5), (Http2::Always, 1)] {
+            let before = mock.stats();
+            let client = client_with_idle(http2, Duration::from_millis(200));
+            let url = format!("{}/mock/stats", mock.url());
+            let mut calls = tokio::task::JoinSet::new();
+            for _ in 0..5 {
+                calls.spawn(client.get(&url).send());
+            }
+            while let Some(sent) = calls.join_next().await {
+                sent.unwrap().unwrap().bytes().await.unwrap();
+            }
+            let after = mock.stats();
+            let opened = after.connections_accepted - before.connections_accepted;
+            assert!((1..=burst).contains(&opened), "{http2}: {opened} opened");
+            assert_eq!(after.connections_open, opened, "{http2}: kept idle");
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while mock.stats().connections_open > 0 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(
+                mock.stats().connections_open,
+                0,
+                "{http2}: closed when idle"
+            );
+        }
+        mock.stop().await;
     }
 
     #[test]

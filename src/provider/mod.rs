@@ -25,7 +25,10 @@ pub use account::{
 };
 pub use anthropic::{ANTHROPIC_BASE_URL, ANTHROPIC_VERSION, AnthropicOptions, AnthropicProvider};
 pub use error::{ErrorKind, ProviderError};
-pub use http::{MAX_ERROR_BODY_BYTES, MAX_RESPONSE_BYTES, RateLimits, Secret};
+pub use http::{
+    H2_CONNECTION_WINDOW, H2_KEEP_ALIVE, H2_STREAM_WINDOW, Http2, MAX_ERROR_BODY_BYTES,
+    MAX_RESPONSE_BYTES, POOL_IDLE_TIMEOUT, RateLimits, Secret,
+};
 pub use openai::{MaxTokensField, OPENAI_BASE_URL, OpenAiOptions, OpenAiProvider};
 pub use sim::{ScriptedFault, SimFault, SimFaults, SimOptions, SimProvider};
 

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::anthropic::endpoint;
-use super::http::{self, ResponseMeta, Secret};
+use super::http::{self, Http2, ResponseMeta, Secret};
 use super::sse::SseEvent;
 use super::{Completion, CompletionRequest, ErrorKind, Provider, ProviderError, Usage};
 
@@ -40,6 +40,8 @@ pub struct OpenAiOptions {
     pub api_key: Option<Secret>,
     /// The name of the token bound.
     pub max_tokens_field: MaxTokensField,
+    /// Which HTTP version to speak.
+    pub http2: Http2,
 }
 
 impl Default for OpenAiOptions {
@@ -48,6 +50,7 @@ impl Default for OpenAiOptions {
             base_url: OPENAI_BASE_URL.to_owned(),
             api_key: None,
             max_tokens_field: MaxTokensField::default(),
+            http2: Http2::default(),
         }
     }
 }
@@ -63,11 +66,12 @@ pub struct OpenAiProvider {
 impl OpenAiProvider {
     /// A provider with its own connection pool.
     pub fn new(options: OpenAiOptions) -> Self {
+        let client = http::client(options.http2);
         let url = endpoint(&options.base_url, "v1/chat/completions");
         OpenAiProvider {
             options,
             url,
-            client: http::client(),
+            client,
         }
     }
 }

@@ -9,6 +9,7 @@
 
 mod cache;
 mod chart;
+mod connections;
 mod limits;
 mod stats;
 
@@ -133,11 +134,13 @@ fn setup(
             ApiArg::Anthropic => Arc::new(AnthropicProvider::new(AnthropicOptions {
                 base_url: url,
                 api_key: key,
+                http2: up.http2,
                 ..AnthropicOptions::default()
             })),
             ApiArg::Openai => Arc::new(OpenAiProvider::new(OpenAiOptions {
                 base_url: url,
                 api_key: key,
+                http2: up.http2,
                 ..OpenAiOptions::default()
             })),
         }
@@ -196,9 +199,10 @@ fn setup(
             )
         } else {
             format!(
-                "{} ({:?}){}",
+                "{} ({:?}, http2 {}){}",
                 up.upstream,
                 up.api,
+                up.http2,
                 if up.synthesize {
                     ", with synthesis"
                 } else {
@@ -507,6 +511,9 @@ struct LoadReport {
     /// Mean US dollars per request at the configured (for `sim`, illustrative)
     /// prices; `null` when a model has no price.
     cost_usd_per_request: Option<f64>,
+    /// Connections opened and the protocol, when the upstream is a mock-upstream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connections: Option<connections::ConnectionReport>,
 }
 
 async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
@@ -526,6 +533,11 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
         None
     };
     let setup = setup(&args.upstream, limit, default_latency, None)?;
+    let stats_before = if args.upstream.upstream == "sim" {
+        None
+    } else {
+        connections::read(&args.upstream.upstream).await
+    };
     let counter = Arc::new(AtomicU64::new(0));
     let warm = Instant::now() + args.warmup;
     let deadline = warm + args.duration;
@@ -576,6 +588,12 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
     let wall = warm.elapsed();
     let (cpu_after, rss) = usage();
     let cpu_before = cpu_at_warm.await.context("the CPU clock task failed")?;
+    let connections = match stats_before {
+        Some(before) => connections::read(&args.upstream.upstream)
+            .await
+            .map(|after| connections::ConnectionReport::between(before, after)),
+        None => None,
+    };
     let cpu = cpu_after.saturating_sub(cpu_before).as_secs_f64();
     let calls: usize = samples.iter().map(|s| s.calls).sum();
     let mut e2e: Vec<f64> = samples
@@ -613,6 +631,7 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
         },
         peak_rss_mb: rss,
         cost_usd_per_request,
+        connections,
     };
     println!(
         "{} — {} requests in flight for {:.1} s after a {:.1} s warm-up (limit {}), upstream: {}",
@@ -639,6 +658,12 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
         "  cpu:       {:.2} CPU cores busy, {:.1} µs CPU per agent call, peak RSS {:.1} MB",
         report.cpu_cores_busy, report.cpu_us_per_agent_call, report.peak_rss_mb
     );
+    if let Some(c) = &report.connections {
+        println!(
+            "  connections: {} opened for {} calls ({:.2} per 1,000 calls, warm-up included), {}; {} open at the end",
+            c.opened, c.calls, c.per_1000_calls, c.protocol, c.open_at_end
+        );
+    }
     match report.cost_usd_per_request {
         Some(usd) => println!(
             "  cost:      ${usd:.6} per request, at the default config's illustrative price for sim-1"
