@@ -104,6 +104,20 @@ async fn post(url: &str, body: Value) -> reqwest::Response {
     client().post(url).json(&body).send().await.unwrap()
 }
 
+/// `/v1/orchestrate` as server-sent events: the whole stream's text.
+async fn event_stream(server: &str, body: Value) -> String {
+    client()
+        .post(format!("{server}/v1/orchestrate"))
+        .header("accept", "text/event-stream")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn orchestrate_plain_and_traceparent() {
     let server = Server::start(ServerConfig::default(), None, 5).await;
@@ -186,16 +200,7 @@ async fn orchestrate_plain_and_traceparent() {
 #[tokio::test]
 async fn orchestrate_streams_events_then_the_result() {
     let server = Server::start(ServerConfig::default(), None, 5).await;
-    let text = client()
-        .post(format!("{}/v1/orchestrate", server.url))
-        .header("accept", "text/event-stream")
-        .json(&json!({"query": "stream it"}))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = event_stream(&server.url, json!({"query": "stream it"})).await;
     let events: Vec<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("event: "))
@@ -1766,16 +1771,7 @@ async fn chat_streaming_forwards_the_synthesizers_tokens_as_they_arrive() {
 async fn orchestrate_events_carry_the_synthesis_as_it_is_written() {
     let (_mock, config) = mock_and_config(true).await;
     let server = Server::start_with(config, ServerConfig::default(), None).await;
-    let text = client()
-        .post(format!("{}/v1/orchestrate", server.url))
-        .header("accept", "text/event-stream")
-        .json(&json!({"query": "stream it"}))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = event_stream(&server.url, json!({"query": "stream it"})).await;
     let events: Vec<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("event: "))
