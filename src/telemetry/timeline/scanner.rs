@@ -8,9 +8,9 @@
 //! second pass that does little more than find the newlines.
 //!
 //! For `--last`, the request followed is the one of the last `request.start` line: in
-//! each block the scanner searches backwards for the event, parses that line alone, and
-//! searches for its trace id from there on. Earlier starts in the block would be
-//! replaced by it anyway.
+//! each block the scanner finds the event's mentions, parses the last one's line alone
+//! (or the one before, if that line is no object), and searches for its trace id from
+//! there on. Earlier starts in the block would be replaced by it anyway.
 
 use std::io::{self, Read};
 
@@ -81,8 +81,8 @@ pub struct Scanner {
     request: Option<String>,
     /// Finds `current`.
     finder: Option<memmem::Finder<'static>>,
-    /// Finds the last `request.start` of a block.
-    start_finder: memmem::FinderRev<'static>,
+    /// Finds the `request.start` lines of a block.
+    start_finder: memmem::Finder<'static>,
     /// The trace's lines, as read: parsed only at the end, so that `--last` does not
     /// parse every request's lines on the way to the last one.
     kept: Vec<Vec<u8>>,
@@ -107,7 +107,7 @@ impl Scanner {
             current,
             request,
             select,
-            start_finder: memmem::FinderRev::new(START).into_owned(),
+            start_finder: memmem::Finder::new(START).into_owned(),
             kept: Vec::new(),
             stats: ScanStats::default(),
         }
@@ -171,19 +171,40 @@ impl Scanner {
     /// names a trace, if there is one, and returns where its line begins (the start of
     /// the block otherwise). The lines before it are of requests that started earlier.
     fn follow_last_start(&mut self, block: &[u8]) -> usize {
+        // Searched forwards in windows from the block's end, each four times the one
+        // before: in a log of short lines the last start is a few lines from the end,
+        // and in one of long lines the block is crossed in a few vectorised searches (a
+        // backward search has no vectorised prefilter: it crawled).
         let mut end = block.len();
-        while let Some(at) = self.start_finder.rfind(&block[..end]) {
-            let (start, line_end) = line_around(block, at);
-            if let Some(v) = braced(&block[start..line_end]).and_then(parse)
-                && let Some(id) = v["trace_id"].as_str().filter(|id| !id.is_empty())
-            {
-                self.finder = Some(memmem::Finder::new(id.as_bytes()).into_owned());
-                self.current = Some(id.to_owned());
-                self.request = v["request_id"].as_str().map(str::to_owned);
-                self.kept.clear();
-                return start;
+        let mut window = 1 << 12;
+        while end > 0 {
+            let from = end.saturating_sub(window);
+            // A mention that begins before `end` may finish after it.
+            let to = (end + START.len() - 1).min(block.len());
+            let starts: Vec<usize> = self
+                .start_finder
+                .find_iter(&block[from..to])
+                .map(|at| from + at)
+                .collect();
+            for at in starts.into_iter().rev() {
+                if at >= end {
+                    // On a line already tried, or in the window before.
+                    continue;
+                }
+                let (start, line_end) = line_around(block, at);
+                if let Some(v) = braced(&block[start..line_end]).and_then(parse)
+                    && let Some(id) = v["trace_id"].as_str().filter(|id| !id.is_empty())
+                {
+                    self.finder = Some(memmem::Finder::new(id.as_bytes()).into_owned());
+                    self.current = Some(id.to_owned());
+                    self.request = v["request_id"].as_str().map(str::to_owned);
+                    self.kept.clear();
+                    return start;
+                }
+                end = start;
             }
-            end = start;
+            end = end.min(from);
+            window *= 4;
         }
         0
     }
@@ -468,6 +489,35 @@ mod tests {
     }
 
     #[test]
+    fn last_finds_a_start_far_from_the_block_end_or_astride_a_window() {
+        let pad = |n: usize| format!(r#"{{"pad":"{}"}}"#, "x".repeat(n));
+        let start = line(B, "00.000", "request.start", "");
+        let tail = pad(20_000);
+        // B's start far back, behind long lines and a start that is no object.
+        let far = [
+            start.clone(),
+            pad(30_000),
+            format!(r#"{{"event":"request.start","trace_id":"{A}" oops}}"#),
+            tail.clone(),
+        ]
+        .join("\n");
+        let mut s = Scanner::new(Select::Last);
+        s.feed(far.as_bytes());
+        assert_eq!(s.trace_id(), Some(B));
+        // The event's name cut by the first window's edge, at every offset.
+        let at = start.find(std::str::from_utf8(START).unwrap()).unwrap();
+        for cut in 0..START.len() {
+            // The block is 4096 bytes longer than what precedes the edge, at + cut.
+            let pad_line = at + cut + 4096 - start.len() - 1;
+            let log = format!("{start}\n{}", pad(pad_line - r#"{"pad":""}"#.len()));
+            assert_eq!(log.len(), at + cut + 4096);
+            let mut s = Scanner::new(Select::Last);
+            s.feed(log.as_bytes());
+            assert_eq!(s.trace_id(), Some(B), "cut {cut}");
+        }
+    }
+
+    #[test]
     fn gzip_is_searched_after_decoding_even_across_members() {
         let log = log();
         // Two gzip members, the second starting in the middle of A's id.
@@ -525,13 +575,14 @@ mod tests {
                     Just(format!("{{{A}")),
                     Just("\r".to_owned()),
                     Just(" \t ".to_owned()),
+                    Just(format!(r#"{{"pad":"{}"}}"#, "x".repeat(3000))),
                     "[a-z{}\":, ]{0,20}",
                 ],
                 0..24,
             ),
             junk in proptest::collection::vec(any::<u8>(), 0..16),
             newline_at_end in any::<bool>(),
-            block in 1usize..400,
+            block in prop_oneof![1usize..400, 4000usize..80_000],
         ) {
             let mut data = pieces.join("\n").into_bytes();
             data.extend_from_slice(&junk);
