@@ -204,7 +204,7 @@ impl Scanner {
                 end = start;
             }
             end = end.min(from);
-            window *= 4;
+            window = window.saturating_mul(4);
         }
         0
     }
