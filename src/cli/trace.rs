@@ -21,9 +21,9 @@ use metaorch::telemetry::{RequestId, TraceId, terminal_safe};
 
 use super::args::{Cli, OutputFormat, TraceArgs};
 
-/// Read buffer per file: large enough that the scan is bound by the search, not by
-/// system calls.
-const BUFFER: usize = 1 << 18;
+/// Bytes looked at for the gzip magic. The scanner reads in larger blocks, and a read
+/// larger than this buffer bypasses it: the log is copied once, into the scanner.
+const PEEK: usize = 1 << 16;
 
 pub fn trace(cli: &Cli, args: &TraceArgs) -> anyhow::Result<ExitCode> {
     let select = match &args.trace_id {
@@ -33,19 +33,10 @@ pub fn trace(cli: &Cli, args: &TraceArgs) -> anyhow::Result<ExitCode> {
     let logs = log_paths(cli, args)?;
 
     let mut scanner = Scanner::new(select);
-    let mut line = Vec::with_capacity(1024);
     for path in &logs {
-        let mut reader = open(path)?;
-        loop {
-            line.clear();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            scanner.feed(&line);
-        }
+        scanner
+            .read(open(path)?)
+            .with_context(|| format!("cannot read {}", path.display()))?;
     }
 
     let stats = scanner.stats();
@@ -143,9 +134,9 @@ fn log_paths(cli: &Cli, args: &TraceArgs) -> anyhow::Result<Vec<PathBuf>> {
     bail!("no log to read: pass --log FILE, set log.file in the config, or pipe a log on stdin")
 }
 
-/// A buffered reader over a file (`-` for stdin), un-gzipping when it starts with the
-/// gzip magic bytes.
-fn open(path: &Path) -> anyhow::Result<Box<dyn BufRead>> {
+/// A reader over a file (`-` for stdin), un-gzipping when it starts with the gzip
+/// magic bytes.
+fn open(path: &Path) -> anyhow::Result<Box<dyn Read>> {
     let raw: Box<dyn Read> = if path == Path::new("-") {
         Box::new(io::stdin().lock())
     } else {
@@ -153,13 +144,12 @@ fn open(path: &Path) -> anyhow::Result<Box<dyn BufRead>> {
             File::open(path).with_context(|| format!("cannot open the log {}", path.display()))?,
         )
     };
-    let mut reader = BufReader::with_capacity(BUFFER, raw);
+    let mut reader = BufReader::with_capacity(PEEK, raw);
     let head = reader
         .fill_buf()
         .with_context(|| format!("cannot read {}", path.display()))?;
     if head.starts_with(&[0x1f, 0x8b]) {
-        let decoder = flate2::bufread::MultiGzDecoder::new(reader);
-        return Ok(Box::new(BufReader::with_capacity(BUFFER, decoder)));
+        return Ok(Box::new(flate2::bufread::MultiGzDecoder::new(reader)));
     }
     Ok(Box::new(reader))
 }

@@ -1,12 +1,13 @@
 //! Reading one request's story back out of a JSON log: the engine of `metaorch trace`.
 //!
-//! A [`Scanner`] is fed a log line by line and keeps only the lines of the trace it is
-//! after, so memory stays flat however big the log is. Lines of other requests are
-//! never parsed: a substring search for the trace id (or, for `--last`, for the
-//! `request.start` event) decides first, which is what makes it faster than piping the
-//! log through `grep` into `jq`. [`Scanner::finish`] turns the kept lines into a
-//! [`Timeline`]: one row per agent with its span, attempts, retries, fallback and end,
-//! the breaker events, and the critical path.
+//! A [`Scanner`] reads a log a block at a time and keeps only the lines of the trace it
+//! is after, so memory stays flat however big the log is. Lines of other requests are
+//! never parsed, nor even looked at one by one: a search over the whole block for the
+//! trace id (or, for `--last`, for the `request.start` event) finds the few lines that
+//! matter, which is what makes it faster than piping the log through `grep` into
+//! `jq`. [`Scanner::finish`] turns the kept lines into a [`Timeline`]: one row per
+//! agent with its span, attempts, retries, fallback and end, the breaker events, and
+//! the critical path.
 //!
 //! A caller may send several requests inside one `traceparent`, so one trace id can
 //! hold several requests. Each request's lines carry its own `request_id` (from the
@@ -14,210 +15,16 @@
 //! timelines, never one merged story. Lines without a `request_id` (logs written
 //! before it existed) are one request per trace, as they always were.
 
+mod blocks;
+mod scanner;
+
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use memchr::memmem;
 use serde::Serialize;
 use serde_json::Value;
 
-/// Which request to pick out of the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Select {
-    /// The requests of the trace with this id (32 lowercase hex digits): the one that
-    /// started last, with the others listed in [`Timeline::requests`].
-    Trace(String),
-    /// One request of a trace, by its request id (16 lowercase hex digits).
-    Request {
-        /// The trace id.
-        trace_id: String,
-        /// The request id.
-        request_id: String,
-    },
-    /// The request that started last.
-    Last,
-}
-
-/// What the scan read and what it kept.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct ScanStats {
-    /// Lines read.
-    pub lines: u64,
-    /// Bytes read.
-    pub bytes: u64,
-    /// Lines of the chosen request.
-    pub matched: u64,
-    /// Lines that were not JSON, or JSON of another shape, and so were skipped.
-    pub skipped: u64,
-}
-
-/// Streams log lines and keeps those of one trace.
-#[derive(Debug)]
-pub struct Scanner {
-    select: Select,
-    /// The trace id being collected (for `Last`, the latest `request.start` seen).
-    current: Option<String>,
-    /// For `Last`, the request id of the latest `request.start`; for `Request`, the
-    /// one asked for.
-    request: Option<String>,
-    finder: Option<memmem::Finder<'static>>,
-    start_finder: memmem::Finder<'static>,
-    /// The trace's lines, as read: parsed only at the end, so that `--last` does not
-    /// parse every request's lines on the way to the last one.
-    kept: Vec<Vec<u8>>,
-    stats: ScanStats,
-}
-
-impl Scanner {
-    /// A scanner for `select`.
-    pub fn new(select: Select) -> Self {
-        let (current, request) = match &select {
-            Select::Trace(id) => (Some(id.clone()), None),
-            Select::Request {
-                trace_id,
-                request_id,
-            } => (Some(trace_id.clone()), Some(request_id.clone())),
-            Select::Last => (None, None),
-        };
-        Scanner {
-            finder: current
-                .as_ref()
-                .map(|id| memmem::Finder::new(id.as_bytes()).into_owned()),
-            current,
-            request,
-            select,
-            start_finder: memmem::Finder::new(br#""event":"request.start""#).into_owned(),
-            kept: Vec::new(),
-            stats: ScanStats::default(),
-        }
-    }
-
-    /// Feeds one line (with or without its newline).
-    pub fn feed(&mut self, line: &[u8]) {
-        self.stats.lines += 1;
-        self.stats.bytes += line.len() as u64;
-        let line = line.trim_ascii();
-        if line.is_empty() {
-            return;
-        }
-        // Not an object, or one cut short (a crash mid-write): skipped without parsing.
-        if line[0] != b'{' || line[line.len() - 1] != b'}' {
-            self.stats.skipped += 1;
-            return;
-        }
-        if self.select == Select::Last
-            && self.start_finder.find(line).is_some()
-            && let Some(v) = parse(line)
-            && let Some(id) = v["trace_id"].as_str().filter(|id| !id.is_empty())
-        {
-            self.current = Some(id.to_owned());
-            self.request = v["request_id"].as_str().map(str::to_owned);
-            self.finder = Some(memmem::Finder::new(id.as_bytes()).into_owned());
-            self.kept.clear();
-        }
-        self.keep(line);
-    }
-
-    /// Feeds lines already known to be of the trace asked for (a ring indexed by
-    /// trace id): no substring search.
-    pub(crate) fn feed_trace_line(&mut self, line: &[u8]) {
-        self.stats.lines += 1;
-        self.stats.bytes += line.len() as u64;
-        self.kept.push(line.trim_ascii().to_vec());
-    }
-
-    fn keep(&mut self, line: &[u8]) {
-        let Some(finder) = &self.finder else {
-            return;
-        };
-        if finder.find(line).is_some() {
-            self.kept.push(line.to_vec());
-        }
-    }
-
-    /// The trace id chosen so far.
-    pub fn trace_id(&self) -> Option<&str> {
-        self.current.as_deref()
-    }
-
-    /// What has been read so far (`matched` is counted by [`Scanner::finish`]).
-    pub fn stats(&self) -> ScanStats {
-        self.stats
-    }
-
-    /// The timeline of the chosen request, or `None` when none of its lines were seen.
-    /// When the trace holds several requests and none was named, it is the one that
-    /// started last; [`Timeline::requests`] lists them all.
-    pub fn finish(self) -> Option<Timeline> {
-        let wanted = self.request.clone();
-        let mut all = self.finish_all();
-        let index = match &wanted {
-            Some(id) => all
-                .iter()
-                .position(|t| t.request_id.as_deref() == Some(id.as_str()))?,
-            None => all.len().checked_sub(1)?,
-        };
-        Some(all.swap_remove(index))
-    }
-
-    /// The timeline of every request of the chosen trace, in the order they started
-    /// (for `Last` and `Request`, the chosen request's alone).
-    pub fn finish_all(mut self) -> Vec<Timeline> {
-        let Some(trace_id) = self.current.take() else {
-            return Vec::new();
-        };
-        // Lines by request id, in the order each request was first seen.
-        let mut groups: Vec<(Option<String>, Vec<Value>)> = Vec::new();
-        let every_request = matches!(self.select, Select::Trace(_));
-        for raw in &self.kept {
-            let v = match parse(raw) {
-                Some(v) if v["trace_id"].as_str() == Some(trace_id.as_str()) => v,
-                // Another request's line that mentions this id in passing.
-                Some(_) => continue,
-                None => {
-                    self.stats.skipped += 1;
-                    continue;
-                }
-            };
-            if !(v["timestamp"].is_string() && v["event"].is_string()) {
-                self.stats.skipped += 1;
-                continue;
-            }
-            let request = v["request_id"].as_str().map(str::to_owned);
-            if !every_request && request != self.request {
-                continue;
-            }
-            match groups.iter_mut().find(|(id, _)| *id == request) {
-                Some((_, lines)) => lines.push(v),
-                None => groups.push((request, vec![v])),
-            }
-        }
-        let mut timelines: Vec<Timeline> = groups
-            .into_iter()
-            .map(|(request_id, lines)| {
-                let stats = ScanStats {
-                    matched: lines.len() as u64,
-                    ..self.stats
-                };
-                Timeline::build(trace_id.clone(), request_id, lines, stats)
-            })
-            .collect();
-        timelines.sort_by(|a, b| a.started_at.cmp(&b.started_at));
-        if timelines.len() > 1 {
-            let requests: Vec<RequestRef> = timelines.iter().map(RequestRef::of).collect();
-            for t in &mut timelines {
-                t.requests = requests.clone();
-            }
-        }
-        timelines
-    }
-}
-
-fn parse(line: &[u8]) -> Option<Value> {
-    serde_json::from_slice::<Value>(line)
-        .ok()
-        .filter(Value::is_object)
-}
+pub use scanner::{ScanStats, Scanner, Select};
 
 /// One request of a trace that holds several.
 #[derive(Debug, Clone, PartialEq, Serialize)]
