@@ -2,7 +2,7 @@
 //!
 //! A [`Scanner`] reads a log a block at a time and keeps only the lines of the trace it
 //! is after, so memory stays flat however big the log is. Lines of other requests are
-//! never parsed, nor even looked at one by one: a search over the whole block for the
+//! never parsed, nor even searched one by one: a search over the whole block for the
 //! trace id (or, for `--last`, for the `request.start` event) finds the few lines that
 //! matter, which is what makes it faster than piping the log through `grep` into
 //! `jq`. [`Scanner::finish`] turns the kept lines into a [`Timeline`]: one row per

@@ -1,11 +1,11 @@
 //! Picking one request's lines out of a log: the search behind `metaorch trace`.
 //!
 //! Logs of a load run hold millions of lines, and one request is a handful of them.
-//! The [`Scanner`] searches a block of whole lines (a few hundred kilobytes) at once for
-//! the trace id with `memmem`, and only around a hit finds the line's ends and keeps
-//! it; other lines are never looked at one by one, let alone parsed. The lines are
-//! still counted, and those that cannot be a JSON object are counted as skipped, in a
-//! second pass that does little more than find the newlines.
+//! The [`Scanner`] searches a block of whole lines (a megabyte) at once for the trace
+//! id with `memmem`, and only around a hit finds the line's ends and keeps it; other
+//! lines are never searched one by one, let alone parsed. The lines are still counted,
+//! and those that cannot be a JSON object counted as skipped, in a second pass that
+//! does little more than find the newlines.
 //!
 //! For `--last`, the request followed is the one of the last `request.start` line: in
 //! each block the scanner finds the event's mentions, parses the last one's line alone
