@@ -508,6 +508,8 @@ struct LoadReport {
     cpu_cores_busy: f64,
     cpu_us_per_agent_call: f64,
     peak_rss_mb: f64,
+    /// Peak RSS over the agent calls kept in flight (six per request), per 1,000.
+    peak_rss_mb_per_1000_calls_in_flight: f64,
     /// Mean US dollars per request at the configured (for `sim`, illustrative)
     /// prices; `null` when a model has no price.
     cost_usd_per_request: Option<f64>,
@@ -630,6 +632,7 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
             0.0
         },
         peak_rss_mb: rss,
+        peak_rss_mb_per_1000_calls_in_flight: rss * 1000.0 / (in_flight as f64 * 6.0),
         cost_usd_per_request,
         connections,
     };
@@ -655,8 +658,11 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
         report.overhead_p50_ms, report.overhead_p99_ms
     );
     println!(
-        "  cpu:       {:.2} CPU cores busy, {:.1} µs CPU per agent call, peak RSS {:.1} MB",
-        report.cpu_cores_busy, report.cpu_us_per_agent_call, report.peak_rss_mb
+        "  cpu:       {:.2} CPU cores busy, {:.1} µs CPU per agent call, peak RSS {:.1} MB ({:.1} MB per 1,000 calls in flight)",
+        report.cpu_cores_busy,
+        report.cpu_us_per_agent_call,
+        report.peak_rss_mb,
+        report.peak_rss_mb_per_1000_calls_in_flight
     );
     if let Some(c) = &report.connections {
         println!(
