@@ -391,23 +391,12 @@ fn plan(
     let config = &agent.config;
     let mut task = agent_task(
         agent,
-        CompletionRequest {
-            model: config.model.clone(),
-            system: system_prompt(config.system.as_deref(), request.context.as_deref()),
-            history: Arc::clone(&request.history),
-            prompt: config.prompt.render(&request.query),
-            max_tokens: config.max_tokens,
-            temperature: config.temperature,
-            stop_sequences: config.stop_sequences.clone(),
-            stream: config.stream,
-            prompt_cache: config.prompt_cache,
-            deltas: None,
-            meta: RequestMeta {
-                trace_id: trace_id.to_string(),
-                agent_id: config.id.clone(),
-                attempt: 0,
-            },
-        },
+        agent_request(
+            config,
+            request,
+            trace_id,
+            config.prompt.render(&request.query),
+        ),
     );
     let fallback = match &config.fallback {
         Some(FallbackConfig::Text(text)) => Some(Fallback::Text(text.clone())),
@@ -421,6 +410,33 @@ fn plan(
         task = task.with_fallback(fallback);
     }
     task
+}
+
+/// What `config`'s agent sends for `request`: its model, system prompt (with the
+/// conversation's instructions), the conversation, `prompt`, and its own settings.
+fn agent_request(
+    config: &AgentConfig,
+    request: &Request,
+    trace_id: TraceId,
+    prompt: String,
+) -> CompletionRequest {
+    CompletionRequest {
+        model: config.model.clone(),
+        system: system_prompt(config.system.as_deref(), request.context.as_deref()),
+        history: Arc::clone(&request.history),
+        prompt,
+        max_tokens: config.max_tokens,
+        temperature: config.temperature,
+        stop_sequences: config.stop_sequences.clone(),
+        stream: config.stream,
+        prompt_cache: config.prompt_cache,
+        deltas: None,
+        meta: RequestMeta {
+            trace_id: trace_id.to_string(),
+            agent_id: config.id.clone(),
+            attempt: 0,
+        },
+    }
 }
 
 /// A planned agent's call of `request`, with its policy, breaker, budget and lane.
@@ -542,27 +558,17 @@ fn synthesis_task(
     let agent = &planned.agent;
     let config = &agent.config;
     let params = &request.synthesis;
+    let prompt = config
+        .prompt
+        .fill(&request.query, &render_replies(configs, outcomes));
     let rendered = CompletionRequest {
-        model: config.model.clone(),
-        system: system_prompt(config.system.as_deref(), request.context.as_deref()),
-        history: Arc::clone(&request.history),
-        prompt: config
-            .prompt
-            .fill(&request.query, &render_replies(configs, outcomes)),
         max_tokens: params.max_tokens.unwrap_or(config.max_tokens),
         temperature: params.temperature.or(config.temperature),
         stop_sequences: params
             .stop
             .clone()
             .unwrap_or_else(|| config.stop_sequences.clone()),
-        stream: config.stream,
-        prompt_cache: config.prompt_cache,
-        deltas: None,
-        meta: RequestMeta {
-            trace_id: trace_id.to_string(),
-            agent_id: config.id.clone(),
-            attempt: 0,
-        },
+        ..agent_request(config, request, trace_id, prompt)
     };
     let mut task = agent_task(agent, rendered.clone()).with_kind(TaskKind::Synthesis);
     if let Some(index) = planned.fallback {
