@@ -46,6 +46,9 @@ pub(super) async fn drain(state: &ServerState, shutdown: impl Future<Output = ()
 
 /// Steps 2 and 3: closes every connection, cutting what is left at `deadline`.
 pub(super) async fn close(state: &ServerState, connections: &mut Connections, deadline: Instant) {
+    // The requests are done or about to be cut: what is logged from here says how the
+    // server stopped, and must not be lost to a full log queue.
+    crate::telemetry::keep_last_lines();
     connections.close_gracefully();
     let closed = tokio::time::timeout_at(deadline, async {
         state.requests.wait().await;

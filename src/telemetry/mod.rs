@@ -22,6 +22,7 @@ pub use logging::{
     DEFAULT_LOG_LEVEL, LogFormat, TelemetryGuard, init_logging, init_logging_with_ring,
     init_server_telemetry, init_telemetry,
 };
+pub(crate) use nonblocking::keep_last_lines;
 pub use request_id::{ParseRequestIdError, RequestId};
 pub use ring::{RingWriter, TraceRing};
 pub use terminal::{terminal_safe, terminal_safe_line};

@@ -12,9 +12,9 @@
 //! drops would be counted but never logged.)
 
 use std::io::{self, BufWriter, Write};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -25,6 +25,18 @@ pub(crate) const QUEUE_LINES: usize = 16 * 1024;
 
 /// How long dropping the guard waits for the queued lines to be written.
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// Set once the process is ending: until then a line finding the queue full waits for
+/// room instead of being dropped. The lines that say why and how a process stopped
+/// are the ones read first; losing them to the backlog of a busy minute is the worst
+/// trade. Bounded, so a writer that never drains cannot hold the exit.
+static CLOSING_UNTIL: OnceLock<Instant> = OnceLock::new();
+
+/// From now on, and for at most [`FLUSH_WAIT`], log lines wait for room in the queue
+/// rather than being dropped: the process is stopping and its last lines matter most.
+pub(crate) fn keep_last_lines() {
+    let _ = CLOSING_UNTIL.set(Instant::now() + FLUSH_WAIT);
+}
 
 /// What the log writer's thread is sent.
 enum Message {
@@ -83,11 +95,21 @@ impl NonBlocking {
     }
 
     fn send(&self, line: &[u8]) {
-        match self.tx.try_send(Message::Line(line.to_vec())) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.unreported.fetch_add(1, Ordering::Relaxed);
-                super::metrics::log_lines_dropped(1);
+        let mut message = Message::Line(line.to_vec());
+        loop {
+            match self.tx.try_send(message) {
+                Ok(()) => return,
+                Err(TrySendError::Full(m))
+                    if CLOSING_UNTIL.get().is_some_and(|&t| Instant::now() < t) =>
+                {
+                    message = m;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                    self.unreported.fetch_add(1, Ordering::Relaxed);
+                    super::metrics::log_lines_dropped(1);
+                    return;
+                }
             }
         }
     }
