@@ -40,6 +40,10 @@ pub struct Cli {
 pub enum Command {
     /// Answer one query: fan it out to every configured agent and synthesize the replies.
     Run(RunArgs),
+    /// Answer every query of a file (JSON Lines, or one query per line with --text),
+    /// appending one result line each to --out as it finishes. Rerun the same command
+    /// after a crash or Ctrl-C: what is in --out is skipped, the rest runs.
+    Batch(BatchArgs),
     /// Show one request's timeline from a JSON log: each agent's span, attempts,
     /// retries, fallback and end, breaker events, and the critical path.
     Trace(TraceArgs),
@@ -97,6 +101,60 @@ pub struct RunArgs {
     /// Print the Prometheus counters of the run on stderr at the end.
     #[arg(long)]
     pub metrics: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    /// Queries, one per line: JSON objects `{"id": "q1", "query": "…", …}` (other
+    /// fields are carried to the output), or plain text with --text. `-` reads stdin.
+    #[arg(value_name = "INPUT")]
+    pub input: PathBuf,
+
+    /// Where results go, one JSON line per input id: the id, the input's fields, and
+    /// under `response` the document `run --format json` prints. Appended to: ids
+    /// already there are skipped.
+    #[arg(long, value_name = "OUTPUT")]
+    pub out: PathBuf,
+
+    /// Each input line is one query (blank lines skipped); its id is its line number.
+    #[arg(long)]
+    pub text: bool,
+
+    /// Requests in flight at once. Default: enough to fill concurrency_limit with the
+    /// configured agents (at most 64). Every limit of the config applies on top,
+    /// shared by the whole batch.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub in_flight: Option<u32>,
+
+    /// Run again the ids whose result in OUTPUT did not meet min_successes (their old
+    /// lines are replaced).
+    #[arg(long)]
+    pub retry_failed: bool,
+
+    /// Refuse to start when any input line is bad (not JSON, no query, a repeated id)
+    /// instead of reporting it and skipping it.
+    #[arg(long)]
+    pub strict: bool,
+
+    /// Format of the summary printed at the end on stdout.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+
+    /// Seed for every random draw (sim latencies and faults, retry jitter).
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+
+    /// Agent calls in flight at once over the whole batch (overrides concurrency_limit).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency_limit: Option<u32>,
+
+    /// Each request's deadline, e.g. 30s (overrides request_timeout).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub request_timeout: Option<Duration>,
+
+    /// Successful agents a request needs to count as ok (overrides min_successes).
+    #[arg(long, value_name = "N")]
+    pub min_successes: Option<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@
 //! `config check`); 2 bad usage or a config that cannot be loaded.
 
 mod args;
+mod batch;
 mod bench;
 mod config_check;
 mod mock_upstream;
@@ -27,6 +28,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Run(args) => run::run(&cli, args),
+        Command::Batch(args) => batch::batch(&cli, args),
         Command::Trace(args) => trace::trace(&cli, args),
         Command::MockUpstream(args) => mock_upstream::run(&cli, args),
         Command::Bench(args) => bench::run(&cli, args),

@@ -11,7 +11,7 @@ mod cache;
 mod chart;
 mod connections;
 mod limits;
-mod stats;
+pub(crate) mod stats;
 
 use std::io::{IsTerminal, Write as _};
 use std::process::ExitCode;
