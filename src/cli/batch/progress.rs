@@ -109,6 +109,28 @@ impl Totals {
         out
     }
 
+    /// The same, short enough for a progress bar.
+    pub fn short(&self) -> String {
+        let mut out = format!("{} ok · {} failed", self.ok, self.failed);
+        let agents_bad = self.agents.failed + self.agents.timed_out;
+        if agents_bad > 0 {
+            let _ = write!(out, " · {agents_bad} agents failed");
+        }
+        if self.retries > 0 {
+            let _ = write!(out, " · {} retries", self.retries);
+        }
+        let _ = write!(
+            out,
+            " · {} tok · ${:.2}",
+            tokens(self.input_tokens + self.output_tokens),
+            self.cost_usd
+        );
+        if self.cost_unknown_requests > 0 {
+            out.push('+');
+        }
+        out
+    }
+
     pub fn cost(&self) -> String {
         match self.cost_unknown_requests {
             0 => format!("${:.4}", self.cost_usd),
@@ -144,7 +166,7 @@ impl Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             let style = ProgressStyle::with_template(
-                "{spinner} {pos}/{len} [{bar:24}] {percent}% {per_sec} ETA {eta} · {msg}",
+                "{spinner} {pos}/{len} [{bar:16}] ETA {eta} · {wide_msg}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> ");
@@ -164,7 +186,7 @@ impl Progress {
     pub fn update(&mut self, totals: &Totals) {
         if let Some(bar) = &self.bar {
             bar.set_position(totals.done());
-            bar.set_message(totals.line());
+            bar.set_message(format!("{:.1}/s · {}", self.rate(totals), totals.short()));
         }
     }
 
@@ -175,8 +197,7 @@ impl Progress {
         }
         self.last_plain = Instant::now();
         let done = totals.done();
-        let elapsed = self.started.elapsed().as_secs_f64();
-        let rate = done as f64 / elapsed.max(1e-9);
+        let rate = self.rate(totals);
         let eta = if rate > 0.0 && self.total > done {
             format!(
                 ", ETA {}",
@@ -192,6 +213,11 @@ impl Progress {
             self.total,
             totals.line()
         );
+    }
+
+    /// Requests per second so far.
+    fn rate(&self, totals: &Totals) -> f64 {
+        totals.done() as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
     }
 
     /// Says something without breaking the bar.
