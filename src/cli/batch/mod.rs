@@ -56,6 +56,13 @@ pub fn batch(cli: &Cli, args: &BatchArgs) -> anyhow::Result<ExitCode> {
         Format::JsonLines
     };
     let input_name = args.input.display().to_string();
+    if same_file(&args.input, &args.out) {
+        eprintln!(
+            "error: --out {} is the input itself; results go to a file of their own, e.g. --out results.jsonl",
+            args.out.display()
+        );
+        return Ok(ExitCode::from(2));
+    }
     let source = Source::open(&args.input)?;
     let survey = input::survey(&source, format)?;
     for bad in survey.bad.iter().take(BAD_LINES_SHOWN) {
@@ -183,6 +190,14 @@ pub fn batch(cli: &Cli, args: &BatchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether two paths name one existing file.
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// Results of the input's ids that an earlier run left in OUTPUT.
