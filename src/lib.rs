@@ -22,6 +22,7 @@ pub mod mock_upstream;
 pub mod orchestrator;
 mod outcome;
 mod per_model;
+mod redis_link;
 pub mod provider;
 pub mod resilience;
 pub mod server;

@@ -17,7 +17,7 @@ pub fn redacted_url(url: &str) -> String {
 
 /// The user info of `url` and where it starts: between `scheme://` and the last `@`
 /// of the authority (a password may hold an `@`).
-pub(super) fn userinfo_at(url: &str) -> Option<(usize, &str)> {
+pub(crate) fn userinfo_at(url: &str) -> Option<(usize, &str)> {
     let start = url.find("://").map_or(0, |i| i + 3);
     let rest = &url[start..];
     let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
@@ -25,7 +25,7 @@ pub(super) fn userinfo_at(url: &str) -> Option<(usize, &str)> {
 }
 
 /// `text` without the URL's credentials, in case an error quotes them.
-pub(super) fn scrub(text: &str, userinfo: Option<&str>) -> String {
+pub(crate) fn scrub(text: &str, userinfo: Option<&str>) -> String {
     let mut text = text.to_owned();
     if let Some(userinfo) = userinfo.filter(|u| !u.is_empty()) {
         text = text.replace(userinfo, "***");
