@@ -94,6 +94,48 @@ pub struct Config {
     pub synthesizer: Option<SynthesizerConfig>,
     /// The response cache (`[cache]`); `None` caches nothing.
     pub cache: Option<CacheConfig>,
+    /// Limits, pauses and the cache shared with other instances through Redis
+    /// (`[redis]`); `None` keeps every limit to this process.
+    pub redis: Option<RedisConfig>,
+}
+
+/// `[redis]`: what every instance with the same `url` and `namespace` shares — the
+/// rate limits and the concurrency cap of each provider and model, its `Retry-After`
+/// pauses, and (with `[cache] backend = "redis"`) the response cache. Its `Debug`
+/// hides the URL's credentials.
+#[derive(Clone, PartialEq)]
+pub struct RedisConfig {
+    /// `redis://` or `rediss://` (TLS), with credentials if any.
+    pub url: String,
+    /// Prefix of every key: instances with the same one share their limits.
+    pub namespace: String,
+    /// The most one Redis call may take.
+    pub timeout: Duration,
+    /// How long an instance's hold on calls in flight, and its presence, last
+    /// without renewal: a crashed instance's share comes back within this.
+    pub lease: Duration,
+    /// This instance's share of each shared limit while Redis cannot be reached;
+    /// `None`: one over the number of instances last seen.
+    pub local_share: Option<f64>,
+}
+
+impl RedisConfig {
+    /// One call's limit, unless configured.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+    /// The lease, unless configured.
+    pub const DEFAULT_LEASE: Duration = Duration::from_secs(3);
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &crate::cache::redacted_url(&self.url))
+            .field("namespace", &self.namespace)
+            .field("timeout", &self.timeout)
+            .field("lease", &self.lease)
+            .field("local_share", &self.local_share)
+            .finish()
+    }
 }
 
 /// `[cache]`: where successful replies are kept, and for how long.

@@ -31,6 +31,7 @@ pub(crate) struct RawConfig {
     pub agents: Option<Spanned<Vec<RawAgent>>>,
     pub synthesizer: Option<Spanned<RawSynthesizer>>,
     pub cache: Option<Spanned<RawCache>>,
+    pub redis: Option<Spanned<RawRedis>>,
     /// `[prices."MODEL"]`, by model id.
     #[serde(default)]
     pub prices: BTreeMap<String, Spanned<RawPrice>>,
@@ -289,6 +290,17 @@ pub(crate) struct RawSynthesizer {
     pub retry: Option<Spanned<RawRetry>>,
     pub fallback: Option<Spanned<RawFallback>>,
     pub reserve: Option<Spanned<HumanDuration>>,
+}
+
+/// `[redis]`: limits, pauses and cache shared by every instance of a namespace.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRedis {
+    pub url: Option<Spanned<String>>,
+    pub namespace: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<HumanDuration>>,
+    pub lease: Option<Spanned<HumanDuration>>,
+    pub local_share: Option<Spanned<f64>>,
 }
 
 /// `[cache]`: the response cache.

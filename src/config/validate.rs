@@ -60,6 +60,7 @@ pub(super) fn parse_and_validate(text: &str, origin: &str) -> Result<Config, Con
         origin,
         errors: Vec::new(),
         cache_default: false,
+        redis_url: None,
     };
     let config = v.config(raw);
     if v.errors.is_empty() {
@@ -75,6 +76,8 @@ struct Validator<'a> {
     errors: Vec<ConfigError>,
     /// `[cache] default`: whether agents that do not say are cached.
     cache_default: bool,
+    /// `[redis] url` and `namespace`, for a Redis cache that names none.
+    redis_url: Option<(String, String)>,
 }
 
 impl Validator<'_> {
@@ -165,6 +168,8 @@ impl Validator<'_> {
             }
         }
         let default_agents_used = raw.agents.is_none();
+        let redis = raw.redis.map(|r| self.redis(r));
+        self.redis_url = redis.as_ref().map(|r| (r.url.clone(), r.namespace.clone()));
         let mut cache = raw.cache.map(|c| self.cache(c));
         self.cache_default = cache.as_ref().is_some_and(|c| c.default);
         let agents = match raw.agents {
@@ -266,6 +271,109 @@ impl Validator<'_> {
             prices,
             synthesizer,
             cache,
+            redis,
+        }
+    }
+
+    /// `[redis]`: the URL checked, every duration and the share bounded.
+    fn redis(&mut self, raw: Spanned<super::raw::RawRedis>) -> super::RedisConfig {
+        use super::RedisConfig as R;
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let url = match raw.url {
+            Some(url) => {
+                self.check_redis_url(&url, "redis.url");
+                url.into_inner()
+            }
+            None => {
+                self.error(
+                    Some(span),
+                    "redis.url",
+                    "is missing; [redis] needs url = \"redis://HOST:PORT\", or remove [redis] to keep limits to this process".into(),
+                );
+                String::new()
+            }
+        };
+        let namespace = match raw.namespace {
+            Some(n) => {
+                self.check_namespace(&n, "redis.namespace");
+                n.into_inner()
+            }
+            None => CacheConfig::DEFAULT_NAMESPACE.to_owned(),
+        };
+        let mut bounded = |d: Option<Spanned<super::duration::HumanDuration>>, key: &str, min, max, text: &str, default| {
+            match d {
+                Some(t) if t.get_ref().0 < min || t.get_ref().0 > max => {
+                    self.error(Some(t.span()), key, format!("is out of range; expected {text}"));
+                    default
+                }
+                Some(t) => t.into_inner().0,
+                None => default,
+            }
+        };
+        let timeout = bounded(
+            raw.timeout,
+            "redis.timeout",
+            std::time::Duration::from_millis(1),
+            std::time::Duration::from_secs(10),
+            "1ms to 10s (a slow Redis costs a call at most this)",
+            R::DEFAULT_TIMEOUT,
+        );
+        let lease = bounded(
+            raw.lease,
+            "redis.lease",
+            std::time::Duration::from_millis(500),
+            std::time::Duration::from_secs(300),
+            "500ms to 5m (a crashed instance's share comes back within it)",
+            R::DEFAULT_LEASE,
+        );
+        let local_share = raw.local_share.map(|s| {
+            let v = *s.get_ref();
+            if !(v > 0.0 && v <= 1.0) {
+                self.error(
+                    Some(s.span()),
+                    "redis.local_share",
+                    format!("{v} is out of range; expected a fraction above 0 and at most 1, e.g. 0.5 for one of two instances"),
+                );
+                return 1.0;
+            }
+            v
+        });
+        R {
+            url,
+            namespace,
+            timeout,
+            lease,
+            local_share,
+        }
+    }
+
+    /// A `redis://` or `rediss://` URL with a host, else an error at `key`.
+    fn check_redis_url(&mut self, url: &Spanned<String>, key: &str) {
+        let ok = reqwest::Url::parse(url.get_ref())
+            .is_ok_and(|u| matches!(u.scheme(), "redis" | "rediss") && u.has_host());
+        if !ok {
+            self.error(
+                Some(url.span()),
+                key,
+                "is not a Redis URL; expected redis://HOST:PORT[/DB] or rediss://… for TLS, e.g. \"redis://127.0.0.1:6379\"".into(),
+            );
+        }
+    }
+
+    /// A key prefix of 1 to 64 safe characters, else an error at `key`.
+    fn check_namespace(&mut self, n: &Spanned<String>, key: &str) {
+        let ok = !n.get_ref().is_empty()
+            && n.get_ref().len() <= 64
+            && n.get_ref()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+        if !ok {
+            self.error(
+                Some(n.span()),
+                key,
+                "expected 1 to 64 letters, digits, `-`, `_`, `.` or `:`".into(),
+            );
         }
     }
 
@@ -1112,20 +1220,15 @@ impl Validator<'_> {
                 }
                 match &raw.url {
                     Some(url) => {
-                        let ok = reqwest::Url::parse(url.get_ref()).is_ok_and(|u| {
-                            matches!(u.scheme(), "redis" | "rediss") && u.has_host()
-                        });
-                        if !ok {
-                            self.error(
-                                Some(url.span()),
-                                "cache.url",
-                                "is not a Redis URL; expected redis://HOST:PORT[/DB] or rediss://… for TLS, e.g. \"redis://127.0.0.1:6379\"".into(),
-                            );
-                        }
+                        self.check_redis_url(url, "cache.url");
                         CacheBackend::Redis {
                             url: url.get_ref().clone(),
                         }
                     }
+                    // The shared Redis, when there is one.
+                    None if self.redis_url.is_some() => CacheBackend::Redis {
+                        url: self.redis_url.clone().unwrap_or_default().0,
+                    },
                     None => {
                         self.error(
                             Some(span.clone()),
@@ -1177,21 +1280,13 @@ impl Validator<'_> {
         };
         let namespace = match raw.namespace {
             Some(n) => {
-                let ok = !n.get_ref().is_empty()
-                    && n.get_ref().len() <= 64
-                    && n.get_ref()
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
-                if !ok {
-                    self.error(
-                        Some(n.span()),
-                        "cache.namespace",
-                        "expected 1 to 64 letters, digits, `-`, `_`, `.` or `:`".into(),
-                    );
-                }
+                self.check_namespace(&n, "cache.namespace");
                 n.into_inner()
             }
-            None => base.namespace,
+            None => self
+                .redis_url
+                .as_ref()
+                .map_or(base.namespace, |(_, namespace)| namespace.clone()),
         };
         CacheConfig {
             backend,

@@ -87,6 +87,8 @@ pub struct FlowControl {
     defaults: FlowConfig,
     providers: BTreeMap<String, FlowConfig>,
     lanes: PerModel<FlowLane>,
+    /// Limits shared with other instances through Redis (`[redis]`), if any.
+    cluster: Option<Arc<super::cluster::Cluster>>,
 }
 
 impl FlowControl {
@@ -96,7 +98,19 @@ impl FlowControl {
             defaults,
             providers,
             lanes: PerModel::default(),
+            cluster: None,
         }
+    }
+
+    /// Every lane's limits shared with the other instances of `cluster`.
+    pub fn with_cluster(mut self, cluster: Arc<super::cluster::Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// The cluster the lanes' limits are shared with, if any.
+    pub fn cluster(&self) -> Option<&Arc<super::cluster::Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// The settings for `provider`'s lanes.
@@ -106,9 +120,15 @@ impl FlowControl {
 
     /// The lane of `provider` / `model`.
     pub fn lane(&self, provider: &str, model: &str) -> Arc<FlowLane> {
-        self.lanes.get(provider, model, || {
+        let mut created = false;
+        let lane = self.lanes.get(provider, model, || {
+            created = true;
             FlowLane::new(provider, model, self.config(provider).clone())
-        })
+        });
+        if created && let Some(cluster) = &self.cluster {
+            cluster.attach(&lane);
+        }
+        lane
     }
 
     /// Every lane's state, ordered by provider and model.

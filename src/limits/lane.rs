@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use super::adaptive::{Aimd, Decrease};
 use super::flow::{FlowConfig, RateConfig};
 use super::gcra::Gcra;
+use super::shared::{Granted, Mode, Shared, Wants};
 use super::{Limiter, Permit};
 use crate::telemetry::metrics;
 
@@ -170,6 +171,11 @@ pub struct FlowLane {
     wake: Notify,
     /// Wakes the head of the retries' queue when a slot frees.
     wake_retry: Notify,
+    /// Wakes the lane's sync with the shared limits (`[redis]`), when a call waits
+    /// for a lease.
+    sync: Notify,
+    /// Tells the other instances of a pause (`[redis]`).
+    publish_pause: std::sync::OnceLock<Box<dyn Fn(Duration) + Send + Sync>>,
 }
 
 impl fmt::Debug for FlowLane {
@@ -197,6 +203,8 @@ struct State {
     head_waits_for_slot: bool,
     pause: Pause,
     rates: Rates,
+    /// What this instance holds of limits shared with others (`[redis]`).
+    shared: Option<Shared>,
 }
 
 /// What the head of the queue does next.
@@ -229,6 +237,7 @@ impl FlowLane {
                 head_waits_for_slot: false,
                 pause: Pause::default(),
                 rates: Rates::new(config.rates, config.learn_limits, now),
+                shared: None,
             }),
             provider,
             model,
@@ -237,7 +246,88 @@ impl FlowLane {
             retry_turnstile: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             wake_retry: Notify::new(),
+            sync: Notify::new(),
+            publish_pause: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Makes the lane keep limits shared with other instances: calls wait for the
+    /// first sync (see [`super::shared`]); `publish` tells the others of a pause.
+    pub(crate) fn share(
+        &self,
+        local_share: Option<f64>,
+        publish: Box<dyn Fn(Duration) + Send + Sync>,
+    ) {
+        self.lock().shared = Some(Shared::new(local_share, Instant::now()));
+        let _ = self.publish_pause.set(publish);
+    }
+
+    /// Wakes when a call waits for a lease of the shared limits.
+    pub(crate) fn sync_wanted(&self) -> &Notify {
+        &self.sync
+    }
+
+    /// What to ask of the shared limits now; `None` when the lane keeps none.
+    pub(crate) fn sync_wants(&self) -> Option<(Wants, bool)> {
+        let mut s = self.lock();
+        let rates = s.rates.effective();
+        let (in_flight, queued) = (s.in_flight, s.queued);
+        let cap = self.shared_cap();
+        let sh = s.shared.as_mut()?;
+        let starved = sh.starved;
+        Some((sh.wants(&rates, cap, in_flight, queued), starved || queued > 0))
+    }
+
+    /// The cap on calls in flight that instances share: the configured maximum.
+    fn shared_cap(&self) -> u32 {
+        self.config.concurrency.max
+    }
+
+    /// Takes what a sync granted.
+    pub(crate) fn sync_granted(&self, wants: &Wants, granted: &Granted) {
+        let now = Instant::now();
+        {
+            let mut s = self.lock();
+            let was_local = s.shared.as_ref().is_some_and(|sh| sh.mode == Mode::Local);
+            if was_local {
+                s.rates.set_share(1.0, now);
+            }
+            if let Some(sh) = s.shared.as_mut() {
+                sh.grant(now, wants, granted);
+            }
+        }
+        if let Some(left) = granted.pause.filter(|p| !p.is_zero()) {
+            self.pause_here(left, "shared");
+        }
+        self.wake.notify_one();
+        self.wake_retry.notify_one();
+    }
+
+    /// Redis could not be reached: the lane keeps its share of each limit locally.
+    pub(crate) fn sync_failed(&self) {
+        let now = Instant::now();
+        let cap = self.shared_cap();
+        {
+            let mut s = self.lock();
+            let Some(sh) = s.shared.as_mut() else {
+                return;
+            };
+            if sh.mode == Mode::Local {
+                return;
+            }
+            sh.go_local(cap);
+            let share = sh.local_share();
+            s.rates.set_share(share, now);
+        }
+        self.wake.notify_one();
+        self.wake_retry.notify_one();
+    }
+
+    /// The shared part of the lane's state, for the cluster's status.
+    pub(crate) fn shared_snapshot(&self) -> Option<(Mode, Option<u32>, u32, f64)> {
+        let s = self.lock();
+        let sh = s.shared.as_ref()?;
+        Some((sh.mode, sh.cap, sh.instances, sh.local_share()))
     }
 
     /// The provider's configured name.
@@ -430,8 +520,16 @@ impl FlowLane {
     }
 
     /// Pauses every caller of the lane for `wait` (a provider's `Retry-After`), or
-    /// extends the pause in force to then.
+    /// extends the pause in force to then — with `[redis]`, every instance's callers.
     pub fn pause(&self, wait: Duration, reason: &'static str) {
+        self.pause_here(wait, reason);
+        if let Some(publish) = self.publish_pause.get() {
+            publish(wait);
+        }
+    }
+
+    /// Pauses this instance's callers of the lane (another instance's pause, told).
+    pub(crate) fn pause_here(&self, wait: Duration, reason: &'static str) {
         let now = Instant::now();
         let Some(until) = now.checked_add(wait) else {
             return;
@@ -557,6 +655,9 @@ impl State {
             .filter(|s| *s <= now && self.rates.ready_at(*s) <= *s)
             .unwrap_or(now);
         self.rates.admit(estimate, at);
+        if let Some(sh) = &mut self.shared {
+            sh.spend(estimate, &self.rates.effective());
+        }
         self.in_flight += 1;
         self.aimd.on_admit(self.in_flight);
         Step::Admit {
@@ -609,6 +710,18 @@ impl State {
         let ready = self.rates.ready_at(now);
         if ready > now {
             return Some(Step::WaitUntil(ready, WaitCause::Rate));
+        }
+        if let Some(sh) = &mut self.shared {
+            let rates = self.rates.effective();
+            if let Some((at, cause)) = sh.blocks(now, &rates, self.in_flight) {
+                if sh.starved {
+                    lane.sync.notify_one();
+                }
+                return Some(match at {
+                    Some(at) => Step::WaitUntil(at, cause),
+                    None => Step::WaitForSlot,
+                });
+            }
         }
         // Last, the process-wide slot: taken only when the lane lets the call through,
         // so the lane never counts a call that is still waiting for one.
@@ -705,6 +818,9 @@ impl LanePermit {
         {
             let mut s = self.lane.lock();
             s.rates.refund(self.estimate, Instant::now());
+            if let Some(sh) = &mut s.shared {
+                sh.settle(-i64::try_from(self.estimate).unwrap_or(i64::MAX), 0);
+            }
         }
         self.release(None);
     }
@@ -758,6 +874,14 @@ impl LanePermit {
                     feedback.output_tokens,
                     now,
                 );
+                if let Some(sh) = &mut s.shared {
+                    let delta = feedback.input_tokens.map_or(0, |input| {
+                        i64::try_from(input)
+                            .unwrap_or(i64::MAX)
+                            .saturating_sub(i64::try_from(self.estimate).unwrap_or(i64::MAX))
+                    });
+                    sh.settle(delta, feedback.output_tokens);
+                }
                 if let Some(reported) = feedback.reported
                     && s.rates.learn(reported, now)
                 {
@@ -867,6 +991,9 @@ struct Rates {
     configured: RateConfig,
     learned: RateConfig,
     learn: bool,
+    /// The part of each limit this instance keeps locally: 1, or its share of limits
+    /// shared with other instances while Redis cannot be reached.
+    share: f64,
     requests: Option<Gcra>,
     tokens: Option<Gcra>,
     input_tokens: Option<Gcra>,
@@ -879,6 +1006,7 @@ impl Rates {
             configured,
             learned: RateConfig::default(),
             learn,
+            share: 1.0,
             requests: None,
             tokens: None,
             input_tokens: None,
@@ -913,11 +1041,20 @@ impl Rates {
             (effective.input_tpm, &mut self.input_tokens),
             (effective.output_tpm, &mut self.output_tokens),
         ] {
+            let limit = limit.map(|l| (l as f64 * self.share).ceil() as u64);
             match (limit.filter(|l| *l > 0), gcra.as_mut()) {
                 (None, _) => *gcra = None,
                 (Some(l), Some(g)) => g.set_per_minute(l, now),
                 (Some(l), None) => *gcra = Some(Gcra::new(l, now)),
             }
+        }
+    }
+
+    /// Keeps `share` of each limit locally (1: all of it).
+    fn set_share(&mut self, share: f64, now: Instant) {
+        if share != self.share {
+            self.share = share;
+            self.apply(now);
         }
     }
 

@@ -14,6 +14,8 @@ mod adaptive;
 mod flow;
 mod gcra;
 mod lane;
+pub mod cluster;
+pub(crate) mod shared;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use async_trait::async_trait;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use adaptive::AdaptiveConfig;
+pub use cluster::{Cluster, ClusterSnapshot, LaneShare};
 pub use flow::{FlowConfig, FlowControl, RateConfig};
 pub use lane::{
     Admitted, Feedback, FlowLane, LanePermit, LaneSnapshot, QueueTimeout, Signal, Turn, WaitCause,

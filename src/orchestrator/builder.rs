@@ -44,6 +44,10 @@ pub enum BuildError {
     /// connects on first use).
     #[error("cache.url cannot be used")]
     CacheUrl(#[source] CacheError),
+    /// `[redis] url` cannot be used (never because Redis is down: each lane syncs
+    /// on first use, and keeps its local share while Redis cannot be reached).
+    #[error("redis.url cannot be used: {0}")]
+    RedisUrl(String),
     /// The config has no agents.
     #[error("no agents are configured; add at least one [[agents]] table")]
     NoAgents,
@@ -184,12 +188,18 @@ impl OrchestratorBuilder {
                 config.seed,
             ))
         });
-        let flow = self.flow.unwrap_or_else(|| {
-            Arc::new(FlowControl::new(
-                config.flow.clone(),
-                config.provider_flow.clone(),
-            ))
-        });
+        let flow = match self.flow {
+            Some(flow) => flow,
+            None => {
+                let flow = FlowControl::new(config.flow.clone(), config.provider_flow.clone());
+                Arc::new(match &config.redis {
+                    Some(redis) => flow.with_cluster(
+                        crate::limits::Cluster::new(redis).map_err(BuildError::RedisUrl)?,
+                    ),
+                    None => flow,
+                })
+            }
+        };
         let prices = Arc::new(config.price_table());
         let cache = match (self.cache_store, &config.cache) {
             (Some(store), c) => {

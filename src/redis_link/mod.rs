@@ -126,11 +126,6 @@ impl RedisLink {
         &self.client
     }
 
-    /// `text` without the URL's credentials.
-    pub(crate) fn scrub(&self, text: &str) -> String {
-        self.text.scrub(text)
-    }
-
     /// How long the server is still left alone after failing, if it is.
     pub(crate) fn paused_for(&self) -> Option<Duration> {
         self.link.state().pause.left(Instant::now())

@@ -132,6 +132,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/models", get(chat::models))
         .route("/v1/agents", get(agents))
+        .route("/v1/cluster", get(cluster))
         .route("/v1/traces/{trace_id}", get(trace))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -218,6 +219,18 @@ async fn agents(State(state): State<Arc<ServerState>>) -> Json<serde_json::Value
         })
         .collect();
     Json(json!({ "agents": agents }))
+}
+
+/// `GET /v1/cluster`: the instances sharing limits through Redis, each lane's shared
+/// limits and this instance's part of them; without `[redis]`, says so.
+async fn cluster(State(state): State<Arc<ServerState>>) -> Json<serde_json::Value> {
+    match state.orchestrator.flow().cluster() {
+        Some(cluster) => Json(json!(cluster.snapshot().await)),
+        None => Json(json!({
+            "state": "off",
+            "message": "no [redis] in the config: every limit is this instance's alone",
+        })),
+    }
 }
 
 /// `GET /v1/traces/{trace_id}[?request_id=…]`: a recent request's timeline; of a trace

@@ -47,6 +47,18 @@ fn describe() {
         "Requests finished, by outcome (ok: min_successes met; failed; cancelled: the client went away or the drain timed out)."
     );
     describe_counter!(
+        "metaorch_cluster_syncs_total",
+        "Syncs of a provider/model's shared limits with Redis ([redis]), by result (ok; error: this instance kept its local share)."
+    );
+    describe_gauge!(
+        "metaorch_cluster_shared",
+        "1 while limits are shared through Redis, 0 while Redis cannot be reached and each instance keeps its local share."
+    );
+    describe_counter!(
+        "metaorch_cluster_fallbacks_total",
+        "Times Redis became unreachable and the instance fell back to its local share of the shared limits."
+    );
+    describe_counter!(
         "metaorch_cache_requests_total",
         "Response cache lookups, by result (hit: the store or an identical call in flight answered; miss; error: the store failed and the call went upstream uncached)."
     );
@@ -229,6 +241,25 @@ pub(crate) fn request_finished(outcome: &'static str, duration: Duration) {
     }
     counter!("metaorch_requests_total", "outcome" => outcome).increment(1);
     histogram!("metaorch_request_duration_seconds").record(duration.as_secs_f64());
+}
+
+/// A sync of a lane with the limits shared through Redis, and how it went.
+pub(crate) fn cluster_sync(ok: bool) {
+    if !enabled() {
+        return;
+    }
+    counter!("metaorch_cluster_syncs_total", "result" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+/// Whether the shared limits are in force (1) or each instance keeps its share (0).
+pub(crate) fn cluster_mode(shared: bool) {
+    if !enabled() {
+        return;
+    }
+    gauge!("metaorch_cluster_shared").set(if shared { 1.0 } else { 0.0 });
+    if !shared {
+        counter!("metaorch_cluster_fallbacks_total").increment(1);
+    }
 }
 
 /// A cache lookup: `hit`, `miss` or `error`.
