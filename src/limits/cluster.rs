@@ -155,10 +155,6 @@ impl Cluster {
 
     /// Makes `lane` keep the shared limits, and starts its sync.
     pub(crate) fn attach(self: &Arc<Self>, lane: &Arc<FlowLane>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // Outside a runtime nothing can sync: the lane keeps its limits locally.
-            return;
-        };
         let cluster = Arc::downgrade(self);
         let (provider, model) = (lane.provider().to_owned(), lane.model().to_owned());
         lane.share(
@@ -169,15 +165,22 @@ impl Cluster {
                     tokio::spawn(async move { cluster.publish_pause(&provider, &model, wait).await });
                 }
             }),
+            {
+                let (cluster, lane) = (Arc::downgrade(self), Arc::downgrade(lane));
+                Box::new(move || {
+                    if let Some(cluster) = cluster.upgrade() {
+                        if !cluster.subscribed.swap(true, Ordering::AcqRel) {
+                            tokio::spawn(Arc::clone(&cluster).subscribe_loop());
+                        }
+                        tokio::spawn(cluster.sync_loop(lane));
+                    }
+                })
+            },
         );
         self.lanes_map().insert(
             (lane.provider().to_owned(), lane.model().to_owned()),
             Arc::downgrade(lane),
         );
-        runtime.spawn(Arc::clone(self).sync_loop(Arc::downgrade(lane)));
-        if !self.subscribed.swap(true, Ordering::AcqRel) {
-            runtime.spawn(Arc::clone(self).subscribe_loop());
-        }
     }
 
     fn lanes_map(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Weak<FlowLane>>> {

@@ -176,6 +176,10 @@ pub struct FlowLane {
     sync: Notify,
     /// Tells the other instances of a pause (`[redis]`).
     publish_pause: std::sync::OnceLock<Box<dyn Fn(Duration) + Send + Sync>>,
+    /// Starts the sync with the shared limits, on the first call (lanes are made
+    /// before the runtime that runs the sync may exist).
+    sync_start: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    sync_pending: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for FlowLane {
@@ -248,6 +252,20 @@ impl FlowLane {
             wake_retry: Notify::new(),
             sync: Notify::new(),
             publish_pause: std::sync::OnceLock::new(),
+            sync_start: Mutex::new(None),
+            sync_pending: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Starts the sync with the shared limits if it waits for a first call.
+    fn start_sync(&self) {
+        use std::sync::atomic::Ordering;
+        if self.sync_pending.load(Ordering::Acquire) && tokio::runtime::Handle::try_current().is_ok() {
+            let start = self.sync_start.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(start) = start {
+                self.sync_pending.store(false, Ordering::Release);
+                start();
+            }
         }
     }
 
@@ -257,9 +275,13 @@ impl FlowLane {
         &self,
         local_share: Option<f64>,
         publish: Box<dyn Fn(Duration) + Send + Sync>,
+        start: Box<dyn FnOnce() + Send>,
     ) {
         self.lock().shared = Some(Shared::new(local_share, Instant::now()));
         let _ = self.publish_pause.set(publish);
+        *self.sync_start.lock().unwrap_or_else(|e| e.into_inner()) = Some(start);
+        self.sync_pending
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Wakes when a call waits for a lease of the shared limits.
@@ -379,6 +401,7 @@ impl FlowLane {
         global: &dyn Limiter,
         held: &mut Option<Permit>,
     ) -> Option<LanePermit> {
+        self.start_sync();
         // The queue may be held by a head that is only being woken, not held back:
         // then a newcomer may go past it, since nothing it waits for is taken. When
         // the head waits for something (a slot, the rate, a pause), newcomers queue:
@@ -416,6 +439,7 @@ impl FlowLane {
         turn: Turn,
         global: &dyn Limiter,
     ) -> Result<Admitted, QueueTimeout> {
+        self.start_sync();
         let retry = turn == Turn::Retry;
         let joined = Instant::now();
         let _queued = Queued::join(self, retry);
