@@ -240,10 +240,51 @@ pub enum BenchMode {
     /// served, 429 and 529 answers, failed agents, latency, and the concurrency limit
     /// over time.
     Limits(LimitsArgs),
+    /// Several `serve` instances sharing limits through Redis, against one limited
+    /// mock-upstream: the share of the allowed rate served, 429s after warm-up, Redis
+    /// round trips per call, and latency against one instance without Redis.
+    Cluster(ClusterBenchArgs),
     /// Requests drawn from a few distinct queries (Zipf-like), with no cache, the
     /// memory cache and, with --redis-url, the Redis cache: upstream calls saved, hit
     /// rate, latency.
     Cache(CacheBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterBenchArgs {
+    /// The Redis the instances share (a namespace of its own per run).
+    #[arg(long, value_name = "URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Instance counts to run, one after the other.
+    #[arg(long, value_name = "N,N", value_delimiter = ',', default_values_t = [1u32, 2, 3], value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub instances: Vec<u32>,
+
+    /// Requests per second the upstream account allows; the instances share a limit of
+    /// as many requests per minute times 60.
+    #[arg(long, value_name = "N", default_value_t = 100.0, value_parser = parse_per_second)]
+    pub rps: f64,
+
+    /// The upstream's latency range.
+    #[arg(long, value_name = "MIN..MAX", default_value = "50ms..150ms", value_parser = parse_range)]
+    pub latency: (Duration, Duration),
+
+    /// Requests kept in flight, split evenly between the instances (the same load
+    /// whatever their number).
+    #[arg(long, value_name = "N", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub in_flight: u32,
+
+    /// How long to measure, after the warm-up.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Run this long first without measuring.
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = metaorch::config::parse_duration)]
+    pub warmup: Duration,
+
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

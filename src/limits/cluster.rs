@@ -115,7 +115,10 @@ impl Cluster {
     /// This instance of the namespace in `config`. Does not connect: fails only for a
     /// URL that cannot be used.
     pub fn new(config: &RedisConfig) -> Result<Arc<Cluster>, String> {
-        let link = RedisLink::new(&config.url, config.timeout, "redis.timeout").map_err(|e| e.0)?;
+        // Back to the shared limits within a lease of Redis's return.
+        let link = RedisLink::new(&config.url, config.timeout, "redis.timeout")
+            .map_err(|e| e.0)?
+            .with_max_pause(config.lease);
         let host = std::env::var("HOSTNAME")
             .ok()
             .filter(|h| !h.is_empty())

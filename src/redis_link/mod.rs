@@ -52,6 +52,8 @@ pub(crate) struct RedisLink {
     text: ErrorText,
     /// The connection, the connect under way, and the pause.
     link: Arc<Link>,
+    /// The longest the server is left alone after failing.
+    max_pause: Duration,
 }
 
 /// What a link shares with its connect task.
@@ -113,7 +115,14 @@ impl RedisLink {
             timeout,
             text,
             link: Arc::default(),
+            max_pause: Duration::MAX,
         })
+    }
+
+    /// Leaves a failing server alone at most `max` at a time (30 s by default).
+    pub(crate) fn with_max_pause(mut self, max: Duration) -> Self {
+        self.max_pause = max;
+        self
     }
 
     /// The URL with its credentials hidden.
@@ -156,7 +165,7 @@ impl RedisLink {
         let mut state = self.link.state();
         match &result {
             Ok(_) => state.pause.succeeded(),
-            Err(_) => state.pause.failed(Instant::now()),
+            Err(_) => state.pause.failed(Instant::now(), self.max_pause),
         }
         result
     }
@@ -202,10 +211,11 @@ impl RedisLink {
             .set_number_of_retries(0)
             .set_connection_timeout(Some(bound))
             .set_response_timeout(Some(self.timeout));
-        let (client, link, text) = (
+        let (client, link, text, max_pause) = (
             self.client.clone(),
             Arc::clone(&self.link),
             self.text.clone(),
+            self.max_pause,
         );
         tokio::spawn(async move {
             let made =
@@ -221,14 +231,14 @@ impl RedisLink {
                 }
                 Ok(Err(e)) => {
                     state.failure = Some(text.failure("could not be reached", &e));
-                    state.pause.failed(Instant::now());
+                    state.pause.failed(Instant::now(), max_pause);
                 }
                 Err(_) => {
                     state.failure = Some(LinkError(format!(
                         "redis {} could not be reached within {bound:?}",
                         text.shown_url
                     )));
-                    state.pause.failed(Instant::now());
+                    state.pause.failed(Instant::now(), max_pause);
                 }
             }
             drop(state);

@@ -28,7 +28,8 @@ impl Pause {
             .map(|until| until - now)
     }
 
-    pub(super) fn failed(&mut self, now: Instant) {
+    /// A failure at `now`: the pause doubles, never past [`MAX_PAUSE`] nor `max`.
+    pub(super) fn failed(&mut self, now: Instant, max: Duration) {
         // Calls that were already under way when a pause began fail as well: they
         // are the same outage, not a longer one.
         if self.left(now).is_some() {
@@ -36,7 +37,7 @@ impl Pause {
         }
         let doublings = self.failures.min(5);
         self.failures = self.failures.saturating_add(1);
-        let pause = (FIRST_PAUSE * 2u32.pow(doublings)).min(MAX_PAUSE);
+        let pause = (FIRST_PAUSE * 2u32.pow(doublings)).min(MAX_PAUSE).min(max);
         self.until = Some(now + pause);
     }
 
@@ -57,11 +58,11 @@ mod tests {
         let mut now = t0;
         let mut pauses = Vec::new();
         for _ in 0..8 {
-            pause.failed(now);
+            pause.failed(now, Duration::MAX);
             let left = pause.left(now).unwrap();
             pauses.push(left.as_secs());
             // A failure during the pause does not lengthen it.
-            pause.failed(now + left / 2);
+            pause.failed(now + left / 2, Duration::MAX);
             assert_eq!(pause.left(now), Some(left));
             now += left;
         }

@@ -8,6 +8,7 @@
 //! by the client: nothing is asserted, and nothing is tuned to the machine.
 
 mod cache;
+mod cluster;
 mod chart;
 mod connections;
 mod limits;
@@ -63,6 +64,7 @@ pub fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         Some(BenchMode::Throughput(load_args)) => runtime.block_on(load(load_args, true)),
         Some(BenchMode::Limits(limits_args)) => runtime.block_on(limits::run(limits_args)),
         Some(BenchMode::Cache(cache_args)) => runtime.block_on(cache::run(cache_args)),
+        Some(BenchMode::Cluster(cluster_args)) => runtime.block_on(cluster::run(cluster_args)),
     }
 }
 

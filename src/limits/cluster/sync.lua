@@ -17,7 +17,8 @@ local horizon = tonumber(ARGV[3])
 redis.call('ZADD', KEYS[1], now + lease, id)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('PEXPIRE', KEYS[1], math.ceil(lease * 4))
-local out = { redis.call('ZCARD', KEYS[1]) }
+local instances = redis.call('ZCARD', KEYS[1])
+local out = { instances }
 
 for i = 1, 4 do
   local limit = tonumber(ARGV[3 + i])
@@ -29,8 +30,12 @@ for i = 1, 4 do
     if tat < now then tat = now end
     local room = math.floor((now + horizon - tat) / interval)
     due = tat - now
+    -- One instance takes at most its share of a horizon at a time: the others get
+    -- theirs at their next sync, whatever the order (an instance left without units
+    -- syncs again at once, so an idle neighbour costs it nothing).
+    local share = math.max(1, math.ceil(horizon / interval / instances))
     if room > 0 then
-      granted = math.min(want, room)
+      granted = math.min(want, room, share)
       tat = tat + granted * interval
       redis.call('SET', KEYS[1 + i], tostring(tat), 'PX', math.ceil(tat - now + horizon) + 1000)
     else
