@@ -850,3 +850,55 @@ fn a_bad_http2_value_names_the_field_and_the_choices() {
     );
     assert!(e.starts_with("test.toml:1:"), "{e}");
 }
+
+/// `[redis]`: defaults, each bad value named, the URL's credentials never shown, and a
+/// Redis cache without a URL of its own using the shared one.
+#[test]
+fn redis_section_is_checked_and_shared_with_the_cache() {
+    let config = Config::from_toml_str(
+        "[redis]\nurl = \"redis://:pw-secret@10.0.0.5:6379/2\"\n[cache]\nbackend = \"redis\"\n",
+        "t.toml",
+    )
+    .unwrap();
+    let redis = config.redis.as_ref().unwrap();
+    assert_eq!(redis.namespace, "metaorch");
+    assert_eq!(redis.timeout, Duration::from_millis(100));
+    assert_eq!(redis.lease, Duration::from_secs(3));
+    assert_eq!(redis.local_share, None);
+    let shown = format!("{config:?}");
+    assert!(!shown.contains("pw-secret"), "{shown}");
+    let cache = config.cache.as_ref().unwrap();
+    assert_eq!(cache.backend.name(), "redis");
+    assert!(format!("{:?}", cache.backend).contains("10.0.0.5:6379/2"));
+
+    for (toml, expected) in [
+        ("[redis]\nnamespace = \"a\"\n", "redis.url: is missing"),
+        ("[redis]\nurl = \"http://x:1\"\n", "redis.url: is not a Redis URL"),
+        (
+            "[redis]\nurl = \"redis://x\"\nlocal_share = 1.5\n",
+            "redis.local_share: 1.5 is out of range",
+        ),
+        (
+            "[redis]\nurl = \"redis://x\"\nlocal_share = 0.0\n",
+            "redis.local_share: 0 is out of range",
+        ),
+        (
+            "[redis]\nurl = \"redis://x\"\nlease = \"10ms\"\n",
+            "redis.lease: is out of range",
+        ),
+        (
+            "[redis]\nurl = \"redis://x\"\ntimeout = \"30s\"\n",
+            "redis.timeout: is out of range",
+        ),
+        (
+            "[redis]\nurl = \"redis://x\"\nnamespace = \"a b\"\n",
+            "redis.namespace: expected",
+        ),
+        ("[redis]\nurl = \"redis://x\"\nport = 1\n", "port"),
+    ] {
+        let e = Config::from_toml_str(&format!("{toml}{AGENT}"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(expected), "{toml}: {e}");
+    }
+}
