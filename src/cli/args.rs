@@ -282,6 +282,11 @@ pub struct ClusterBenchArgs {
     #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = metaorch::config::parse_duration)]
     pub warmup: Duration,
 
+    /// Also run two or more instances without Redis, each keeping the whole limit to
+    /// itself: what sharing saves.
+    #[arg(long)]
+    pub unshared: bool,
+
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

@@ -33,6 +33,8 @@ struct Run {
     redis: bool,
     requests: usize,
     failed_requests: usize,
+    /// Agents that failed or timed out (after their retries) in those requests.
+    failed_agents: u64,
     upstream_calls: usize,
     served_per_s: f64,
     /// Upstream 200s per second over the allowed rate.
@@ -67,6 +69,9 @@ pub async fn run(args: &ClusterBenchArgs) -> anyhow::Result<ExitCode> {
     let mut runs = Vec::new();
     // The reference: one instance, its limits its own.
     let mut plan = vec![(1, false)];
+    if args.unshared {
+        plan.extend(args.instances.iter().filter(|&&n| n > 1).map(|&n| (n, false)));
+    }
     plan.extend(args.instances.iter().map(|&n| (n, true)));
     for (n, redis) in plan {
         eprintln!(
@@ -141,14 +146,25 @@ async fn run_one(
                 while Instant::now() < until {
                     k += 1;
                     let t = Instant::now();
-                    let ok = client
+                    let answer = client
                         .post(format!("{url}/v1/orchestrate"))
                         .header("content-type", "application/json")
                         .body(serde_json::json!({"query": format!("instance {i} client {c} question {k}")}).to_string())
                         .send()
-                        .await
-                        .is_ok_and(|r| r.status() == 200);
-                    samples.push((t, t.elapsed(), ok, i));
+                        .await;
+                    let (ok, agents_failed) = match answer {
+                        Ok(r) if r.status() == 200 => {
+                            let body = r.bytes().await.unwrap_or_default();
+                            let doc: serde_json::Value =
+                                serde_json::from_slice(&body).unwrap_or_default();
+                            let summary = &doc["summary"];
+                            let failed = summary["failed"].as_u64().unwrap_or(0)
+                                + summary["timed_out"].as_u64().unwrap_or(0);
+                            (true, failed)
+                        }
+                        _ => (false, 0),
+                    };
+                    samples.push((t, t.elapsed(), ok, i, agents_failed));
                 }
                 samples
             });
@@ -196,6 +212,7 @@ async fn run_one(
         redis,
         requests: measured.len(),
         failed_requests: measured.iter().filter(|s| !s.2).count(),
+        failed_agents: measured.iter().map(|s| s.4).sum(),
         upstream_calls: records.len(),
         served_per_s,
         served_share: served_per_s / args.rps,
@@ -289,12 +306,13 @@ fn print_report(args: &ClusterBenchArgs, runs: &[Run]) {
         args.warmup
     );
     println!(
-        "  {:>9}  {:>5}  {:>9}  {:>6}  {:>9}  {:>11}  {:>8}  {:>8}  {:>8}  {:>8}  per instance",
+        "  {:>9}  {:>5}  {:>9}  {:>6}  {:>9}  {:>8}  {:>11}  {:>8}  {:>8}  {:>8}  {:>8}  per instance",
         "instances",
         "redis",
         "served/s",
         "share",
         "429s",
+        "failed",
         "trips/call",
         "p50 ms",
         "p99 ms",
@@ -305,13 +323,14 @@ fn print_report(args: &ClusterBenchArgs, runs: &[Run]) {
     for r in runs {
         let (dp50, dp99) = base.map_or((0.0, 0.0), |b| (r.p50_ms - b.p50_ms, r.p99_ms - b.p99_ms));
         println!(
-            "  {:>9}  {:>5}  {:>9.1}  {:>5.1}%  {:>4} {:>3.1}%  {:>11.3}  {:>8.0}  {:>8.0}  {:>+8.0}  {:>+8.0}  {:?}",
+            "  {:>9}  {:>5}  {:>9.1}  {:>5.1}%  {:>4} {:>3.1}%  {:>8}  {:>11.3}  {:>8.0}  {:>8.0}  {:>+8.0}  {:>+8.0}  {:?}",
             r.instances,
             if r.redis { "yes" } else { "no" },
             r.served_per_s,
             r.served_share * 100.0,
             r.refused,
             r.refused_share * 100.0,
+            r.failed_agents,
             r.round_trips_per_call,
             r.p50_ms,
             r.p99_ms,
