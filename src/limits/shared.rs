@@ -221,14 +221,18 @@ impl Shared {
             .map(|l| l.unwrap_or(0));
         let per_horizon =
             |limit: u64| (limit as f64 * HORIZON.as_secs_f64() / 60.0).ceil().max(1.0) as u64;
-        let demand = (self.admitted + u64::from(queued)).max(1);
+        // Idle (nothing admitted since the last sync, nothing queued, nobody waiting),
+        // the lane leases nothing: a lease it would not use is rate the others lose.
+        let demand = self.admitted + u64::from(queued);
+        let idle = demand == 0 && !self.starved;
+        let demand = demand.max(1);
         self.admitted = 0;
         let mut units = [0; 4];
-        if limits[0] > 0 {
+        if limits[0] > 0 && !idle {
             units[0] = demand.min(per_horizon(limits[0])).saturating_sub(self.req_left);
         }
         for k in 0..3 {
-            if limits[k + 1] > 0 {
+            if limits[k + 1] > 0 && !idle {
                 let batch = per_horizon(limits[k + 1]);
                 let left = self.tokens[k];
                 if left < i64::try_from(batch / 2).unwrap_or(i64::MAX) {
@@ -329,6 +333,24 @@ mod tests {
         assert!(shared.blocks(late, &r, 0).is_some());
         assert_eq!(shared.req_left, 0);
         assert!(shared.starved);
+    }
+
+    #[test]
+    fn an_idle_lane_leases_nothing_and_a_waiting_call_makes_it_ask() {
+        let now = Instant::now();
+        let mut shared = Shared::new(None, now);
+        let r = RateConfig {
+            rpm: Some(60),
+            tpm: Some(6_000),
+            ..RateConfig::default()
+        };
+        assert_eq!(shared.wants(&r, 8, 0, 0).units, [0; 4], "idle");
+        shared.mode = Mode::Shared;
+        assert!(shared.blocks(now, &r, 0).is_some());
+        assert!(shared.starved);
+        let wants = shared.wants(&r, 8, 0, 0);
+        assert_eq!(wants.units[0], 1, "a call waits: one request");
+        assert_eq!(wants.units[1], 25, "and a quarter second of tokens");
     }
 
     #[test]
