@@ -698,20 +698,8 @@ fn a_missing_api_key_is_named() {
 #[cfg(unix)]
 #[test]
 fn serve_answers_keeps_recent_traces_and_stops_on_sigterm() {
-    use std::io::BufRead as _;
     let dir = dir_with(Some(FAST));
-    let mut child = common::metaorch_command(dir.path(), &["serve", "--port", "0"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    stderr.read_line(&mut first).unwrap();
-    let url = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {first:?}"))
-        .to_owned();
+    let (mut child, url, mut stderr) = common::spawn_serve(dir.path(), &[]);
     // Keep draining stderr so the server never blocks on a full pipe.
     let reader = std::thread::spawn(move || {
         let mut rest = String::new();

@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::redis::{RedisServer, skip};
@@ -45,20 +45,7 @@ fn config(upstream: &str, redis: &str, namespace: &str, flow: &str, extra: &str)
 }
 
 fn serve(dir: &Path) -> Served {
-    let mut child = common::metaorch_command(dir, &["serve", "--port", "0"])
-        .env("MOCK_KEY", "test-key")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    stderr.read_line(&mut first).unwrap();
-    let url = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {first:?}"))
-        .to_owned();
+    let (child, url, stderr) = common::spawn_serve(dir, &[("MOCK_KEY", "test-key")]);
     // The rest of its log is read (and dropped) so that it never blocks on a pipe.
     std::thread::spawn(move || for _ in stderr.lines() {});
     Served { child, url }
@@ -315,7 +302,8 @@ fn a_killed_instances_part_of_the_cap_comes_back_within_the_lease() {
     let (_a_dir, mut a) = instance(&config);
     let (_b_dir, b) = instance(&config);
     let (urls, b_url) = (vec![a.url.clone(), b.url.clone()], b.url.clone());
-    let load = rt.spawn(async move { load(&urls, 4, Instant::now() + Duration::from_secs(6)).await });
+    let load =
+        rt.spawn(async move { load(&urls, 4, Instant::now() + Duration::from_secs(6)).await });
     let (before, regained) = rt.block_on(async {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let before = cluster(&b_url).await;

@@ -873,7 +873,10 @@ fn redis_section_is_checked_and_shared_with_the_cache() {
 
     for (toml, expected) in [
         ("[redis]\nnamespace = \"a\"\n", "redis.url: is missing"),
-        ("[redis]\nurl = \"http://x:1\"\n", "redis.url: is not a Redis URL"),
+        (
+            "[redis]\nurl = \"http://x:1\"\n",
+            "redis.url: is not a Redis URL",
+        ),
         (
             "[redis]\nurl = \"redis://x\"\nlocal_share = 1.5\n",
             "redis.local_share: 1.5 is out of range",

@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader, Read as _};
+use std::io::{BufReader, Read as _};
 use std::path::Path;
-use std::process::{Child, Output, Stdio};
+use std::process::{Child, Output};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -179,19 +179,7 @@ impl std::ops::DerefMut for Served {
 /// `metaorch serve` as a user starts it, with the config in `dir`; its address and its
 /// stderr.
 fn serve(dir: &Path) -> (Served, String, BufReader<std::process::ChildStderr>) {
-    let mut child = common::metaorch_command(dir, &["serve", "--port", "0"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    stderr.read_line(&mut first).unwrap();
-    let url = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {first:?}"))
-        .to_owned();
+    let (child, url, stderr) = common::spawn_serve(dir, &[]);
     (Served(child), url, stderr)
 }
 

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use redis::FromRedisValue;
 
 use super::{CacheError, CacheKey, CacheStore, CachedReply};
-use crate::redis_link::{LinkError, RedisLink};
 pub use crate::redis_link::redacted_url;
+use crate::redis_link::{LinkError, RedisLink};
 
 /// The longest time to live sent (about 34 years): past Redis's range, `SET` fails.
 const MAX_TTL_MS: u64 = 1 << 40;

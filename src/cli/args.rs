@@ -82,21 +82,8 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
 
-    /// Seed for every random draw (sim latencies and faults, retry jitter), for repeatable runs.
-    #[arg(long, value_name = "N")]
-    pub seed: Option<u64>,
-
-    /// Agent calls in flight at once (overrides concurrency_limit).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub concurrency_limit: Option<u32>,
-
-    /// The request's deadline, e.g. 30s or 1500ms (overrides request_timeout).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub request_timeout: Option<Duration>,
-
-    /// Successful agents needed for exit status 0 (overrides min_successes).
-    #[arg(long, value_name = "N")]
-    pub min_successes: Option<usize>,
+    #[command(flatten)]
+    pub request: RequestFlags,
 
     /// Print the Prometheus counters of the run on stderr at the end.
     #[arg(long)]
@@ -140,21 +127,43 @@ pub struct BatchArgs {
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
 
-    /// Seed for every random draw (sim latencies and faults, retry jitter).
+    #[command(flatten)]
+    pub request: RequestFlags,
+}
+
+/// The settings of each request that `run` and `batch` take from the command line.
+#[derive(Debug, Args)]
+pub struct RequestFlags {
+    /// Seed for every random draw (sim latencies and faults, retry jitter), for repeatable runs.
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
 
-    /// Agent calls in flight at once over the whole batch (overrides concurrency_limit).
+    /// Agent calls in flight at once, over every request of the process (overrides
+    /// concurrency_limit).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub concurrency_limit: Option<u32>,
 
-    /// Each request's deadline, e.g. 30s (overrides request_timeout).
+    /// A request's deadline, e.g. 30s or 1500ms (overrides request_timeout).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub request_timeout: Option<Duration>,
 
-    /// Successful agents a request needs to count as ok (overrides min_successes).
+    /// Successful agents a request needs (overrides min_successes): exit status 0
+    /// for `run`, an ok result for `batch`.
     #[arg(long, value_name = "N")]
     pub min_successes: Option<usize>,
+}
+
+impl RequestFlags {
+    /// The flags as config overrides.
+    pub fn overrides(&self) -> metaorch::config::Overrides {
+        metaorch::config::Overrides {
+            concurrency_limit: self.concurrency_limit.map(|n| n as usize),
+            request_timeout: self.request_timeout,
+            min_successes: self.min_successes,
+            seed: self.seed,
+            ..metaorch::config::Overrides::default()
+        }
+    }
 }
 
 #[derive(Debug, Args)]

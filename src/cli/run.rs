@@ -4,7 +4,6 @@ use std::io::{IsTerminal, Read, Write as _};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use metaorch::config::Overrides;
 use metaorch::telemetry::{init_telemetry, otel, terminal_safe};
 use metaorch::{Orchestrator, Response};
 
@@ -13,14 +12,7 @@ use super::render;
 
 pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let query = read_query(&args.query)?;
-    let flags = Overrides {
-        concurrency_limit: args.concurrency_limit.map(|n| n as usize),
-        request_timeout: args.request_timeout,
-        min_successes: args.min_successes,
-        seed: args.seed,
-        ..Overrides::default()
-    };
-    let config = match super::config_or_exit(cli, flags) {
+    let config = match super::config_or_exit(cli, args.request.overrides()) {
         Ok(config) => config,
         Err(code) => return Ok(code),
     };

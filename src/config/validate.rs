@@ -301,10 +301,19 @@ impl Validator<'_> {
             }
             None => CacheConfig::DEFAULT_NAMESPACE.to_owned(),
         };
-        let mut bounded = |d: Option<Spanned<super::duration::HumanDuration>>, key: &str, min, max, text: &str, default| {
+        let mut bounded = |d: Option<Spanned<super::duration::HumanDuration>>,
+                           key: &str,
+                           min,
+                           max,
+                           text: &str,
+                           default| {
             match d {
                 Some(t) if t.get_ref().0 < min || t.get_ref().0 > max => {
-                    self.error(Some(t.span()), key, format!("is out of range; expected {text}"));
+                    self.error(
+                        Some(t.span()),
+                        key,
+                        format!("is out of range; expected {text}"),
+                    );
                     default
                 }
                 Some(t) => t.into_inner().0,

@@ -165,7 +165,9 @@ impl Cluster {
             Box::new(move |wait| {
                 if let Some(cluster) = cluster.upgrade() {
                     let (provider, model) = (provider.clone(), model.clone());
-                    tokio::spawn(async move { cluster.publish_pause(&provider, &model, wait).await });
+                    tokio::spawn(
+                        async move { cluster.publish_pause(&provider, &model, wait).await },
+                    );
                 }
             }),
             {
@@ -250,7 +252,9 @@ impl Cluster {
         for units in wants.units {
             cmd.arg(units);
         }
-        cmd.arg(wants.cap).arg(wants.cap_wanted).arg(wants.in_flight);
+        cmd.arg(wants.cap)
+            .arg(wants.cap_wanted)
+            .arg(wants.in_flight);
         let reply: Vec<i64> = self.link.call(&cmd).await?;
         let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
         if reply.len() < 11 {

@@ -260,8 +260,14 @@ impl FlowLane {
     /// Starts the sync with the shared limits if it waits for a first call.
     fn start_sync(&self) {
         use std::sync::atomic::Ordering;
-        if self.sync_pending.load(Ordering::Acquire) && tokio::runtime::Handle::try_current().is_ok() {
-            let start = self.sync_start.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if self.sync_pending.load(Ordering::Acquire)
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            let start = self
+                .sync_start
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
             if let Some(start) = start {
                 self.sync_pending.store(false, Ordering::Release);
                 start();
@@ -297,7 +303,10 @@ impl FlowLane {
         let cap = self.shared_cap();
         let sh = s.shared.as_mut()?;
         let starved = sh.starved;
-        Some((sh.wants(&rates, cap, in_flight, queued), starved || queued > 0))
+        Some((
+            sh.wants(&rates, cap, in_flight, queued),
+            starved || queued > 0,
+        ))
     }
 
     /// The cap on calls in flight that instances share: the configured maximum.

@@ -11,10 +11,10 @@
 //!   Calls wait their turn in FIFO order, never past their deadline.
 
 mod adaptive;
+pub mod cluster;
 mod flow;
 mod gcra;
 mod lane;
-pub mod cluster;
 pub(crate) mod shared;
 
 use std::fmt::Debug;

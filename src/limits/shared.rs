@@ -201,8 +201,7 @@ impl Shared {
     /// Charges what a call really used, beyond its estimate (negative gives back).
     pub(crate) fn settle(&mut self, input_delta: i64, output: u64) {
         let output = i64::try_from(output).unwrap_or(i64::MAX);
-        self.tokens[0] = self
-            .tokens[0]
+        self.tokens[0] = self.tokens[0]
             .saturating_sub(input_delta)
             .saturating_sub(output);
         self.tokens[1] = self.tokens[1].saturating_sub(input_delta);
@@ -217,10 +216,13 @@ impl Shared {
         in_flight: u32,
         queued: u32,
     ) -> Wants {
-        let limits = [rates.rpm, rates.tpm, rates.input_tpm, rates.output_tpm]
-            .map(|l| l.unwrap_or(0));
-        let per_horizon =
-            |limit: u64| (limit as f64 * HORIZON.as_secs_f64() / 60.0).ceil().max(1.0) as u64;
+        let limits =
+            [rates.rpm, rates.tpm, rates.input_tpm, rates.output_tpm].map(|l| l.unwrap_or(0));
+        let per_horizon = |limit: u64| {
+            (limit as f64 * HORIZON.as_secs_f64() / 60.0)
+                .ceil()
+                .max(1.0) as u64
+        };
         // Idle (nothing admitted since the last sync, nothing queued, nobody waiting),
         // the lane leases nothing: a lease it would not use is rate the others lose.
         let demand = self.admitted + u64::from(queued);
@@ -229,7 +231,9 @@ impl Shared {
         self.admitted = 0;
         let mut units = [0; 4];
         if limits[0] > 0 && !idle {
-            units[0] = demand.min(per_horizon(limits[0])).saturating_sub(self.req_left);
+            units[0] = demand
+                .min(per_horizon(limits[0]))
+                .saturating_sub(self.req_left);
         }
         for k in 0..3 {
             if limits[k + 1] > 0 && !idle {
@@ -310,13 +314,21 @@ mod tests {
         let now = Instant::now();
         let mut shared = Shared::new(None, now);
         let r = rates(600); // one every 100 ms
-        assert!(shared.blocks(now, &r, 0).is_some(), "no lease before the first sync");
+        assert!(
+            shared.blocks(now, &r, 0).is_some(),
+            "no lease before the first sync"
+        );
         let wants = shared.wants(&r, 0, 0, 5);
         assert_eq!(wants.units[0], 3, "5 wanted, 3 fit in 250 ms at 10/s");
         let granted = Granted {
             instances: 2,
             units: [3, 0, 0, 0],
-            starts: [Duration::from_millis(50), Duration::ZERO, Duration::ZERO, Duration::ZERO],
+            starts: [
+                Duration::from_millis(50),
+                Duration::ZERO,
+                Duration::ZERO,
+                Duration::ZERO,
+            ],
             cap: 0,
             pause: None,
         };
@@ -365,7 +377,10 @@ mod tests {
         fixed.go_local(30);
         assert_eq!(fixed.cap, Some(15));
         assert!(fixed.blocks(now, &rates(60), 15).is_some());
-        assert!(fixed.blocks(now, &rates(60), 14).is_none(), "local rates are the GCRA's");
+        assert!(
+            fixed.blocks(now, &rates(60), 14).is_none(),
+            "local rates are the GCRA's"
+        );
     }
 
     #[test]

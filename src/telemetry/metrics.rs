@@ -248,7 +248,8 @@ pub(crate) fn cluster_sync(ok: bool) {
     if !enabled() {
         return;
     }
-    counter!("metaorch_cluster_syncs_total", "result" => if ok { "ok" } else { "error" }).increment(1);
+    counter!("metaorch_cluster_syncs_total", "result" => if ok { "ok" } else { "error" })
+        .increment(1);
 }
 
 /// Whether the shared limits are in force (1) or each instance keeps its share (0).

@@ -267,6 +267,38 @@ pub const SIX: [&str; 6] = [
 
 /// The `metaorch` binary with `args`, run in `dir`, without the test's own `METAORCH_*`,
 /// `RUST_LOG` and provider variables: what is tested is only what the test sets.
+/// `metaorch serve --port 0` started in `dir` with `env`, and the URL it printed on its
+/// first line; the rest of its stderr is the caller's to read (or drain), so that it
+/// never blocks on a full pipe.
+pub fn spawn_serve(
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> (
+    std::process::Child,
+    String,
+    std::io::BufReader<std::process::ChildStderr>,
+) {
+    use std::io::BufRead as _;
+    let mut command = metaorch_command(dir, &["serve", "--port", "0"]);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .to_owned();
+    (child, url, stderr)
+}
+
 pub fn metaorch_command(dir: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_metaorch"));
     command.args(args).current_dir(dir);

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use metaorch::config::Overrides;
 use metaorch::orchestrator::RequestError;
 use metaorch::telemetry::{init_telemetry, otel};
 use metaorch::{Orchestrator, Request, Response};
@@ -39,14 +38,7 @@ const BAD_LINES_SHOWN: usize = 20;
 const DEFAULT_IN_FLIGHT_MAX: usize = 64;
 
 pub fn batch(cli: &Cli, args: &BatchArgs) -> anyhow::Result<ExitCode> {
-    let flags = Overrides {
-        concurrency_limit: args.concurrency_limit.map(|n| n as usize),
-        request_timeout: args.request_timeout,
-        min_successes: args.min_successes,
-        seed: args.seed,
-        ..Overrides::default()
-    };
-    let config = match super::config_or_exit(cli, flags) {
+    let config = match super::config_or_exit(cli, args.request.overrides()) {
         Ok(config) => config,
         Err(code) => return Ok(code),
     };

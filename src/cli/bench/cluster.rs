@@ -70,14 +70,23 @@ pub async fn run(args: &ClusterBenchArgs) -> anyhow::Result<ExitCode> {
     // The reference: one instance, its limits its own.
     let mut plan = vec![(1, false)];
     if args.unshared {
-        plan.extend(args.instances.iter().filter(|&&n| n > 1).map(|&n| (n, false)));
+        plan.extend(
+            args.instances
+                .iter()
+                .filter(|&&n| n > 1)
+                .map(|&n| (n, false)),
+        );
     }
     plan.extend(args.instances.iter().map(|&n| (n, true)));
     for (n, redis) in plan {
         eprintln!(
             "bench cluster: {n} instance{} {}…",
             if n == 1 { "" } else { "s" },
-            if redis { "sharing through Redis" } else { "without Redis" }
+            if redis {
+                "sharing through Redis"
+            } else {
+                "without Redis"
+            }
         );
         runs.push(run_one(args, &dir, n, redis).await?);
     }
@@ -121,12 +130,19 @@ async fn run_one(
     .await
     .context("cannot start the mock upstream")?;
     let namespace = format!("bench-{:08x}", rand::random::<u32>());
-    let config = config(args, &mock.url(), redis.then_some((&args.redis_url, &namespace)));
+    let config = config(
+        args,
+        &mock.url(),
+        redis.then_some((&args.redis_url, &namespace)),
+    );
     let path = dir.join(format!("cluster-{n}-{redis}.toml"));
     std::fs::write(&path, config).with_context(|| format!("cannot write {}", path.display()))?;
     let mut instances = Vec::new();
     for i in 0..n {
-        instances.push(start(&path, &dir.join(format!("instance-{n}-{redis}-{i}.log")))?);
+        instances.push(start(
+            &path,
+            &dir.join(format!("instance-{n}-{redis}-{i}.log")),
+        )?);
     }
 
     let client = reqwest::Client::new();

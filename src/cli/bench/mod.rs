@@ -8,8 +8,8 @@
 //! by the client: nothing is asserted, and nothing is tuned to the machine.
 
 mod cache;
-mod cluster;
 mod chart;
+mod cluster;
 mod connections;
 mod limits;
 pub(crate) mod stats;
