@@ -74,8 +74,16 @@ fn summary(config: &Config) -> String {
         ),
         None => "none (the replies laid end to end)".to_owned(),
     };
+    let shared = match &config.redis {
+        Some(r) => format!(
+            "\n  shared with other instances: rate limits, caps and pauses through {} (namespace {})",
+            metaorch::cache::redacted_url(&r.url),
+            r.namespace
+        ),
+        None => String::new(),
+    };
     format!(
-        "{origin}: ok\n  agents ({}): {}\n  synthesizer: {synthesizer}\n  providers: {}\n  concurrency_limit = {}, request_timeout = {}, min_successes = {}, log.level = {}\n",
+        "{origin}: ok\n  agents ({}): {}\n  synthesizer: {synthesizer}\n  providers: {}\n  concurrency_limit = {}, request_timeout = {}, min_successes = {}, log.level = {}{shared}\n",
         agents.len(),
         agents.join(", "),
         providers.join(", "),
