@@ -403,3 +403,48 @@ fn with_redis_down_each_instance_keeps_its_share_and_shares_again_after() {
     });
     assert_eq!(back["state"], "shared", "{back}");
 }
+
+/// A shared rate below one call per lease horizon (here 2 a second, one every 500 ms)
+/// is still granted, one call at a time, and two instances together keep to it.
+#[test]
+fn a_small_shared_rate_is_granted_one_call_at_a_time() {
+    let Some(redis) = RedisServer::start() else {
+        return skip("a_small_shared_rate_is_granted_one_call_at_a_time");
+    };
+    let rt = runtime();
+    let upstream = mock(
+        &rt,
+        MockOptions {
+            latency_min: Duration::from_millis(5),
+            latency_max: Duration::from_millis(10),
+            limits: AccountLimits {
+                rpm: Some(120),
+                ..AccountLimits::default()
+            },
+            ..MockOptions::default()
+        },
+    );
+    let config = config(&upstream.url(), &redis.url(), "small", "rpm = 120", "");
+    let (_a_dir, a) = instance(&config);
+    let (_b_dir, b) = instance(&config);
+    let ok = rt.block_on(load(
+        &[a.url.clone(), b.url.clone()],
+        1,
+        Instant::now() + Duration::from_secs(4),
+    ));
+    let records = upstream.requests();
+    let refused = records.iter().filter(|r| r.status == 429).count();
+    let served = records.iter().filter(|r| r.status == 200).count();
+    assert!(ok >= 1, "requests are answered");
+    assert_eq!(refused, 0, "{records:?}");
+    assert!(served >= 6, "{served} calls at 2/s in 4 s and more");
+    // Evenly paced: no second holds more than the rate and one call.
+    let mut times: Vec<f64> = records.iter().map(at).collect();
+    times.sort_by(f64::total_cmp);
+    let busiest = times
+        .iter()
+        .map(|&t| times.iter().filter(|&&u| u >= t && u < t + 1.0).count())
+        .max()
+        .unwrap_or(0);
+    assert!(busiest <= 3, "{busiest} calls within one second: {times:?}");
+}

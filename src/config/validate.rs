@@ -336,6 +336,15 @@ impl Validator<'_> {
             "500ms to 5m (a crashed instance's share comes back within it)",
             R::DEFAULT_LEASE,
         );
+        if timeout > lease / 4 {
+            self.error(
+                None,
+                "redis.timeout",
+                format!(
+                    "{timeout:?} is more than a quarter of redis.lease ({lease:?}): a hold could expire in Redis while this instance still waits to hear; shorten the timeout or lengthen the lease"
+                ),
+            );
+        }
         let local_share = raw.local_share.map(|s| {
             let v = *s.get_ref();
             if !(v > 0.0 && v <= 1.0) {

@@ -570,6 +570,22 @@ mod tests {
         assert_eq!(a.limit(), 8);
     }
 
+    /// The first calls of a run come back shortest first: a baseline taken from them
+    /// must not make the longer ones look like a provider's queue.
+    #[test]
+    fn the_first_calls_back_shortest_first_are_not_a_latency_rise() {
+        let mut a = Aimd::new(AdaptiveConfig {
+            initial: 600,
+            ..AdaptiveConfig::default()
+        });
+        // 600 calls sent at once, latencies spread evenly over 0.5–2 s, answered in
+        // order of latency.
+        for n in 0..600u64 {
+            let latency = Duration::from_micros(500_000 + n * 2_500);
+            assert_eq!(a.on_success(a.epoch(), 1, latency, false), None, "call {n}");
+        }
+    }
+
     #[test]
     fn millisecond_jitter_is_not_a_latency_rise() {
         let mut a = Aimd::new(AdaptiveConfig::default());

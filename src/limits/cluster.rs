@@ -148,8 +148,21 @@ impl Cluster {
         &self.id
     }
 
+    /// The configured share of each limit kept while Redis cannot be reached.
+    pub(crate) fn local_share(&self) -> Option<f64> {
+        self.local_share
+    }
+
+    /// `{namespace}:flow:{provider}:{model}:{what}`, with `%` and `:` in the names
+    /// escaped so that no two lanes share a key.
     fn key(&self, provider: &str, model: &str, what: &str) -> String {
-        format!("{}:flow:{provider}:{model}:{what}", self.namespace)
+        let escape = |s: &str| s.replace('%', "%25").replace(':', "%3A");
+        format!(
+            "{}:flow:{}:{}:{what}",
+            self.namespace,
+            escape(provider),
+            escape(model)
+        )
     }
 
     fn channel(&self) -> String {
@@ -160,8 +173,7 @@ impl Cluster {
     pub(crate) fn attach(self: &Arc<Self>, lane: &Arc<FlowLane>) {
         let cluster = Arc::downgrade(self);
         let (provider, model) = (lane.provider().to_owned(), lane.model().to_owned());
-        lane.share(
-            self.local_share,
+        lane.connect_shared(
             Box::new(move |wait| {
                 if let Some(cluster) = cluster.upgrade() {
                     let (provider, model) = (provider.clone(), model.clone());
@@ -277,7 +289,13 @@ impl Cluster {
     /// Tells every instance that `provider` / `model` is paused for `wait`.
     async fn publish_pause(&self, provider: &str, model: &str, wait: Duration) {
         let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-        let message = format!("{}\t{provider}\t{model}\t{ms}", self.id);
+        let message = serde_json::json!({
+            "from": self.id,
+            "provider": provider,
+            "model": model,
+            "ms": ms,
+        })
+        .to_string();
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(PAUSE_SCRIPT)
             .arg(2)
@@ -320,26 +338,28 @@ impl Cluster {
         }
     }
 
-    /// Another instance's pause, as published: `id \t provider \t model \t ms`.
+    /// Another instance's pause, as published: `{"from", "provider", "model", "ms"}`.
     fn told(&self, text: &str) {
-        let mut parts = text.split('\t');
-        let (Some(from), Some(provider), Some(model), Some(ms)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        #[derive(serde::Deserialize)]
+        struct Told {
+            from: String,
+            provider: String,
+            model: String,
+            ms: u64,
+        }
+        let Ok(told) = serde_json::from_str::<Told>(text) else {
             return;
         };
-        if from == self.id {
+        if told.from == self.id {
             return;
         }
-        let Ok(ms) = ms.parse::<u64>() else {
-            return;
-        };
         let lane = self
             .lanes_map()
-            .get(&(provider.to_owned(), model.to_owned()))
+            .get(&(told.provider, told.model))
             .and_then(Weak::upgrade);
         if let Some(lane) = lane {
-            lane.pause_here(Duration::from_millis(ms), "another instance's Retry-After");
+            let wait = Duration::from_millis(told.ms).min(crate::resilience::MAX_PAUSE);
+            lane.pause_here(wait, "another instance's Retry-After");
         }
     }
 
@@ -369,7 +389,11 @@ impl Cluster {
                 redis = %self.link.shown_url(),
                 namespace = %self.namespace,
                 error.message = %error.0,
-                "{error}; each instance keeps its own share of the shared limits until redis answers again (said once)"
+                "{error}; this instance keeps {} of each shared limit until redis answers again (said once)",
+                match self.local_share {
+                    Some(share) => format!("{share} (redis.local_share)"),
+                    None => "its share (one over the instances last seen; set redis.local_share to fix it)".to_owned(),
+                }
             );
         }
     }

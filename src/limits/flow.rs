@@ -123,7 +123,11 @@ impl FlowControl {
         let mut created = false;
         let lane = self.lanes.get(provider, model, || {
             created = true;
-            FlowLane::new(provider, model, self.config(provider).clone())
+            let lane = FlowLane::new(provider, model, self.config(provider).clone());
+            match &self.cluster {
+                Some(cluster) => lane.keep_shared(cluster.local_share()),
+                None => lane,
+            }
         });
         if created && let Some(cluster) = &self.cluster {
             cluster.attach(&lane);

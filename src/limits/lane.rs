@@ -276,14 +276,20 @@ impl FlowLane {
     }
 
     /// Makes the lane keep limits shared with other instances: calls wait for the
-    /// first sync (see [`super::shared`]); `publish` tells the others of a pause.
-    pub(crate) fn share(
+    /// first sync (see [`super::shared`]). Done before the lane is shared with any
+    /// caller, so that no call goes past the shared limits.
+    pub(crate) fn keep_shared(self, local_share: Option<f64>) -> Self {
+        self.lock().shared = Some(Shared::new(local_share, Instant::now()));
+        self
+    }
+
+    /// Connects the lane's shared limits: `publish` tells the others of a pause,
+    /// `start` starts the sync (on the lane's first call, in its runtime).
+    pub(crate) fn connect_shared(
         &self,
-        local_share: Option<f64>,
         publish: Box<dyn Fn(Duration) + Send + Sync>,
         start: Box<dyn FnOnce() + Send>,
     ) {
-        self.lock().shared = Some(Shared::new(local_share, Instant::now()));
         let _ = self.publish_pause.set(publish);
         *self.sync_start.lock().unwrap_or_else(|e| e.into_inner()) = Some(start);
         self.sync_pending
@@ -317,21 +323,34 @@ impl FlowLane {
     /// Takes what a sync granted.
     pub(crate) fn sync_granted(&self, wants: &Wants, granted: &Granted) {
         let now = Instant::now();
-        {
+        let (gained, paused_until) = {
             let mut s = self.lock();
             let was_local = s.shared.as_ref().is_some_and(|sh| sh.mode == Mode::Local);
             if was_local {
                 s.rates.set_share(1.0, now);
             }
-            if let Some(sh) = s.shared.as_mut() {
-                sh.grant(now, wants, granted);
-            }
-        }
-        if let Some(left) = granted.pause.filter(|p| !p.is_zero()) {
+            let gained = s
+                .shared
+                .as_mut()
+                .is_some_and(|sh| sh.grant(now, wants, granted));
+            (gained, s.pause.until.filter(|u| *u > now))
+        };
+        // The pause in force, read back at every sync: taken when it ends later than
+        // this lane's own (by more than a round trip's jitter).
+        if let Some(left) = granted
+            .pause
+            .filter(|p| !p.is_zero())
+            .map(|p| p.min(crate::resilience::MAX_PAUSE))
+            && paused_until.is_none_or(|u| now + left > u + Duration::from_millis(100))
+        {
             self.pause_here(left, "shared");
         }
-        self.wake.notify_one();
-        self.wake_retry.notify_one();
+        // Only a grant that brought something wakes the calls waiting: one that did
+        // not would have them ask again at once.
+        if gained {
+            self.wake.notify_one();
+            self.wake_retry.notify_one();
+        }
     }
 
     /// Redis could not be reached: the lane keeps its share of each limit locally.
@@ -851,8 +870,9 @@ impl LanePermit {
         {
             let mut s = self.lane.lock();
             s.rates.refund(self.estimate, Instant::now());
+            let rates = s.rates.effective();
             if let Some(sh) = &mut s.shared {
-                sh.settle(-i64::try_from(self.estimate).unwrap_or(i64::MAX), 0);
+                sh.settle(-i64::try_from(self.estimate).unwrap_or(i64::MAX), 0, &rates);
             }
         }
         self.release(None);
@@ -907,13 +927,14 @@ impl LanePermit {
                     feedback.output_tokens,
                     now,
                 );
+                let rates = s.rates.effective();
                 if let Some(sh) = &mut s.shared {
                     let delta = feedback.input_tokens.map_or(0, |input| {
                         i64::try_from(input)
                             .unwrap_or(i64::MAX)
                             .saturating_sub(i64::try_from(self.estimate).unwrap_or(i64::MAX))
                     });
-                    sh.settle(delta, feedback.output_tokens);
+                    sh.settle(delta, feedback.output_tokens, &rates);
                 }
                 if let Some(reported) = feedback.reported
                     && s.rates.learn(reported, now)

@@ -53,6 +53,9 @@ pub(crate) struct Shared {
     pub(crate) cap: Option<u32>,
     /// When the shared rate has more to lease, if the last sync found it dry.
     retry_at: Option<Instant>,
+    /// A sync that brought nothing new is not asked again before this: a waiting
+    /// call must not turn the sync into a loop.
+    quiet_until: Instant,
     /// A call waits for a lease: sync now.
     pub(crate) starved: bool,
     /// Calls admitted since the last sync (the demand the next lease is sized on).
@@ -102,6 +105,7 @@ impl Shared {
             tokens: [0; 3],
             cap: None,
             retry_at: None,
+            quiet_until: now,
             starved: false,
             admitted: 0,
             instances: 1,
@@ -134,7 +138,7 @@ impl Shared {
                 return None;
             }
             Mode::Starting => {
-                self.starved = true;
+                self.ask(now);
                 return Some((Some(now + Duration::from_millis(5)), WaitCause::Rate));
             }
             Mode::Shared => {}
@@ -142,13 +146,13 @@ impl Shared {
         if let Some(cap) = self.cap
             && in_flight >= cap
         {
-            self.starved = true;
+            self.ask(now);
             return Some((None, WaitCause::Concurrency));
         }
         if rates.rpm.is_some_and(|r| r > 0) {
             self.drop_stale(now);
             if self.req_left == 0 {
-                self.starved = true;
+                self.ask(now);
                 let at = self.retry_at.filter(|r| *r > now).unwrap_or(now + POLL);
                 return Some((Some(at), WaitCause::Rate));
             }
@@ -163,11 +167,19 @@ impl Shared {
             .zip(limited)
             .any(|(left, limit)| limit.is_some_and(|l| l > 0) && *left <= 0)
         {
-            self.starved = true;
+            self.ask(now);
             let at = self.retry_at.filter(|r| *r > now).unwrap_or(now + POLL);
             return Some((Some(at), WaitCause::Rate));
         }
         None
+    }
+
+    /// A call waits for the shared limits: the sync should run now, unless the last
+    /// one said there is nothing more yet.
+    fn ask(&mut self, now: Instant) {
+        if now >= self.quiet_until {
+            self.starved = true;
+        }
     }
 
     /// Drops leased requests whose time passed more than a horizon ago: unused, they
@@ -194,18 +206,32 @@ impl Shared {
             self.req_next += self.req_interval;
         }
         let estimate = i64::try_from(estimate).unwrap_or(i64::MAX);
-        self.tokens[0] = self.tokens[0].saturating_sub(estimate);
-        self.tokens[1] = self.tokens[1].saturating_sub(estimate);
+        self.charge(rates, [estimate, estimate, 0]);
     }
 
     /// Charges what a call really used, beyond its estimate (negative gives back).
-    pub(crate) fn settle(&mut self, input_delta: i64, output: u64) {
+    pub(crate) fn settle(&mut self, input_delta: i64, output: u64, rates: &RateConfig) {
+        if self.mode != Mode::Shared {
+            return;
+        }
         let output = i64::try_from(output).unwrap_or(i64::MAX);
-        self.tokens[0] = self.tokens[0]
-            .saturating_sub(input_delta)
-            .saturating_sub(output);
-        self.tokens[1] = self.tokens[1].saturating_sub(input_delta);
-        self.tokens[2] = self.tokens[2].saturating_sub(output);
+        self.charge(
+            rates,
+            [input_delta.saturating_add(output), input_delta, output],
+        );
+    }
+
+    /// Takes `units` from the token allowances of the limits in force (tokens, input,
+    /// output); a limit not in force keeps no count, so none is owed when it appears.
+    fn charge(&mut self, rates: &RateConfig, units: [i64; 3]) {
+        let limits = [rates.tpm, rates.input_tpm, rates.output_tpm];
+        for ((left, limit), n) in self.tokens.iter_mut().zip(limits).zip(units) {
+            if limit.is_some_and(|l| l > 0) {
+                *left = left.saturating_sub(n);
+            } else {
+                *left = 0;
+            }
+        }
     }
 
     /// What to ask for at a sync.
@@ -248,38 +274,62 @@ impl Shared {
             limits,
             units,
             cap,
-            cap_wanted: in_flight.saturating_add(queued).min(cap.max(1)),
+            // A little more than in use, so that a step up in load does not wait a
+            // round trip for each call.
+            cap_wanted: {
+                let used = in_flight.saturating_add(queued);
+                used.saturating_add((used / 4).max(1)).min(cap.max(1))
+            },
             in_flight,
         }
     }
 
-    /// Takes a sync's grant: the lane is on the shared limits.
-    pub(crate) fn grant(&mut self, now: Instant, wants: &Wants, granted: &Granted) {
+    /// Takes a sync's grant: the lane is on the shared limits. Returns whether it
+    /// brought anything a waiting call can use.
+    pub(crate) fn grant(&mut self, now: Instant, wants: &Wants, granted: &Granted) -> bool {
+        self.drop_stale(now);
+        // What a sync says of time is bounded, whatever is in Redis.
+        let start = |d: Duration| now + d.min(MAX_START);
+        let mut gained = self.mode != Mode::Shared;
         self.mode = Mode::Shared;
         self.instances = granted.instances.max(1);
         self.starved = false;
+        let mut retry_at: Option<Instant> = None;
         if wants.limits[0] > 0 {
             self.req_interval = Duration::from_secs_f64(60.0 / wants.limits[0] as f64);
             if granted.units[0] > 0 {
-                let start = now + granted.starts[0];
                 // Units still held run first; the new ones follow them.
                 if self.req_left == 0 {
-                    self.req_next = start;
+                    self.req_next = start(granted.starts[0]);
                 }
                 self.req_left += granted.units[0];
-                self.retry_at = None;
+                gained = true;
             } else if self.req_left == 0 {
-                self.retry_at = Some(now + granted.starts[0].max(POLL));
+                retry_at = Some(start(granted.starts[0].max(POLL)));
             }
         }
         for k in 0..3 {
             let units = i64::try_from(granted.units[k + 1]).unwrap_or(i64::MAX);
-            self.tokens[k] = self.tokens[k].saturating_add(units);
-            if wants.limits[k + 1] > 0 && wants.units[k + 1] > 0 && units == 0 {
-                self.retry_at = Some(now + granted.starts[k + 1].max(POLL));
+            if units > 0 {
+                self.tokens[k] = self.tokens[k].saturating_add(units);
+                gained = true;
+            } else if wants.limits[k + 1] > 0 && wants.units[k + 1] > 0 {
+                let at = start(granted.starts[k + 1].max(POLL));
+                retry_at = Some(retry_at.map_or(at, |r| r.max(at)));
             }
         }
-        self.cap = (wants.cap > 0).then_some(granted.cap);
+        let cap = (wants.cap > 0).then_some(granted.cap);
+        if cap.unwrap_or(0) > self.cap.unwrap_or(0) {
+            gained = true;
+        }
+        self.cap = cap;
+        self.retry_at = retry_at;
+        self.quiet_until = if gained {
+            now
+        } else {
+            retry_at.unwrap_or(now + POLL).max(now + POLL)
+        };
+        gained
     }
 
     /// Redis could not be reached: the lane keeps its share of the limits locally.
@@ -297,6 +347,9 @@ impl Shared {
 
 /// How soon a starved call looks again when no sync says when.
 const POLL: Duration = Duration::from_millis(20);
+/// The furthest ahead a sync may schedule a lease: far past the horizon is a value
+/// in Redis that is not this version's.
+const MAX_START: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {
@@ -318,7 +371,7 @@ mod tests {
             shared.blocks(now, &r, 0).is_some(),
             "no lease before the first sync"
         );
-        let wants = shared.wants(&r, 0, 0, 5);
+        let wants = shared.wants(&r, 0, 0, 5, now);
         assert_eq!(wants.units[0], 3, "5 wanted, 3 fit in 250 ms at 10/s");
         let granted = Granted {
             instances: 2,
@@ -356,11 +409,11 @@ mod tests {
             tpm: Some(6_000),
             ..RateConfig::default()
         };
-        assert_eq!(shared.wants(&r, 8, 0, 0).units, [0; 4], "idle");
+        assert_eq!(shared.wants(&r, 8, 0, 0, now).units, [0; 4], "idle");
         shared.mode = Mode::Shared;
         assert!(shared.blocks(now, &r, 0).is_some());
         assert!(shared.starved);
-        let wants = shared.wants(&r, 8, 0, 0);
+        let wants = shared.wants(&r, 8, 0, 0, now);
         assert_eq!(wants.units[0], 1, "a call waits: one request");
         assert_eq!(wants.units[1], 25, "and a quarter second of tokens");
     }
@@ -391,7 +444,7 @@ mod tests {
             tpm: Some(60_000),
             ..RateConfig::default()
         };
-        let wants = shared.wants(&r, 0, 0, 1);
+        let wants = shared.wants(&r, 0, 0, 1, now);
         assert_eq!(wants.units[1], 250);
         let granted = Granted {
             instances: 1,
@@ -404,6 +457,6 @@ mod tests {
         assert!(shared.blocks(now, &r, 0).is_none());
         shared.spend(1_000, &r);
         assert!(shared.blocks(now, &r, 0).is_some(), "750 in debt");
-        assert_eq!(shared.wants(&r, 0, 0, 1).units[1], 250 + 750);
+        assert_eq!(shared.wants(&r, 0, 0, 1, now).units[1], 250 + 750);
     }
 }

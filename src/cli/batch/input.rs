@@ -26,15 +26,24 @@ pub enum Source {
 impl Source {
     /// `-` is stdin, read to its end now; anything else a file, opened now to fail
     /// early with its name.
+    /// A pipe, a FIFO or `/dev/stdin` cannot be read twice either: it is read whole
+    /// too.
     pub fn open(path: &Path) -> anyhow::Result<Source> {
+        let mut bytes = Vec::new();
         if path == Path::new("-") {
-            let mut bytes = Vec::new();
             io::stdin()
                 .read_to_end(&mut bytes)
                 .context("cannot read the input from stdin")?;
             return Ok(Source::Memory(bytes));
         }
-        File::open(path).with_context(|| format!("cannot open the input {}", path.display()))?;
+        let mut file = File::open(path)
+            .with_context(|| format!("cannot open the input {}", path.display()))?;
+        let regular = file.metadata().is_ok_and(|m| m.is_file());
+        if !regular {
+            file.read_to_end(&mut bytes)
+                .with_context(|| format!("cannot read the input {}", path.display()))?;
+            return Ok(Source::Memory(bytes));
+        }
         Ok(Source::File(path.to_owned()))
     }
 
@@ -49,26 +58,55 @@ impl Source {
         })
     }
 
-    /// Calls `each` with every line and its number (from 1), the line ending cut off.
+    /// Calls `each` with every line and its number (from 1), the line ending cut off,
+    /// or why the line cannot be read (longer than [`MAX_LINE`], not UTF-8).
     pub fn lines(
         &self,
-        mut each: impl FnMut(u64, &str) -> anyhow::Result<()>,
+        mut each: impl FnMut(u64, Result<&str, String>) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         let mut reader = self.reader()?;
         let mut buf = Vec::new();
         let mut number = 0;
         loop {
             buf.clear();
-            let n = reader
+            let n = (&mut reader)
+                .take(MAX_LINE as u64 + 1)
                 .read_until(b'\n', &mut buf)
                 .context("cannot read the input")?;
             if n == 0 {
                 return Ok(());
             }
             number += 1;
-            let line = String::from_utf8_lossy(&buf);
-            each(number, line.trim_end_matches(['\n', '\r']))?;
+            if buf.len() > MAX_LINE && !buf.ends_with(b"\n") {
+                skip_line(&mut reader).context("cannot read the input")?;
+                each(number, Err(format!("longer than {} MiB", MAX_LINE >> 20)))?;
+                continue;
+            }
+            let line = match std::str::from_utf8(&buf) {
+                Ok(line) => Ok(line.trim_end_matches(['\n', '\r'])),
+                Err(e) => Err(format!("not UTF-8 (byte {})", e.valid_up_to() + 1)),
+            };
+            each(number, line)?;
         }
+    }
+}
+
+/// The longest input line read: a query and its fields, not a document dump.
+pub const MAX_LINE: usize = 16 << 20;
+
+/// Reads past the rest of a line without keeping it.
+fn skip_line(reader: &mut impl BufRead) -> io::Result<()> {
+    loop {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        if let Some(i) = memchr::memchr(b'\n', chunk) {
+            reader.consume(i + 1);
+            return Ok(());
+        }
+        let n = chunk.len();
+        reader.consume(n);
     }
 }
 
@@ -206,6 +244,13 @@ impl Survey {
 pub fn survey(source: &Source, format: Format) -> anyhow::Result<Survey> {
     let mut survey = Survey::default();
     source.lines(|number, line| {
+        let line = match line {
+            Ok(line) => line,
+            Err(reason) => {
+                survey.bad.push(BadLine { number, reason });
+                return Ok(());
+            }
+        };
         match parse(format, number, line) {
             Line::Blank => {}
             Line::Bad(reason) => survey.bad.push(BadLine { number, reason }),
@@ -272,6 +317,16 @@ mod tests {
     }
 
     #[test]
+    fn an_endless_line_is_a_bad_line_and_the_next_one_reads() {
+        let mut bytes = vec![b'x'; MAX_LINE + 10];
+        bytes.extend_from_slice(b"\n{\"query\": \"after\"}\n");
+        let survey = survey(&Source::Memory(bytes), Format::JsonLines).unwrap();
+        assert_eq!(survey.bad.len(), 1);
+        assert!(survey.bad[0].reason.starts_with("longer than 16 MiB"));
+        assert_eq!(survey.keys.get("2"), Some(&2));
+    }
+
+    #[test]
     fn text_lines_are_queries_numbered_by_line() {
         let Line::Entry(e) = parse(Format::Text, 9, "  What now?\t") else {
             panic!()
@@ -282,12 +337,17 @@ mod tests {
     #[test]
     fn the_survey_finds_repeated_ids_and_keeps_going() {
         let source = Source::Memory(
-            b"{\"id\":\"a\",\"query\":\"1\"}\n\nnope\n{\"id\":\"a\",\"query\":\"2\"}\n{\"id\":7,\"query\":\"3\"}\r\n{\"id\":\"7\",\"query\":\"4\"}"
+            b"{\"id\":\"a\",\"query\":\"1\"}\n\nnope\n{\"id\":\"a\",\"query\":\"2\"}\n{\"id\":7,\"query\":\"3\"}\r\n{\"id\":\"7\",\"query\":\"4\"}\n{\"query\":\"\xff\"}"
                 .to_vec(),
         );
         let survey = survey(&source, Format::JsonLines).unwrap();
         let numbers: Vec<u64> = survey.bad.iter().map(|b| b.number).collect();
-        assert_eq!(numbers, [3, 4, 6]);
+        assert_eq!(numbers, [3, 4, 6, 7]);
+        assert!(
+            survey.bad[3].reason.starts_with("not UTF-8"),
+            "{:?}",
+            survey.bad[3]
+        );
         assert!(survey.bad[1].reason.contains("already used on line 1"));
         assert_eq!(survey.keys.len(), 2);
         assert!(survey.is_bad(4) && !survey.is_bad(5));

@@ -80,6 +80,9 @@ pub fn batch(cli: &Cli, args: &BatchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     }
 
+    // Opened (and locked) first: a second batch on the same file stops here, and a
+    // directory that does not exist is said before anything is built.
+    let mut writer = output::Writer::open(&args.out)?;
     let mut previous = output::scan(&args.out)?;
     let out_name = args.out.display().to_string();
     if let Some(bytes) = previous.repaired {
@@ -96,6 +99,8 @@ pub fn batch(cli: &Cli, args: &BatchArgs) -> anyhow::Result<ExitCode> {
             .collect();
         if !failed.is_empty() {
             output::remove(&args.out, &failed)?;
+            // The file was replaced: its lock and handle are the new one's.
+            writer = output::Writer::open(&args.out)?;
             for key in &failed {
                 previous.results.remove(key);
             }
@@ -147,6 +152,7 @@ pub fn batch(cli: &Cli, args: &BatchArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     let started = Instant::now();
     let run = Run {
+        writer,
         orchestrator,
         source,
         format,
@@ -155,7 +161,7 @@ pub fn batch(cli: &Cli, args: &BatchArgs) -> anyhow::Result<ExitCode> {
         in_flight,
         todo,
     };
-    let totals = runtime.block_on(run.run(&args.out))?;
+    let totals = runtime.block_on(run.run())?;
     let wall = started.elapsed();
     drop(runtime);
 
@@ -215,6 +221,7 @@ impl Earlier {
 
 /// One run over the input.
 struct Run {
+    writer: output::Writer,
     orchestrator: Orchestrator,
     source: Source,
     format: Format,
@@ -224,13 +231,14 @@ struct Run {
     todo: u64,
 }
 
-/// What a request's task hands back: its id, its result line, its response.
-type Finished = (String, Vec<u8>, Result<Response, RequestError>);
+/// What a request's task hands back: its id, its result line, its response, and
+/// whether a second Ctrl-C cut it short.
+type Finished = (String, Vec<u8>, Result<Response, RequestError>, bool);
 
 impl Run {
     /// Runs every query not yet done; returns the totals.
-    async fn run(self, out: &std::path::Path) -> anyhow::Result<Totals> {
-        let mut writer = output::Writer::open(out)?;
+    async fn run(self) -> anyhow::Result<Totals> {
+        let mut writer = self.writer;
         let mut totals = Totals::default();
         let mut progress = Progress::new(self.todo);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Entry>(self.in_flight.max(16));
@@ -244,6 +252,9 @@ impl Run {
             tokio::task::spawn_blocking(move || {
                 let mut stopped = false;
                 let read = source.lines(|number, line| {
+                    let Ok(line) = line else {
+                        return Ok(());
+                    };
                     if survey.is_bad(number) {
                         return Ok(());
                     }
@@ -285,9 +296,10 @@ impl Run {
                     }
                 }
                 Some(joined) = running.join_next() => {
-                    let (_key, line, result) = joined.context("a request's task failed")?;
-                    if cancel.is_cancelled() {
-                        // Cut short: not a result; it runs again next time.
+                    let (_key, line, result, cut) = joined.context("a request's task failed")?;
+                    if cut {
+                        // Cut short: not a result; it runs again next time. (A request
+                        // that finished before the cut is written like any other.)
                         continue;
                     }
                     writer.write(&line)?;
@@ -337,10 +349,27 @@ impl Run {
 
 /// Runs one query and renders its result line.
 async fn answer(orchestrator: Orchestrator, entry: Entry, cancel: CancellationToken) -> Finished {
-    let request = Request::new(entry.query.clone()).with_cancel(cancel);
+    let request = Request::new(entry.query.clone()).with_cancel(cancel.clone());
     let result = orchestrator.process_request(request).await;
+    let cut = cancel.is_cancelled() && result.as_ref().is_ok_and(cut_short);
     let line = result_line(&entry, &result);
-    (entry.key, line, result)
+    (entry.key, line, result, cut)
+}
+
+/// Whether the cancellation cut into a response: an agent or the synthesis ended for
+/// it. A response complete before the cut is a result like any other.
+fn cut_short(response: &Response) -> bool {
+    use metaorch::orchestrator::SynthesisStatus;
+    response.outcomes.iter().any(|o| {
+        o.error
+            .as_ref()
+            .is_some_and(|e| e.kind == metaorch::executor::FailureKind::Cancelled)
+    }) || response.synthesis.report().is_some_and(|r| {
+        matches!(
+            r.status,
+            SynthesisStatus::TimedOut | SynthesisStatus::Skipped
+        )
+    })
 }
 
 /// `{"id": …, <the input's fields>, "response": <run's JSON document>}`, or `"error"`
@@ -370,25 +399,34 @@ fn result_line(entry: &Entry, result: &Result<Response, RequestError>) -> Vec<u8
     out
 }
 
-/// Ctrl-C and, on Unix, SIGTERM, as many times as they come.
+/// Ctrl-C and, on Unix, SIGTERM, as many times as they come: the listeners live for
+/// the whole batch, so that a signal between two waits is not lost.
 struct Signals {
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
     term: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
     fn new() -> Signals {
-        Signals {
-            #[cfg(unix)]
-            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Signals {
+                interrupt: signal(SignalKind::interrupt()).ok(),
+                term: signal(SignalKind::terminate()).ok(),
+            }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
 
     async fn next(&mut self) {
         #[cfg(unix)]
-        if let Some(term) = &mut self.term {
+        if let (Some(interrupt), Some(term)) = (&mut self.interrupt, &mut self.term) {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = interrupt.recv() => {}
                 _ = term.recv() => {}
             }
             return;

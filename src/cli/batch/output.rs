@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -64,7 +64,8 @@ pub fn scan(path: &Path) -> anyhow::Result<Previous> {
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let n = reader
+        let n = (&mut reader)
+            .take(MAX_RESULT_LINE as u64 + 1)
             .read_until(b'\n', &mut buf)
             .with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
@@ -72,6 +73,13 @@ pub fn scan(path: &Path) -> anyhow::Result<Previous> {
         }
         number += 1;
         let whole = buf.ends_with(b"\n");
+        if !whole && buf.len() > MAX_RESULT_LINE {
+            bail!(
+                "line {number} of {} is longer than {} MiB: not a result line written by `metaorch batch`; write to a new file",
+                path.display(),
+                MAX_RESULT_LINE >> 20
+            );
+        }
         let seen = serde_json::from_slice::<Seen>(&buf)
             .ok()
             .and_then(|s| Some((key_of(&s.id)?, s.response.is_some_and(|r| r.ok))));
@@ -80,8 +88,9 @@ pub fn scan(path: &Path) -> anyhow::Result<Previous> {
                 previous.results.insert(key, ok);
             }
             _ if is_blank(&buf) && whole => {}
-            // The last line, and not whole or not a result: cut off by a crash.
-            _ if reader.fill_buf().map(<[u8]>::is_empty).unwrap_or(false) => {
+            // A last line without its newline: the write a crash cut short. (A whole
+            // line that is not a result was not written by a crash.)
+            _ if !whole => {
                 cut(path, offset)?;
                 previous.repaired = Some(n as u64);
                 break;
@@ -96,6 +105,9 @@ pub fn scan(path: &Path) -> anyhow::Result<Previous> {
     }
     Ok(previous)
 }
+
+/// The longest result line read back: a response with every reply in it.
+const MAX_RESULT_LINE: usize = 256 << 20;
 
 fn is_blank(line: &[u8]) -> bool {
     line.iter().all(u8::is_ascii_whitespace)
@@ -133,6 +145,8 @@ pub fn remove(path: &Path, drop: &HashSet<String>) -> anyhow::Result<()> {
             }
         }
         let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
+        // The rewritten file keeps the original's permissions.
+        file.set_permissions(std::fs::metadata(path)?.permissions())?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;
         sync_dir(path)
@@ -167,6 +181,25 @@ fn sync_dir(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Takes the output's lock, or says who holds it.
+fn lock(file: &File, path: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock(2) on a descriptor this File owns; it only sets a lock.
+        let taken = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if !taken {
+            bail!(
+                "another `metaorch batch` is writing {}; wait for it to end, or write to another file",
+                path.display()
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (file, path);
+    Ok(())
+}
+
 /// Appends result lines: each written whole in one call as it comes (so a crash
 /// loses at most the line being written), synced on [`Writer::sync`].
 #[derive(Debug)]
@@ -177,12 +210,19 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// Opens (creates) the output for appending, and locks it: two batches writing
+    /// one file would both run the same ids.
     pub fn open(path: &Path) -> anyhow::Result<Writer> {
+        let existed = path.exists();
         let file = OpenOptions::new()
             .append(true)
             .create(true)
             .open(path)
             .with_context(|| format!("cannot open the output {}", path.display()))?;
+        lock(&file, path)?;
+        if !existed {
+            let _ = sync_dir(path);
+        }
         Ok(Writer {
             file,
             path: path.to_owned(),
@@ -240,6 +280,31 @@ mod tests {
         std::fs::write(&path, format!("{whole}{}", line("c", true).trim_end())).unwrap();
         assert!(scan(&path).unwrap().repaired.is_some());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), whole);
+    }
+
+    #[test]
+    fn a_whole_last_line_that_is_not_a_result_stops_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notes.txt");
+        std::fs::write(&path, "my notes\n").unwrap();
+        assert!(scan(&path).unwrap_err().to_string().contains("line 1 of"));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "my notes\n",
+            "untouched"
+        );
+    }
+
+    #[test]
+    fn a_second_writer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let _first = Writer::open(&path).unwrap();
+        let second = Writer::open(&path).unwrap_err().to_string();
+        assert!(
+            second.contains("another `metaorch batch` is writing"),
+            "{second}"
+        );
     }
 
     #[test]

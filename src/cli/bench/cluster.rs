@@ -65,6 +65,21 @@ impl Drop for Instance {
 }
 
 pub async fn run(args: &ClusterBenchArgs) -> anyhow::Result<ExitCode> {
+    // Without Redis every instance would keep the whole limit (its local share, having
+    // seen no other): say so now rather than measure that.
+    let shown = metaorch::cache::redacted_url(&args.redis_url);
+    let client = redis::Client::open(args.redis_url.as_str())
+        .map_err(|_| anyhow::anyhow!("{shown} is not a Redis URL; expected redis://HOST:PORT"))?;
+    let ping = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut connection).await
+    })
+    .await;
+    if !matches!(ping, Ok(Ok(_))) {
+        bail!(
+            "redis {shown} does not answer; start one (redis-server --port 6379 --save \"\") or pass --redis-url"
+        );
+    }
     let dir = tempdir()?;
     let mut runs = Vec::new();
     // The reference: one instance, its limits its own.

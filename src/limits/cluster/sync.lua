@@ -28,7 +28,11 @@ for i = 1, 4 do
     local interval = 60000 / limit
     local tat = tonumber(redis.call('GET', KEYS[1 + i]) or '0')
     if tat < now then tat = now end
-    local room = math.floor((now + horizon - tat) / interval)
+    -- Units due from tat, one every interval, up to the horizon (tat's own included).
+    local room = 0
+    if tat <= now + horizon then
+      room = math.floor((now + horizon - tat) / interval) + 1
+    end
     due = tat - now
     -- One instance takes at most its share of a horizon at a time: the others get
     -- theirs at their next sync, whatever the order (an instance left without units
@@ -37,9 +41,10 @@ for i = 1, 4 do
     if room > 0 then
       granted = math.min(want, room, share)
       tat = tat + granted * interval
-      redis.call('SET', KEYS[1 + i], tostring(tat), 'PX', math.ceil(tat - now + horizon) + 1000)
+      redis.call('SET', KEYS[1 + i], string.format('%.3f', tat), 'PX', math.ceil(tat - now + horizon) + 1000)
     else
-      due = tat + interval - horizon - now
+      -- The next unit enters the horizon then.
+      due = tat - horizon - now
     end
   end
   out[#out + 1] = granted
