@@ -310,7 +310,7 @@ impl FlowLane {
         let sh = s.shared.as_mut()?;
         let starved = sh.starved;
         Some((
-            sh.wants(&rates, cap, in_flight, queued),
+            sh.wants(&rates, cap, in_flight, queued, Instant::now()),
             starved || queued > 0,
         ))
     }

@@ -241,7 +241,9 @@ impl Shared {
         cap: u32,
         in_flight: u32,
         queued: u32,
+        now: Instant,
     ) -> Wants {
+        self.drop_stale(now);
         let limits =
             [rates.rpm, rates.tpm, rates.input_tpm, rates.output_tpm].map(|l| l.unwrap_or(0));
         let per_horizon = |limit: u64| {

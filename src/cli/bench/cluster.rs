@@ -72,7 +72,9 @@ pub async fn run(args: &ClusterBenchArgs) -> anyhow::Result<ExitCode> {
         .map_err(|_| anyhow::anyhow!("{shown} is not a Redis URL; expected redis://HOST:PORT"))?;
     let ping = tokio::time::timeout(Duration::from_secs(3), async {
         let mut connection = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING").query_async::<String>(&mut connection).await
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
     })
     .await;
     if !matches!(ping, Ok(Ok(_))) {
