@@ -448,3 +448,66 @@ fn a_small_shared_rate_is_granted_one_call_at_a_time() {
         .unwrap_or(0);
     assert!(busiest <= 3, "{busiest} calls within one second: {times:?}");
 }
+
+/// A Redis that stops answering (frozen, not gone): every sync gives up at
+/// `redis.timeout`, the instance keeps answering at its local share, and shares again
+/// once Redis answers.
+#[cfg(unix)]
+#[test]
+fn a_frozen_redis_costs_requests_nothing_and_sharing_resumes_after() {
+    let Some(redis) = RedisServer::start() else {
+        return skip("a_frozen_redis_costs_requests_nothing_and_sharing_resumes_after");
+    };
+    let rt = runtime();
+    let upstream = mock(
+        &rt,
+        MockOptions {
+            latency_min: Duration::from_millis(5),
+            latency_max: Duration::from_millis(10),
+            ..MockOptions::default()
+        },
+    );
+    let config = config(
+        &upstream.url(),
+        &redis.url(),
+        "frozen",
+        "rpm = 6000",
+        "lease = \"1s\"\ntimeout = \"50ms\"",
+    );
+    let (_dir, a) = instance(&config);
+    let urls = vec![a.url.clone()];
+    let shared = rt.block_on(async {
+        load(&urls, 2, Instant::now() + Duration::from_millis(500)).await;
+        cluster(&a.url).await
+    });
+    assert_eq!(shared["state"], "shared", "{shared}");
+
+    redis.freeze();
+    let (ok, local) = rt.block_on(async {
+        let started = Instant::now();
+        let ok = load(&urls, 2, started + Duration::from_secs(2)).await;
+        (ok, cluster(&a.url).await)
+    });
+    assert!(ok >= 20, "{ok} requests answered in 2 s with Redis frozen");
+    assert_eq!(local["state"], "local", "{local}");
+    assert!(
+        local["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer within 50ms (redis.timeout)"),
+        "{local}"
+    );
+
+    redis.thaw();
+    let back = rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            load(&urls, 1, Instant::now() + Duration::from_millis(300)).await;
+            let now = cluster(&a.url).await;
+            if now["state"] == "shared" || Instant::now() > deadline {
+                break now;
+            }
+        }
+    });
+    assert_eq!(back["state"], "shared", "{back}");
+}

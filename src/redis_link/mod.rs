@@ -74,6 +74,8 @@ struct LinkState {
     failure: Option<LinkError>,
     /// How long the server is left alone after failing.
     pause: Pause,
+    /// What the last failure was, told while the server is left alone.
+    last_failure: Option<String>,
 }
 
 /// The URL as it may be shown, and the texts of failures that name it.
@@ -136,18 +138,25 @@ impl RedisLink {
     }
 
     /// How long the server is still left alone after failing, if it is.
+    #[cfg(test)]
     pub(crate) fn paused_for(&self) -> Option<Duration> {
         self.link.state().pause.left(Instant::now())
     }
 
     /// Runs `cmd`, bounded by the timeout, unless the server is being left alone.
     pub(crate) async fn call<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, LinkError> {
-        if let Some(left) = self.paused_for() {
-            return Err(LinkError(format!(
-                "redis {} failed recently; not asked again for {} ms",
-                self.text.shown_url,
-                left.as_millis()
-            )));
+        {
+            let state = self.link.state();
+            if let Some(left) = state.pause.left(Instant::now()) {
+                return Err(LinkError(format!(
+                    "{}; not asked again for {} ms",
+                    state
+                        .last_failure
+                        .as_deref()
+                        .unwrap_or("redis failed recently"),
+                    left.as_millis()
+                )));
+            }
         }
         let attempt = async {
             let mut connection = self.connection().await?;
@@ -164,8 +173,14 @@ impl RedisLink {
             .unwrap_or_else(|_| Err(self.text.timed_out()));
         let mut state = self.link.state();
         match &result {
-            Ok(_) => state.pause.succeeded(),
-            Err(_) => state.pause.failed(Instant::now(), self.max_pause),
+            Ok(_) => {
+                state.pause.succeeded();
+                state.last_failure = None;
+            }
+            Err(e) => {
+                state.pause.failed(Instant::now(), self.max_pause);
+                state.last_failure = Some(e.0.clone());
+            }
         }
         result
     }
@@ -230,14 +245,18 @@ impl RedisLink {
                     state.pause.succeeded();
                 }
                 Ok(Err(e)) => {
-                    state.failure = Some(text.failure("could not be reached", &e));
+                    let failure = text.failure("could not be reached", &e);
+                    state.last_failure = Some(failure.0.clone());
+                    state.failure = Some(failure);
                     state.pause.failed(Instant::now(), max_pause);
                 }
                 Err(_) => {
-                    state.failure = Some(LinkError(format!(
+                    let failure = LinkError(format!(
                         "redis {} could not be reached within {bound:?}",
                         text.shown_url
-                    )));
+                    ));
+                    state.last_failure = Some(failure.0.clone());
+                    state.failure = Some(failure);
                     state.pause.failed(Instant::now(), max_pause);
                 }
             }
