@@ -319,7 +319,7 @@ impl Provider for SimProvider {
                 ..Usage::default()
             },
             latency,
-            rate_limits: admitted.map(|permit| rate_limits(&permit.state)),
+            rate_limits: admitted.map(|permit| Box::new(rate_limits(&permit.state))),
             ..Completion::default()
         })
     }
