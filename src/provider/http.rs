@@ -342,6 +342,19 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     message
 }
 
+/// A request's body as JSON. The buffer is trimmed to the body: it is held until
+/// sent, by every call in flight, and the encoder grows it by doubling.
+pub(crate) fn encode_json(body: &impl serde::Serialize) -> Result<Vec<u8>, ProviderError> {
+    let mut bytes = serde_json::to_vec(body).map_err(|e| {
+        ProviderError::new(
+            ErrorKind::BadRequest,
+            format!("cannot encode the request: {e}"),
+        )
+    })?;
+    bytes.shrink_to_fit();
+    Ok(bytes)
+}
+
 /// Reads a whole body, failing once it passes [`MAX_RESPONSE_BYTES`].
 pub(crate) async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, ProviderError> {
     if let Some(len) = response.content_length()
