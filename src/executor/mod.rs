@@ -967,10 +967,9 @@ impl Executor {
         });
     }
 
-    /// One task's call (without its fallback): from the response cache when the task
-    /// is cached and the cache has it (or an identical call in flight gives it), else
-    /// through the resilience policy, keeping a successful reply. A hit takes no slot,
-    /// no rate and makes no upstream call. Says whether the result came from the cache.
+    /// One task's call (without its fallback): through the response cache when the
+    /// task is cached, else through the resilience policy. Says whether the result
+    /// came from the cache.
     async fn call(
         &self,
         task: &mut AgentTask,
@@ -980,24 +979,40 @@ impl Executor {
     ) -> (CallReport, bool) {
         // A handle of its own (two reference counts), so the call can borrow the task's
         // request mutably.
-        let Some(cached) = task.cache.clone() else {
-            return (
+        match task.cache.clone() {
+            None => (
                 self.call_upstream(task, deadline, progress, first_slot)
                     .await,
                 false,
-            );
-        };
+            ),
+            // Boxed: inline, the cache's state (its key, lookup and flight) would make
+            // every agent's task larger, cached or not.
+            Some(cached) => {
+                Box::pin(self.call_cached(cached, task, deadline, progress, first_slot)).await
+            }
+        }
+    }
+
+    /// A cached task's call: from the cache when it has the reply (or an identical
+    /// call in flight gives it), else through the resilience policy, keeping a
+    /// successful reply. A hit takes no slot, no rate and makes no upstream call.
+    async fn call_cached(
+        &self,
+        cached: TaskCache,
+        task: &mut AgentTask,
+        deadline: Instant,
+        progress: &Progress,
+        first_slot: Option<Permit>,
+    ) -> (CallReport, bool) {
         let key = CacheKey::of(&cached.identity, &task.request);
-        // The cache's futures are boxed: inline, they would make every call's state
-        // larger for the few moments a lookup or a store takes.
-        let (result, source) = match Box::pin(cached.cache.lookup(&key)).await {
+        let (result, source) = match cached.cache.lookup(&key).await {
             Lookup::Miss(flight) => {
                 let report = self
                     .call_upstream(task, deadline, progress, first_slot)
                     .await;
                 let reply = report.result.as_ref().map(CachedReply::of);
                 if let Ok(reply) = &reply {
-                    Box::pin(cached.cache.store(&key, reply)).await;
+                    cached.cache.store(&key, reply).await;
                 }
                 flight.finish(reply.map_err(Clone::clone));
                 return (report, false);
