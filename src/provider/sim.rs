@@ -304,7 +304,8 @@ impl Provider for SimProvider {
             "end_turn"
         };
         match &request.deltas {
-            Some(sink) if request.stream => stream(sink, request, &text, latency).await,
+            // Boxed: inline, the stream's state would make every call's future larger.
+            Some(sink) if request.stream => Box::pin(stream(sink, request, &text, latency)).await,
             _ => tokio::time::sleep(latency).await,
         }
         let latency = started.elapsed();
