@@ -160,7 +160,7 @@ impl Provider for Capped {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         tokio::time::sleep(self.release_early.min(took)).await;
         let mut completion = reply(request, took);
-        completion.rate_limits = self.limits();
+        completion.rate_limits = self.limits().map(Box::new);
         Ok(completion)
     }
 }

@@ -351,13 +351,15 @@ impl Executor {
             });
             queue.push_back(Queued {
                 index,
-                task,
+                task: Box::new(task),
                 span,
                 progress,
             });
         }
 
-        let mut outcomes: Vec<Option<AgentOutcome>> = vec![None; pending.len()];
+        // Boxed, so that a request holds room only for the outcomes that are in, not
+        // for all of them while its agents run.
+        let mut outcomes: Vec<Option<Box<AgentOutcome>>> = vec![None; pending.len()];
         let mut stop = None;
         // Agents are dispatched in config order. An agent whose provider has flow
         // control goes at once: its lane's FIFO queue admits it, and takes the
@@ -428,7 +430,7 @@ impl Executor {
             .map(|(outcome, p)| {
                 // Every spawned task is joined above, so every slot is filled; this
                 // fallback only keeps the promise if that reasoning is ever broken.
-                outcome.unwrap_or_else(|| {
+                outcome.map(|o| *o).unwrap_or_else(|| {
                     let outcome = p.interrupted(stop.unwrap_or(Stop::Cancelled), &self.prices);
                     if let Some(sink) = &events {
                         let _ = sink.send(AgentEvent::Done(Box::new(outcome.clone())));
@@ -443,7 +445,9 @@ impl Executor {
 /// An agent waiting for the slot of its first attempt.
 struct Queued {
     index: usize,
-    task: AgentTask,
+    /// Boxed: the queue keeps its capacity for the whole request, and the agent's
+    /// task then holds a pointer, not the task, across its awaits.
+    task: Box<AgentTask>,
     span: tracing::Span,
     progress: Arc<Progress>,
 }
@@ -615,7 +619,7 @@ fn place(
     joined: Result<(tokio::task::Id, AgentOutcome), JoinError>,
     slot_of: &HashMap<tokio::task::Id, usize>,
     pending: &[Pending],
-    outcomes: &mut [Option<AgentOutcome>],
+    outcomes: &mut [Option<Box<AgentOutcome>>],
     stop: Option<Stop>,
     events: Option<&EventSink>,
     prices: &PriceTable,
@@ -635,14 +639,39 @@ fn place(
     if let Some(sink) = events {
         let _ = sink.send(AgentEvent::Done(Box::new(outcome.clone())));
     }
-    outcomes[index] = Some(outcome);
+    outcomes[index] = Some(Box::new(outcome));
+}
+
+/// What an agent's calls add up to, kept while they run and turned into its outcome
+/// at the end: the task's state lives across every await of a call in flight, so it
+/// holds only what the calls add, not the whole outcome.
+#[derive(Debug, Default)]
+struct Tally {
+    attempts: u32,
+    retries: Vec<crate::resilience::RetryRecord>,
+    queue_wait: Duration,
+    paused: Duration,
+    provider_latency: Duration,
+    cached: bool,
+}
+
+impl Tally {
+    /// Adds a call's attempts and timings; returns its result.
+    fn absorb(&mut self, report: CallReport) -> Result<Completion, OutcomeError> {
+        self.attempts += report.attempts;
+        self.retries.extend(report.retries);
+        self.queue_wait += report.queue_wait;
+        self.paused += report.paused;
+        self.provider_latency += report.provider_time;
+        report.result
+    }
 }
 
 /// One agent's task: its call through the resilience policy, then its fallbacks if
 /// that failed.
 async fn run_agent(
     executor: Executor,
-    task: AgentTask,
+    mut task: Box<AgentTask>,
     deadline: Instant,
     progress: Arc<Progress>,
     first_slot: Option<Permit>,
@@ -664,34 +693,22 @@ async fn run_agent(
             task.request.model
         ),
     }
-    let mut outcome = AgentOutcome {
-        agent_id: task.agent_id.clone(),
-        provider: task.provider_name.clone(),
-        model: task.request.model.clone(),
-        status: OutcomeStatus::Failed,
-        output: None,
-        stop_reason: None,
-        error: None,
-        attempts: 0,
-        retries: Vec::new(),
-        fallback: None,
-        latency: Duration::ZERO,
+    let mut tally = Tally {
         queue_wait: queued,
-        paused: Duration::ZERO,
-        provider_latency: Duration::ZERO,
-        usage: Usage::default(),
-        cost_usd: None,
-        cached: false,
+        ..Tally::default()
     };
+    let mut fallback_record = None;
 
-    let (report, cached) = executor.call(&task, deadline, &progress, first_slot).await;
-    outcome.cached = cached;
-    let mut result = absorb(&mut outcome, report);
+    let (report, cached) = executor
+        .call(&mut task, deadline, &progress, first_slot)
+        .await;
+    tally.cached = cached;
+    let mut result = tally.absorb(report);
     // What the calls that returned a reply cost, each at its own model's price; `None`
     // until one does.
     let mut spent: Option<Option<f64>> = None;
     executor.price(&task, &result, &mut spent);
-    let mut next = task.fallback;
+    let mut next = task.fallback.take();
     let mut primary_error = None;
     while let Err(error) = &result {
         if error.kind == FailureKind::Cancelled {
@@ -707,10 +724,10 @@ async fn run_agent(
                     error.kind = primary_error.kind.as_str(),
                     error.message = %primary_error.message,
                     "agent {} failed ({}); using its fallback text",
-                    outcome.agent_id,
+                    task.agent_id,
                     primary_error.kind
                 );
-                outcome.fallback = Some(FallbackRecord {
+                fallback_record = Some(FallbackRecord {
                     source: FallbackSource::Text,
                     agent: None,
                     provider: None,
@@ -723,7 +740,7 @@ async fn run_agent(
                     ..Completion::default()
                 });
             }
-            Fallback::Agent(target) => {
+            Fallback::Agent(mut target) => {
                 tracing::warn!(
                     event = "agent.fallback",
                     source = "agent",
@@ -733,11 +750,11 @@ async fn run_agent(
                     error.kind = primary_error.kind.as_str(),
                     error.message = %primary_error.message,
                     "agent {} failed ({}); falling back to agent {}",
-                    outcome.agent_id,
+                    task.agent_id,
                     primary_error.kind,
                     target.agent_id
                 );
-                outcome.fallback = Some(FallbackRecord {
+                fallback_record = Some(FallbackRecord {
                     source: FallbackSource::Agent,
                     agent: Some(target.agent_id.clone()),
                     provider: Some(target.provider_name.clone()),
@@ -750,18 +767,49 @@ async fn run_agent(
                     provider = %target.provider_name,
                     model = %target.request.model,
                 );
-                let (report, cached) = executor
-                    .call(&target, deadline, &progress, None)
-                    .instrument(span)
-                    .await;
-                outcome.cached = cached;
-                result = absorb(&mut outcome, report);
+                // Boxed: only a fallback pays for a second call's state in the task.
+                let (report, cached) = Box::pin(
+                    executor
+                        .call(&mut target, deadline, &progress, None)
+                        .instrument(span),
+                )
+                .await;
+                tally.cached = cached;
+                result = tally.absorb(report);
                 executor.price(&target, &result, &mut spent);
-                next = target.fallback;
+                next = target.fallback.take();
             }
         }
     }
 
+    let Tally {
+        attempts,
+        retries,
+        queue_wait,
+        paused,
+        provider_latency,
+        cached,
+    } = tally;
+    let model = std::mem::take(&mut task.request.model);
+    let mut outcome = AgentOutcome {
+        agent_id: std::mem::take(&mut task.agent_id),
+        provider: std::mem::take(&mut task.provider_name),
+        cost_usd: spent.unwrap_or_else(|| executor.prices.cost(&model, &Usage::default())),
+        model,
+        status: OutcomeStatus::Failed,
+        output: None,
+        stop_reason: None,
+        error: None,
+        attempts,
+        retries,
+        fallback: fallback_record,
+        latency: progress.dispatched.elapsed(),
+        queue_wait,
+        paused,
+        provider_latency,
+        usage: Usage::default(),
+        cached,
+    };
     match result {
         Ok(completion) => {
             outcome.status = OutcomeStatus::Succeeded;
@@ -774,9 +822,6 @@ async fn run_agent(
             outcome.error = Some(error);
         }
     }
-    outcome.cost_usd =
-        spent.unwrap_or_else(|| executor.prices.cost(&outcome.model, &Usage::default()));
-    outcome.latency = progress.dispatched.elapsed();
     log_finish(&outcome, task.kind);
     outcome
 }
@@ -922,24 +967,43 @@ impl Executor {
         });
     }
 
-    /// One task's call (without its fallback): from the response cache when the task
-    /// is cached and the cache has it (or an identical call in flight gives it), else
-    /// through the resilience policy, keeping a successful reply. A hit takes no slot,
-    /// no rate and makes no upstream call. Says whether the result came from the cache.
+    /// One task's call (without its fallback): through the response cache when the
+    /// task is cached, else through the resilience policy. Says whether the result
+    /// came from the cache.
     async fn call(
         &self,
-        task: &AgentTask,
+        task: &mut AgentTask,
         deadline: Instant,
         progress: &Progress,
         first_slot: Option<Permit>,
     ) -> (CallReport, bool) {
-        let Some(cached) = &task.cache else {
-            return (
+        // A handle of its own (two reference counts), so the call can borrow the task's
+        // request mutably.
+        match task.cache.clone() {
+            None => (
                 self.call_upstream(task, deadline, progress, first_slot)
                     .await,
                 false,
-            );
-        };
+            ),
+            // Boxed: inline, the cache's state (its key, lookup and flight) would make
+            // every agent's task larger, cached or not.
+            Some(cached) => {
+                Box::pin(self.call_cached(cached, task, deadline, progress, first_slot)).await
+            }
+        }
+    }
+
+    /// A cached task's call: from the cache when it has the reply (or an identical
+    /// call in flight gives it), else through the resilience policy, keeping a
+    /// successful reply. A hit takes no slot, no rate and makes no upstream call.
+    async fn call_cached(
+        &self,
+        cached: TaskCache,
+        task: &mut AgentTask,
+        deadline: Instant,
+        progress: &Progress,
+        first_slot: Option<Permit>,
+    ) -> (CallReport, bool) {
         let key = CacheKey::of(&cached.identity, &task.request);
         let (result, source) = match cached.cache.lookup(&key).await {
             Lookup::Miss(flight) => {
@@ -981,7 +1045,7 @@ impl Executor {
     /// One task's call (without its fallback) through the resilience policy.
     async fn call_upstream(
         &self,
-        task: &AgentTask,
+        task: &mut AgentTask,
         deadline: Instant,
         progress: &Progress,
         first_slot: Option<Permit>,
@@ -995,24 +1059,11 @@ impl Executor {
                 lane: task.lane.as_ref(),
                 budget: task.budget.as_ref(),
                 policy: &task.policy,
-                request: task.request.clone(),
+                request: &mut task.request,
                 limiter: &*self.limiter,
                 deadline,
                 progress,
             })
             .await
     }
-}
-
-/// Adds a call's attempts and timings to the outcome; returns its result.
-fn absorb(
-    outcome: &mut AgentOutcome,
-    report: CallReport,
-) -> Result<Completion, crate::executor::OutcomeError> {
-    outcome.attempts += report.attempts;
-    outcome.retries.extend(report.retries);
-    outcome.queue_wait += report.queue_wait;
-    outcome.paused += report.paused;
-    outcome.provider_latency += report.provider_time;
-    report.result
 }

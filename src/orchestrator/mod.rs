@@ -295,9 +295,13 @@ impl Orchestrator {
             selected.iter().map(|&i| &inner.agents[i].config).collect();
         let min_successes = inner.min_successes.min(outcomes.len());
         let (answer, synthesis) = match &inner.synthesis {
+            // Boxed: inline, the synthesis's state would make every request's
+            // future larger for the whole fan-out, which comes first.
             Some(planned) => {
-                self.synthesize(planned, &request, trace_id, &configs, &outcomes, deadline)
-                    .await
+                Box::pin(
+                    self.synthesize(planned, &request, trace_id, &configs, &outcomes, deadline),
+                )
+                .await
             }
             None => (
                 inner

@@ -175,7 +175,9 @@ impl Provider for AnthropicProvider {
 
     async fn complete(&self, request: &CompletionRequest) -> Result<Completion, ProviderError> {
         let started = Instant::now();
-        let body = Body {
+        // A temporary: the struct and its list of messages are dropped here, not held
+        // across the awaits below.
+        let body = http::encode_json(&Body {
             model: &request.model,
             max_tokens: request.max_tokens,
             messages: messages(request),
@@ -183,12 +185,6 @@ impl Provider for AnthropicProvider {
             temperature: request.temperature,
             stop_sequences: &request.stop_sequences,
             stream: request.stream,
-        };
-        let body = serde_json::to_vec(&body).map_err(|e| {
-            ProviderError::new(
-                ErrorKind::BadRequest,
-                format!("cannot encode the request: {e}"),
-            )
         })?;
         let mut builder = self
             .client
@@ -202,6 +198,8 @@ impl Provider for AnthropicProvider {
         if let Some(traceparent) = http::traceparent(&request.meta.trace_id) {
             builder = builder.header("traceparent", traceparent);
         }
+        // The body readers below are boxed: inline, their state would make every call's
+        // future larger while it waits for the response, which is most of its life.
         let response = builder
             .send()
             .await
@@ -211,16 +209,18 @@ impl Provider for AnthropicProvider {
         if !response.status().is_success() {
             // Headers first: a huge or broken error body changes nothing of what the
             // status and `Retry-After` already say.
-            let body = http::read_error_body(response).await;
+            let body = Box::pin(http::read_error_body(response)).await;
             return Err(meta.apply(error_from_body(Some(status), &body)));
         }
         let mut completion = if request.stream && !http::is_json(&response) {
             let mut state = StreamState::for_request(request);
-            http::read_sse(response, "message_stop", |e| state.on_event(e))
-                .await
-                .map_err(|e| meta.apply(e))?
+            Box::pin(http::read_sse(response, "message_stop", |e| {
+                state.on_event(e)
+            }))
+            .await
+            .map_err(|e| meta.apply(e))?
         } else {
-            let body = http::read_body(response).await?;
+            let body = Box::pin(http::read_body(response)).await?;
             parse_message(&body).map_err(|e| meta.apply(e))?
         };
         completion.latency = started.elapsed();

@@ -243,7 +243,8 @@ pub(crate) struct ResponseMeta {
     pub request_id: Option<String>,
     pub retry_after: Option<Duration>,
     pub should_retry: Option<bool>,
-    pub rate_limits: Option<RateLimits>,
+    /// Boxed: the metadata is held across the awaits that read the body.
+    pub rate_limits: Option<Box<RateLimits>>,
 }
 
 impl ResponseMeta {
@@ -263,7 +264,7 @@ impl ResponseMeta {
                 Some("false") => Some(false),
                 _ => None,
             },
-            rate_limits: RateLimits::from_headers(headers),
+            rate_limits: RateLimits::from_headers(headers).map(Box::new),
         }
     }
 
@@ -272,7 +273,7 @@ impl ResponseMeta {
         error.retry_after = error.retry_after.or(self.retry_after);
         error.should_retry = error.should_retry.or(self.should_retry);
         if error.rate_limits.is_none() {
-            error.rate_limits = self.rate_limits.clone().map(Box::new);
+            error.rate_limits.clone_from(&self.rate_limits);
         }
         if let Some(id) = &self.request_id {
             error.message = format!("{} (request-id {id})", error.message);
@@ -339,6 +340,19 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     message
+}
+
+/// A request's body as JSON. The buffer is trimmed to the body: it is held until
+/// sent, by every call in flight, and the encoder grows it by doubling.
+pub(crate) fn encode_json(body: &impl serde::Serialize) -> Result<Vec<u8>, ProviderError> {
+    let mut bytes = serde_json::to_vec(body).map_err(|e| {
+        ProviderError::new(
+            ErrorKind::BadRequest,
+            format!("cannot encode the request: {e}"),
+        )
+    })?;
+    bytes.shrink_to_fit();
+    Ok(bytes)
 }
 
 /// Reads a whole body, failing once it passes [`MAX_RESPONSE_BYTES`].

@@ -155,8 +155,9 @@ pub struct Completion {
     pub latency: Duration,
     /// The provider's id for the request (`request-id`), for support tickets.
     pub request_id: Option<String>,
-    /// The rate limit state the provider reported, if any.
-    pub rate_limits: Option<RateLimits>,
+    /// The rate limit state the provider reported, if any. Boxed, as in
+    /// [`ProviderError`]: a completion is held in every call's state, and most carry none.
+    pub rate_limits: Option<Box<RateLimits>>,
 }
 
 /// Token counts of one call, or summed over several.

@@ -133,7 +133,9 @@ impl Provider for OpenAiProvider {
             content: &request.prompt,
         });
         let completion_field = self.options.max_tokens_field == MaxTokensField::MaxCompletionTokens;
-        let body = Body {
+        // A temporary: the struct and its list of messages are dropped here, not held
+        // across the awaits below.
+        let body = http::encode_json(&Body {
             model: &request.model,
             messages,
             max_tokens: (!completion_field).then_some(request.max_tokens),
@@ -144,12 +146,6 @@ impl Provider for OpenAiProvider {
             stream_options: request.stream.then_some(StreamOptions {
                 include_usage: true,
             }),
-        };
-        let body = serde_json::to_vec(&body).map_err(|e| {
-            ProviderError::new(
-                ErrorKind::BadRequest,
-                format!("cannot encode the request: {e}"),
-            )
         })?;
         let mut builder = self
             .client
@@ -162,6 +158,8 @@ impl Provider for OpenAiProvider {
         if let Some(traceparent) = http::traceparent(&request.meta.trace_id) {
             builder = builder.header("traceparent", traceparent);
         }
+        // The body readers below are boxed: inline, their state would make every call's
+        // future larger while it waits for the response, which is most of its life.
         let response = builder
             .send()
             .await
@@ -171,16 +169,16 @@ impl Provider for OpenAiProvider {
         if !response.status().is_success() {
             // Headers first: a huge or broken error body changes nothing of what the
             // status and `Retry-After` already say.
-            let body = http::read_error_body(response).await;
+            let body = Box::pin(http::read_error_body(response)).await;
             return Err(meta.apply(error_from_body(Some(status), &body)));
         }
         let mut completion = if request.stream && !http::is_json(&response) {
             let mut state = StreamState::for_request(request);
-            http::read_sse(response, "[DONE]", |e| state.on_event(e))
+            Box::pin(http::read_sse(response, "[DONE]", |e| state.on_event(e)))
                 .await
                 .map_err(|e| meta.apply(e))?
         } else {
-            let body = http::read_body(response).await?;
+            let body = Box::pin(http::read_body(response)).await?;
             parse_completion(&body).map_err(|e| meta.apply(e))?
         };
         completion.latency = started.elapsed();

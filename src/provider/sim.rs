@@ -304,7 +304,8 @@ impl Provider for SimProvider {
             "end_turn"
         };
         match &request.deltas {
-            Some(sink) if request.stream => stream(sink, request, &text, latency).await,
+            // Boxed: inline, the stream's state would make every call's future larger.
+            Some(sink) if request.stream => Box::pin(stream(sink, request, &text, latency)).await,
             _ => tokio::time::sleep(latency).await,
         }
         let latency = started.elapsed();
@@ -319,7 +320,7 @@ impl Provider for SimProvider {
                 ..Usage::default()
             },
             latency,
-            rate_limits: admitted.map(|permit| rate_limits(&permit.state)),
+            rate_limits: admitted.map(|permit| Box::new(rate_limits(&permit.state))),
             ..Completion::default()
         })
     }

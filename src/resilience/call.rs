@@ -49,7 +49,8 @@ pub(crate) struct Call<'a> {
     /// The provider and model's retry budget; `None` to look it up.
     pub budget: Option<&'a Arc<RetryBudget>>,
     pub policy: &'a CallPolicy,
-    pub request: CompletionRequest,
+    /// The request, borrowed from the task: each attempt sets its `meta.attempt`.
+    pub request: &'a mut CompletionRequest,
     pub limiter: &'a dyn Limiter,
     pub deadline: Instant,
     pub progress: &'a dyn CallProgress,
@@ -82,10 +83,32 @@ impl Default for CallReport {
     }
 }
 
-impl CallReport {
-    fn fail(mut self, error: OutcomeError) -> Self {
-        self.result = Err(error);
-        self
+/// What a call has done so far: its report without the result, which only the end
+/// knows. Kept apart because it lives across every await of the call, in every call
+/// in flight; a placeholder result would double its size.
+#[derive(Debug, Default)]
+struct Tally {
+    attempts: u32,
+    retries: Vec<RetryRecord>,
+    provider_time: Duration,
+    queue_wait: Duration,
+    paused: Duration,
+}
+
+impl Tally {
+    fn report(self, result: Result<Completion, OutcomeError>) -> CallReport {
+        CallReport {
+            result,
+            attempts: self.attempts,
+            retries: self.retries,
+            provider_time: self.provider_time,
+            queue_wait: self.queue_wait,
+            paused: self.paused,
+        }
+    }
+
+    fn fail(self, error: OutcomeError) -> CallReport {
+        self.report(Err(error))
     }
 }
 
@@ -123,7 +146,7 @@ impl Resilience {
             Some(budget) => Arc::clone(budget),
             None => self.budget(call.provider_name, &call.request.model),
         };
-        let mut report = CallReport::default();
+        let mut report = Tally::default();
         let mut previous_delay = Duration::ZERO;
         // What the retry in progress cost, returned to the budget if it succeeds.
         let mut refund = None;
@@ -180,8 +203,7 @@ impl Resilience {
                 Ok(completion) => {
                     permit.record(CallResult::Success);
                     budget.on_success(refund);
-                    report.result = Ok(completion);
-                    return report;
+                    return report.report(Ok(completion));
                 }
                 Err(_) if sent.cut_by_deadline => {
                     drop(permit);
@@ -290,7 +312,7 @@ impl Resilience {
 /// a process-wide slot, the slot taken last — never held while the lane holds the call
 /// back, so one paused provider cannot block the others, and never counted by the lane
 /// while the call still waits for it.
-async fn admit(call: &mut Call<'_>, report: &mut CallReport) -> Result<Slots, OutcomeError> {
+async fn admit(call: &mut Call<'_>, report: &mut Tally) -> Result<Slots, OutcomeError> {
     let mut held = call.first_slot.take();
     let Some(lane) = call.lane else {
         let global = match held {
@@ -302,7 +324,7 @@ async fn admit(call: &mut Call<'_>, report: &mut CallReport) -> Result<Slots, Ou
             lane: None,
         });
     };
-    let estimate = estimate_input_tokens(&call.request);
+    let estimate = estimate_input_tokens(call.request);
     if let Some(permit) = lane.try_admit(estimate, call.limiter, &mut held) {
         return Ok(Slots {
             global: held,
@@ -317,9 +339,9 @@ async fn admit(call: &mut Call<'_>, report: &mut CallReport) -> Result<Slots, Ou
     } else {
         Turn::First
     };
-    let admitted = lane
-        .admit(estimate, call.deadline, turn, call.limiter)
-        .await;
+    // Boxed: only a call that must queue pays for the queue's state; inline, every
+    // call in flight would carry it.
+    let admitted = Box::pin(lane.admit(estimate, call.deadline, turn, call.limiter)).await;
     call.progress.queued(None);
     let admitted = admitted.map_err(|timeout| {
         report.queue_wait += timeout.waited;
@@ -402,7 +424,7 @@ async fn send(
     let result = tokio::time::timeout(
         limit,
         call.provider
-            .complete(&call.request)
+            .complete(call.request)
             .instrument(attempt_span.clone()),
     )
     .await;
@@ -448,7 +470,7 @@ fn feedback(sent: &Sent) -> Feedback {
             // and for Anthropic's (which skip cache reads) it errs on the slow side.
             input_tokens: (c.usage.prompt_tokens() > 0).then_some(c.usage.prompt_tokens()),
             output_tokens: c.usage.output_tokens,
-            reported: c.rate_limits.as_ref().map(per_minute),
+            reported: c.rate_limits.as_deref().map(per_minute),
         },
         Err(_) if sent.cut_by_deadline => Feedback::signal(Signal::Neutral),
         Err(e) => Feedback {
@@ -527,7 +549,7 @@ fn deadline(message: String) -> OutcomeError {
 /// Takes a process-wide slot, waiting (and saying so) only when none is free.
 async fn acquire_slot(
     limiter: &dyn Limiter,
-    report: &mut CallReport,
+    report: &mut Tally,
     progress: &dyn CallProgress,
 ) -> Permit {
     if let Some(permit) = limiter.try_acquire() {

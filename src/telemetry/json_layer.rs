@@ -42,9 +42,67 @@ where
     }
 }
 
-/// A span's fields, rendered once when recorded: (name, JSON value).
+/// A span's fields, rendered once when recorded: names and JSON values, in the order
+/// first recorded. The values sit end to end in one buffer: a span lives as long as
+/// its agent's call, in every call in flight, and a `String` per value would be an
+/// allocation (and its slack) per field.
 #[derive(Debug, Default)]
-struct SpanFields(Vec<(&'static str, String)>);
+struct SpanFields {
+    /// Each field's name and where its value ends in `values`.
+    names: Vec<(&'static str, usize)>,
+    values: String,
+}
+
+impl SpanFields {
+    /// Fields as a visitor recorded them.
+    fn of(recorded: Vec<(&'static str, String)>) -> Self {
+        let mut fields = SpanFields {
+            names: Vec::with_capacity(recorded.len()),
+            values: String::with_capacity(recorded.iter().map(|(_, v)| v.len()).sum()),
+        };
+        fields.record(recorded);
+        fields
+    }
+
+    /// Adds fields; a name already there keeps its place and takes the new value.
+    fn record(&mut self, recorded: Vec<(&'static str, String)>) {
+        for (name, value) in recorded {
+            if self.names.iter().any(|(n, _)| *n == name) {
+                // Rare (a span field recorded twice): rebuilt with the new value in place.
+                let old = std::mem::take(self);
+                let mut rebuilt = Vec::with_capacity(old.names.len());
+                for (n, v) in old.iter() {
+                    rebuilt.push((
+                        n,
+                        if n == name {
+                            value.clone()
+                        } else {
+                            v.to_owned()
+                        },
+                    ));
+                }
+                *self = SpanFields::of(rebuilt);
+            } else {
+                self.values.push_str(&value);
+                self.names.push((name, self.values.len()));
+            }
+        }
+    }
+
+    /// (name, JSON value), in order.
+    fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        let mut start = 0;
+        self.names.iter().map(move |&(name, end)| {
+            let value = &self.values[start..end];
+            start = end;
+            (name, value)
+        })
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+}
 
 impl<S, W> Layer<S> for JsonLayer<W>
 where
@@ -59,16 +117,18 @@ where
         if extensions.get_mut::<SpanFields>().is_some() {
             return;
         }
-        let mut fields = SpanFields::default();
-        attrs.record(&mut Fields(&mut fields.0));
-        extensions.insert(fields);
+        let mut recorded = Vec::new();
+        attrs.record(&mut Fields(&mut recorded));
+        extensions.insert(SpanFields::of(recorded));
     }
 
     fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
         let mut extensions = span.extensions_mut();
         if let Some(fields) = extensions.get_mut::<SpanFields>() {
-            values.record(&mut Fields(&mut fields.0));
+            let mut recorded = Vec::new();
+            values.record(&mut Fields(&mut recorded));
+            fields.record(recorded);
         }
     }
 
@@ -126,9 +186,9 @@ fn format_line<S>(
     let mut trace_id = None;
     for span in spans.iter().rev() {
         if let Some(f) = span.extensions().get::<SpanFields>()
-            && let Some((_, v)) = f.0.iter().find(|(n, _)| *n == TRACE_ID)
+            && let Some(v) = f.get(TRACE_ID)
         {
-            trace_id = Some(v.clone());
+            trace_id = Some(v.to_owned());
             break;
         }
     }
@@ -162,8 +222,8 @@ fn format_line<S>(
         let Some(f) = extensions.get::<SpanFields>() else {
             continue;
         };
-        for (name, value) in &f.0 {
-            if *name == TRACE_ID || written.contains(name) || own(name).is_some() {
+        for (name, value) in f.iter() {
+            if name == TRACE_ID || written.contains(&name) || own(name).is_some() {
                 continue;
             }
             written.push(name);
@@ -305,6 +365,31 @@ mod tests {
                 (l.to_owned(), v)
             })
             .collect()
+    }
+
+    #[test]
+    fn a_span_field_recorded_again_keeps_its_place_and_takes_the_new_value() {
+        let out = lines(|| {
+            let span =
+                tracing::error_span!("attempt", a = 1u64, b = "two", c = tracing::field::Empty);
+            span.record("a", 3u64);
+            span.record("c", "four");
+            let _s = span.enter();
+            tracing::info!(event = "x.y", "hi");
+        });
+        let (raw, l) = &out[0];
+        assert_eq!(
+            (l["a"].as_u64(), &l["b"], &l["c"]),
+            (Some(3), &"two".into(), &"four".into())
+        );
+        let at: Vec<_> = ["\"a\":3", "\"b\":\"two\"", "\"c\":\"four\""]
+            .iter()
+            .map(|k| raw.find(k).unwrap_or_else(|| panic!("{k} in {raw}")))
+            .collect();
+        assert!(
+            at.windows(2).all(|w| w[0] < w[1]),
+            "in recorded order: {raw}"
+        );
     }
 
     #[test]
