@@ -66,6 +66,19 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A mock answering in 5–15 ms, enforcing `limits`.
+fn limited_mock(runtime: &tokio::runtime::Runtime, limits: AccountLimits) -> MockUpstream {
+    mock(
+        runtime,
+        MockOptions {
+            latency_min: Duration::from_millis(5),
+            latency_max: Duration::from_millis(15),
+            limits,
+            ..MockOptions::default()
+        },
+    )
+}
+
 fn mock(runtime: &tokio::runtime::Runtime, options: MockOptions) -> MockUpstream {
     runtime
         .block_on(MockUpstream::start(([127, 0, 0, 1], 0).into(), options))
@@ -132,16 +145,11 @@ fn two_instances_stay_under_one_shared_rate_limit() {
         return skip("two_instances_stay_under_one_shared_rate_limit");
     };
     let rt = runtime();
-    let upstream = mock(
+    let upstream = limited_mock(
         &rt,
-        MockOptions {
-            latency_min: Duration::from_millis(5),
-            latency_max: Duration::from_millis(15),
-            limits: AccountLimits {
-                rps: Some(20.0),
-                ..AccountLimits::default()
-            },
-            ..MockOptions::default()
+        AccountLimits {
+            rps: Some(20.0),
+            ..AccountLimits::default()
         },
     );
     let config = config(&upstream.url(), &redis.url(), "rate", "rpm = 1200", "");
@@ -342,14 +350,7 @@ fn with_redis_down_each_instance_keeps_its_share_and_shares_again_after() {
         return skip("with_redis_down_each_instance_keeps_its_share_and_shares_again_after");
     };
     let rt = runtime();
-    let upstream = mock(
-        &rt,
-        MockOptions {
-            latency_min: Duration::from_millis(5),
-            latency_max: Duration::from_millis(15),
-            ..MockOptions::default()
-        },
-    );
+    let upstream = limited_mock(&rt, AccountLimits::default());
     let config = config(
         &upstream.url(),
         &redis.url(),
@@ -412,16 +413,11 @@ fn a_small_shared_rate_is_granted_one_call_at_a_time() {
         return skip("a_small_shared_rate_is_granted_one_call_at_a_time");
     };
     let rt = runtime();
-    let upstream = mock(
+    let upstream = limited_mock(
         &rt,
-        MockOptions {
-            latency_min: Duration::from_millis(5),
-            latency_max: Duration::from_millis(10),
-            limits: AccountLimits {
-                rpm: Some(120),
-                ..AccountLimits::default()
-            },
-            ..MockOptions::default()
+        AccountLimits {
+            rpm: Some(120),
+            ..AccountLimits::default()
         },
     );
     let config = config(&upstream.url(), &redis.url(), "small", "rpm = 120", "");
@@ -459,14 +455,7 @@ fn a_frozen_redis_costs_requests_nothing_and_sharing_resumes_after() {
         return skip("a_frozen_redis_costs_requests_nothing_and_sharing_resumes_after");
     };
     let rt = runtime();
-    let upstream = mock(
-        &rt,
-        MockOptions {
-            latency_min: Duration::from_millis(5),
-            latency_max: Duration::from_millis(10),
-            ..MockOptions::default()
-        },
-    );
+    let upstream = limited_mock(&rt, AccountLimits::default());
     let config = config(
         &upstream.url(),
         &redis.url(),

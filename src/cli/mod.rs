@@ -111,6 +111,21 @@ fn load_file(flag: Option<&Path>) -> Result<Config, ConfigErrors> {
     }
 }
 
+/// The log and span output of a command that runs requests (`run`, `batch`), as the
+/// config says; dropping the guard flushes it.
+fn request_telemetry(
+    cli: &Cli,
+    config: &Config,
+) -> std::io::Result<Option<metaorch::telemetry::otel::OtelGuard>> {
+    metaorch::telemetry::init_telemetry(
+        config.log_filter(),
+        cli.log_format.into(),
+        config.log_file.as_deref(),
+        None,
+        metaorch::telemetry::otel::endpoint(config.otlp_endpoint.as_deref()).as_deref(),
+    )
+}
+
 /// Resolves on Ctrl-C or, on Unix, SIGTERM.
 async fn shutdown_signal() {
     #[cfg(unix)]

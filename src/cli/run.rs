@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Read, Write as _};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use metaorch::telemetry::{init_telemetry, otel, terminal_safe};
+use metaorch::telemetry::terminal_safe;
 use metaorch::{Orchestrator, Response};
 
 use super::args::{Cli, OutputFormat, RunArgs};
@@ -16,13 +16,7 @@ pub fn run(cli: &Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
         Ok(config) => config,
         Err(code) => return Ok(code),
     };
-    let otel = init_telemetry(
-        config.log_filter(),
-        cli.log_format.into(),
-        config.log_file.as_deref(),
-        None,
-        otel::endpoint(config.otlp_endpoint.as_deref()).as_deref(),
-    )?;
+    let otel = super::request_telemetry(cli, &config)?;
 
     let metrics = if args.metrics {
         metaorch::telemetry::metrics::install()

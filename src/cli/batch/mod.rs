@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use metaorch::orchestrator::RequestError;
-use metaorch::telemetry::{init_telemetry, otel};
 use metaorch::{Orchestrator, Request, Response};
 use serde::Serialize;
 use tokio::task::JoinSet;
@@ -109,13 +108,7 @@ pub fn batch(cli: &Cli, args: &BatchArgs) -> anyhow::Result<ExitCode> {
     let earlier = Earlier::count(&survey, &previous);
     let todo = survey.keys.len() as u64 - earlier.ok - earlier.failed;
 
-    let _telemetry = init_telemetry(
-        config.log_filter(),
-        cli.log_format.into(),
-        config.log_file.as_deref(),
-        None,
-        otel::endpoint(config.otlp_endpoint.as_deref()).as_deref(),
-    )?;
+    let _telemetry = super::request_telemetry(cli, &config)?;
     let orchestrator = Orchestrator::builder().config(config.clone()).build()?;
     let agents = orchestrator.agents().count().max(1);
     let in_flight = args.in_flight.map_or_else(

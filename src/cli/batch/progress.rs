@@ -92,42 +92,45 @@ impl Totals {
 
     /// One line: ok, failed, agents failed, retries, tokens, cost.
     pub fn line(&self) -> String {
-        let mut out = format!("{} ok, {} failed", self.ok, self.failed);
-        let agents_bad = self.agents.failed + self.agents.timed_out;
-        if agents_bad > 0 {
-            let _ = write!(out, "; {agents_bad} agents failed");
-        }
-        if self.retries > 0 {
-            let _ = write!(out, "; {} retries", self.retries);
-        }
-        let _ = write!(
-            out,
-            "; {} tokens; {}",
-            tokens(self.input_tokens + self.output_tokens),
-            self.cost()
-        );
-        out
+        self.counts(
+            "; ",
+            format!("{} tokens; {}", tokens(self.total_tokens()), self.cost()),
+        )
     }
 
     /// The same, short enough for a progress bar.
     pub fn short(&self) -> String {
-        let mut out = format!("{} ok · {} failed", self.ok, self.failed);
+        let unpriced = if self.cost_unknown_requests > 0 {
+            "+"
+        } else {
+            ""
+        };
+        self.counts(
+            " · ",
+            format!(
+                "{} tok · ${:.2}{unpriced}",
+                tokens(self.total_tokens()),
+                self.cost_usd
+            ),
+        )
+    }
+
+    fn total_tokens(&self) -> u64 {
+        self.input_tokens.saturating_add(self.output_tokens)
+    }
+
+    /// Requests ok and failed, agents failed and retries (when any), then `last`.
+    fn counts(&self, sep: &str, last: String) -> String {
+        let mut out = format!("{} ok{sep}{} failed", self.ok, self.failed);
         let agents_bad = self.agents.failed + self.agents.timed_out;
         if agents_bad > 0 {
-            let _ = write!(out, " · {agents_bad} agents failed");
+            let _ = write!(out, "{sep}{agents_bad} agents failed");
         }
         if self.retries > 0 {
-            let _ = write!(out, " · {} retries", self.retries);
+            let _ = write!(out, "{sep}{} retries", self.retries);
         }
-        let _ = write!(
-            out,
-            " · {} tok · ${:.2}",
-            tokens(self.input_tokens + self.output_tokens),
-            self.cost_usd
-        );
-        if self.cost_unknown_requests > 0 {
-            out.push('+');
-        }
+        out.push_str(sep);
+        out.push_str(&last);
         out
     }
 
