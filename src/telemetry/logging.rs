@@ -76,6 +76,69 @@ pub fn init_telemetry(
     install(output, ring, otlp_endpoint)
 }
 
+/// [`init_telemetry`] for a command that draws on stderr itself (a progress bar): the
+/// log lines meant for stderr are handed to `through` whole, one line a call, so that
+/// it can clear what it drew, write the line and draw again. Lines for a log file go
+/// to the file as usual.
+pub fn init_telemetry_through(
+    filter: &str,
+    format: LogFormat,
+    file: Option<&Path>,
+    otlp_endpoint: Option<&str>,
+    through: impl Fn(&[u8]) + Send + Sync + 'static,
+) -> io::Result<Option<OtelGuard>> {
+    let output = match file {
+        Some(path) => output_layer(filter, format, Mutex::new(open_append(path)?), false),
+        None => output_layer(
+            filter,
+            format,
+            Through(std::sync::Arc::new(through)),
+            stderr_colours(),
+        ),
+    };
+    install(output, None, otlp_endpoint)
+}
+
+/// Hands each log line, whole, to a function.
+#[derive(Clone)]
+struct Through(std::sync::Arc<dyn Fn(&[u8]) + Send + Sync>);
+
+/// One line's writer: collects the line, hands it over when dropped.
+struct ThroughLine {
+    through: std::sync::Arc<dyn Fn(&[u8]) + Send + Sync>,
+    line: Vec<u8>,
+}
+
+impl io::Write for ThroughLine {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ThroughLine {
+    fn drop(&mut self) {
+        if !self.line.is_empty() {
+            (self.through)(&self.line);
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Through {
+    type Writer = ThroughLine;
+
+    fn make_writer(&'a self) -> ThroughLine {
+        ThroughLine {
+            through: std::sync::Arc::clone(&self.0),
+            line: Vec::new(),
+        }
+    }
+}
+
 /// What [`init_server_telemetry`] started: keep it until the process ends, and drop it
 /// outside any async runtime. Dropping it writes the log lines still queued (waiting at
 /// most two seconds) and flushes the last spans.

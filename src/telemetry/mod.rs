@@ -20,7 +20,7 @@ pub use json_layer::JsonLayer;
 pub(crate) use logging::open_append_as;
 pub use logging::{
     DEFAULT_LOG_LEVEL, LogFormat, TelemetryGuard, init_logging, init_logging_with_ring,
-    init_server_telemetry, init_telemetry,
+    init_server_telemetry, init_telemetry, init_telemetry_through,
 };
 pub(crate) use nonblocking::keep_last_lines;
 pub use request_id::{ParseRequestIdError, RequestId};

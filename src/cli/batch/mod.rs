@@ -108,7 +108,15 @@ pub fn batch(cli: &Cli, args: &BatchArgs) -> anyhow::Result<ExitCode> {
     let earlier = Earlier::count(&survey, &previous);
     let todo = survey.keys.len() as u64 - earlier.ok - earlier.failed;
 
-    let _telemetry = super::request_telemetry(cli, &config)?;
+    // Log lines meant for stderr go around the progress bar, not through it.
+    let progress = Progress::new(todo);
+    let _telemetry = metaorch::telemetry::init_telemetry_through(
+        config.log_filter(),
+        cli.log_format.into(),
+        config.log_file.as_deref(),
+        metaorch::telemetry::otel::endpoint(config.otlp_endpoint.as_deref()).as_deref(),
+        progress.writer(),
+    )?;
     let orchestrator = Orchestrator::builder().config(config.clone()).build()?;
     let agents = orchestrator.agents().count().max(1);
     let in_flight = args.in_flight.map_or_else(
@@ -145,6 +153,7 @@ pub fn batch(cli: &Cli, args: &BatchArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     let started = Instant::now();
     let run = Run {
+        progress,
         writer,
         orchestrator,
         source,
@@ -152,7 +161,6 @@ pub fn batch(cli: &Cli, args: &BatchArgs) -> anyhow::Result<ExitCode> {
         survey: Arc::new(survey),
         previous: Arc::new(previous),
         in_flight,
-        todo,
     };
     let totals = runtime.block_on(run.run())?;
     let wall = started.elapsed();
@@ -214,6 +222,7 @@ impl Earlier {
 
 /// One run over the input.
 struct Run {
+    progress: Progress,
     writer: output::Writer,
     orchestrator: Orchestrator,
     source: Source,
@@ -221,7 +230,6 @@ struct Run {
     survey: Arc<input::Survey>,
     previous: Arc<output::Previous>,
     in_flight: usize,
-    todo: u64,
 }
 
 /// What a request's task hands back: its id, its result line, its response, and
@@ -233,7 +241,8 @@ impl Run {
     async fn run(self) -> anyhow::Result<Totals> {
         let mut writer = self.writer;
         let mut totals = Totals::default();
-        let mut progress = Progress::new(self.todo);
+        let mut progress = self.progress;
+        progress.start();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Entry>(self.in_flight.max(16));
         let reader = {
             let (source, survey, previous, format) = (

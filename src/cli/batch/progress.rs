@@ -164,17 +164,17 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A bar when stderr is a terminal; plain lines otherwise.
+    /// A bar when stderr is a terminal (drawn from [`Progress::start`]); plain lines
+    /// otherwise.
     pub fn new(total: u64) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
             let style = ProgressStyle::with_template(
                 "{spinner} {pos}/{len} [{bar:16}] ETA {eta} · {wide_msg}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> ");
             bar.set_style(style);
-            bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
         let now = Instant::now();
@@ -183,6 +183,32 @@ impl Progress {
             total,
             started: now,
             last_plain: now,
+        }
+    }
+
+    /// Starts drawing the bar, and the clock of the rate and the ETA.
+    pub fn start(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+            bar.enable_steady_tick(Duration::from_millis(200));
+        }
+        self.started = Instant::now();
+        self.last_plain = self.started;
+    }
+
+    /// Writes `line` (a log line, whole) to stderr without breaking the bar: the bar is
+    /// cleared, the line written, the bar drawn again.
+    pub fn writer(&self) -> impl Fn(&[u8]) + Send + Sync + 'static {
+        let bar = self.bar.clone();
+        move |line: &[u8]| {
+            let write = || {
+                use std::io::Write as _;
+                let _ = std::io::stderr().lock().write_all(line);
+            };
+            match &bar {
+                Some(bar) => bar.suspend(write),
+                None => write(),
+            }
         }
     }
 
