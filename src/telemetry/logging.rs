@@ -99,13 +99,16 @@ pub fn init_telemetry_through(
     install(output, None, otlp_endpoint)
 }
 
+/// What takes each log line, whole.
+type LineSink = std::sync::Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// Hands each log line, whole, to a function.
 #[derive(Clone)]
-struct Through(std::sync::Arc<dyn Fn(&[u8]) + Send + Sync>);
+struct Through(LineSink);
 
 /// One line's writer: collects the line, hands it over when dropped.
 struct ThroughLine {
-    through: std::sync::Arc<dyn Fn(&[u8]) + Send + Sync>,
+    through: LineSink,
     line: Vec<u8>,
 }
 
