@@ -28,11 +28,20 @@ use super::flow::RateConfig;
 use super::lane::FlowLane;
 use super::shared::{Granted, HORIZON, Mode, Wants};
 use crate::config::RedisConfig;
-use crate::redis_link::{LinkError, RedisLink};
+use crate::redis_link::{LinkError, LuaScript, RedisLink};
 use crate::telemetry::metrics;
 
-const SYNC_SCRIPT: &str = include_str!("cluster/sync.lua");
-const PAUSE_SCRIPT: &str = include_str!("cluster/pause.lua");
+/// The sync and the pause, called by their SHA-1 (loaded by their text when Redis
+/// does not have them).
+fn scripts() -> &'static (LuaScript, LuaScript) {
+    static SCRIPTS: std::sync::OnceLock<(LuaScript, LuaScript)> = std::sync::OnceLock::new();
+    SCRIPTS.get_or_init(|| {
+        (
+            LuaScript::new(include_str!("cluster/sync.lua")),
+            LuaScript::new(include_str!("cluster/pause.lua")),
+        )
+    })
+}
 
 /// How often a lane with work syncs.
 const BUSY_EVERY: Duration = Duration::from_millis(100);
@@ -245,29 +254,33 @@ impl Cluster {
     async fn sync(&self, lane: &FlowLane, wants: &Wants) -> Result<Granted, LinkError> {
         self.syncs.fetch_add(1, Ordering::Relaxed);
         let (p, m) = (lane.provider(), lane.model());
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(SYNC_SCRIPT)
-            .arg(7)
-            .arg(format!("{}:cluster:instances", self.namespace))
-            .arg(self.key(p, m, "rpm"))
-            .arg(self.key(p, m, "tpm"))
-            .arg(self.key(p, m, "input_tpm"))
-            .arg(self.key(p, m, "output_tpm"))
-            .arg(self.key(p, m, "in_flight"))
-            .arg(self.key(p, m, "pause"))
-            .arg(&self.id)
-            .arg(self.lease.as_millis() as u64)
-            .arg(HORIZON.as_millis() as u64);
-        for limit in wants.limits {
-            cmd.arg(limit);
-        }
-        for units in wants.units {
-            cmd.arg(units);
-        }
-        cmd.arg(wants.cap)
-            .arg(wants.cap_wanted)
-            .arg(wants.in_flight);
-        let reply: Vec<i64> = self.link.call(&cmd).await?;
+        let keys = [
+            format!("{}:cluster:instances", self.namespace),
+            self.key(p, m, "rpm"),
+            self.key(p, m, "tpm"),
+            self.key(p, m, "input_tpm"),
+            self.key(p, m, "output_tpm"),
+            self.key(p, m, "in_flight"),
+            self.key(p, m, "pause"),
+        ];
+        let reply: Vec<i64> = self
+            .link
+            .call_script(&scripts().0, |cmd| {
+                cmd.arg(keys.len()).arg(&keys[..]);
+                cmd.arg(&self.id)
+                    .arg(self.lease.as_millis() as u64)
+                    .arg(HORIZON.as_millis() as u64);
+                for limit in wants.limits {
+                    cmd.arg(limit);
+                }
+                for units in wants.units {
+                    cmd.arg(units);
+                }
+                cmd.arg(wants.cap)
+                    .arg(wants.cap_wanted)
+                    .arg(wants.in_flight);
+            })
+            .await?;
         let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
         if reply.len() < 11 {
             return Err(LinkError(format!(
@@ -296,16 +309,13 @@ impl Cluster {
             "ms": ms,
         })
         .to_string();
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(PAUSE_SCRIPT)
-            .arg(2)
-            .arg(self.key(provider, model, "pause"))
-            .arg(self.channel())
-            .arg(ms)
-            .arg(message);
+        let keys = [self.key(provider, model, "pause"), self.channel()];
+        let told = self.link.call_script::<i64>(&scripts().1, |cmd| {
+            cmd.arg(keys.len()).arg(&keys[..]).arg(ms).arg(&message);
+        });
         // Down, the pause stays this instance's: the others find out from their
         // own 429s, as without Redis.
-        let _ = self.link.call::<i64>(&cmd).await;
+        let _ = told.await;
     }
 
     /// Listens for the other instances' pauses, reconnecting while the cluster lives.

@@ -33,6 +33,21 @@ mod redact;
 /// The least time a connect (TCP, TLS, AUTH) is given, in the background.
 const MIN_CONNECT_TIME: Duration = Duration::from_secs(5);
 
+/// A Lua script, called by its SHA-1.
+#[derive(Debug)]
+pub(crate) struct LuaScript {
+    pub(crate) text: &'static str,
+    pub(crate) sha1: String,
+}
+
+impl LuaScript {
+    pub(crate) fn new(text: &'static str) -> LuaScript {
+        let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, text.as_bytes());
+        let sha1 = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        LuaScript { text, sha1 }
+    }
+}
+
 /// A failed Redis call: what happened, the server named without its credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LinkError(pub(crate) String);
@@ -145,6 +160,33 @@ impl RedisLink {
 
     /// Runs `cmd`, bounded by the timeout, unless the server is being left alone.
     pub(crate) async fn call<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, LinkError> {
+        self.query(cmd, None).await
+    }
+
+    /// Runs `script` with the arguments `args` appends (the key count, the keys, the
+    /// values): by its SHA-1 (`EVALSHA`), and by its text (`EVAL`) only when the server
+    /// does not have it yet — a few dozen bytes a call instead of the whole script.
+    pub(crate) async fn call_script<T: FromRedisValue>(
+        &self,
+        script: &LuaScript,
+        args: impl Fn(&mut redis::Cmd),
+    ) -> Result<T, LinkError> {
+        let mut by_sha = redis::cmd("EVALSHA");
+        by_sha.arg(&script.sha1);
+        args(&mut by_sha);
+        let mut by_text = redis::cmd("EVAL");
+        by_text.arg(script.text);
+        args(&mut by_text);
+        self.query(&by_sha, Some(&by_text)).await
+    }
+
+    /// `cmd` — or, when the server answers NOSCRIPT, `noscript` — bounded by the
+    /// timeout, unless the server is being left alone.
+    async fn query<T: FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        noscript: Option<&redis::Cmd>,
+    ) -> Result<T, LinkError> {
         {
             let state = self.link.state();
             if let Some(left) = state.pause.left(Instant::now()) {
@@ -161,6 +203,17 @@ impl RedisLink {
         let attempt = async {
             let mut connection = self.connection().await?;
             match cmd.query_async(&mut connection).await {
+                // The script is not loaded yet (a new or restarted server): its text
+                // once loads it. The server answered; nothing failed.
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+                        && noscript.is_some() =>
+                {
+                    match noscript {
+                        Some(by_text) => by_text.query_async(&mut connection).await,
+                        None => Err(e),
+                    }
+                }
                 // The connection was lost (the server restarted, say): the manager is
                 // reconnecting, and one more try within the same timeout uses the new one.
                 Err(e) if e.is_unrecoverable_error() => cmd.query_async(&mut connection).await,
@@ -330,5 +383,19 @@ impl fmt::Debug for LinkState {
             .field("connecting", &self.connecting.is_some())
             .field("pause", &self.pause)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_script_is_named_by_the_sha1_redis_gives_it() {
+        // `SCRIPT LOAD "return 1"` answers this.
+        assert_eq!(
+            LuaScript::new("return 1").sha1,
+            "e0e1f9fabfc9d4800c877a703b823ac0578ff8db"
+        );
     }
 }
