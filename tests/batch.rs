@@ -172,6 +172,72 @@ fn batch_reads_text_from_stdin_with_line_numbers_for_ids() {
     assert_eq!(third["response"]["query"], "Third line asks this?");
 }
 
+/// An input that cannot be read twice (a pipe given by name, as `<(jq …)` or
+/// `/dev/stdin` gives) is read whole first, like `-`.
+#[cfg(unix)]
+#[test]
+fn a_pipe_given_by_name_is_read_once_and_every_query_runs() {
+    let dir = workdir(FAST_SIM, "");
+    let mut child =
+        common::metaorch_command(dir.path(), &["batch", "/dev/stdin", "--out", "out.jsonl"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(queries(5).as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(unique_ids(&results(dir.path())).len(), 5);
+}
+
+/// Two batches on one output would both run the same ids: the second is refused.
+#[cfg(unix)]
+#[test]
+fn a_second_batch_on_the_same_output_is_refused() {
+    let dir = workdir(
+        "[providers.sim]\nkind = \"sim\"\nlatency_min = \"200ms\"\nlatency_max = \"300ms\"\n",
+        &queries(40),
+    );
+    let mut first = common::metaorch_command(
+        dir.path(),
+        &[
+            "batch",
+            "in.jsonl",
+            "--out",
+            "out.jsonl",
+            "--in-flight",
+            "2",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    // The first holds the lock once its output exists.
+    for _ in 0..400 {
+        if dir.path().join("out.jsonl").exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let second = batch(dir.path(), &[]);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("another `metaorch batch` is writing"),
+        "{}",
+        stderr(&second)
+    );
+}
+
 #[test]
 fn bad_lines_are_reported_with_their_numbers_and_the_rest_run() {
     let input = format!(
