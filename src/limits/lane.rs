@@ -720,6 +720,14 @@ impl State {
 }
 
 impl State {
+    /// Charges the shared limits, when the lane keeps any, what a call really used,
+    /// as [`Rates::settle`] does the local ones.
+    fn settle_shared(&mut self, estimate: u64, input: Option<u64>, output: u64) {
+        if let Some(sh) = &mut self.shared {
+            sh.settle(estimate, input, output, &self.rates.effective());
+        }
+    }
+
     /// Notes what the head of a queue now waits for, if anything.
     fn note_head(&mut self, step: &Step) {
         self.head_waiting = !matches!(step, Step::Admit { .. });
@@ -870,10 +878,8 @@ impl LanePermit {
         {
             let mut s = self.lane.lock();
             s.rates.refund(self.estimate, Instant::now());
-            let rates = s.rates.effective();
-            if let Some(sh) = &mut s.shared {
-                sh.settle(-i64::try_from(self.estimate).unwrap_or(i64::MAX), 0, &rates);
-            }
+            // Used nothing: what it was charged comes back.
+            s.settle_shared(self.estimate, Some(0), 0);
         }
         self.release(None);
     }
@@ -927,15 +933,7 @@ impl LanePermit {
                     feedback.output_tokens,
                     now,
                 );
-                let rates = s.rates.effective();
-                if let Some(sh) = &mut s.shared {
-                    let delta = feedback.input_tokens.map_or(0, |input| {
-                        i64::try_from(input)
-                            .unwrap_or(i64::MAX)
-                            .saturating_sub(i64::try_from(self.estimate).unwrap_or(i64::MAX))
-                    });
-                    sh.settle(delta, feedback.output_tokens, &rates);
-                }
+                s.settle_shared(self.estimate, feedback.input_tokens, feedback.output_tokens);
                 if let Some(reported) = feedback.reported
                     && s.rates.learn(reported, now)
                 {

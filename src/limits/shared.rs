@@ -120,41 +120,32 @@ impl Shared {
             .unwrap_or_else(|| 1.0 / f64::from(self.instances.max(1)))
     }
 
-    /// What holds a call back, if the shared limits do (`rates`: the limits in force;
-    /// `max`: the shared cap, 0 for none).
+    /// What holds a call back, if the shared limits do (`rates`: the limits in force):
+    /// when it may look again (`None`: when a slot frees), and why.
     pub(crate) fn blocks(
         &mut self,
         now: Instant,
         rates: &RateConfig,
         in_flight: u32,
     ) -> Option<(Option<Instant>, WaitCause)> {
-        match self.mode {
-            Mode::Local => {
-                if let Some(cap) = self.cap
-                    && in_flight >= cap
-                {
-                    return Some((None, WaitCause::Concurrency));
-                }
-                return None;
-            }
-            Mode::Starting => {
-                self.ask(now);
-                return Some((Some(now + Duration::from_millis(5)), WaitCause::Rate));
-            }
-            Mode::Shared => {}
-        }
-        if let Some(cap) = self.cap
-            && in_flight >= cap
-        {
+        if self.mode == Mode::Starting {
             self.ask(now);
+            return Some((Some(now + Duration::from_millis(5)), WaitCause::Rate));
+        }
+        if self.cap.is_some_and(|cap| in_flight >= cap) {
+            if self.mode == Mode::Shared {
+                self.ask(now);
+            }
             return Some((None, WaitCause::Concurrency));
+        }
+        // On its own, the lane's local limits (at its share) are all there is.
+        if self.mode == Mode::Local {
+            return None;
         }
         if rates.rpm.is_some_and(|r| r > 0) {
             self.drop_stale(now);
             if self.req_left == 0 {
-                self.ask(now);
-                let at = self.retry_at.filter(|r| *r > now).unwrap_or(now + POLL);
-                return Some((Some(at), WaitCause::Rate));
+                return Some((Some(self.wait_for_lease(now)), WaitCause::Rate));
             }
             if self.req_next > now {
                 return Some((Some(self.req_next), WaitCause::Rate));
@@ -167,11 +158,16 @@ impl Shared {
             .zip(limited)
             .any(|(left, limit)| limit.is_some_and(|l| l > 0) && *left <= 0)
         {
-            self.ask(now);
-            let at = self.retry_at.filter(|r| *r > now).unwrap_or(now + POLL);
-            return Some((Some(at), WaitCause::Rate));
+            return Some((Some(self.wait_for_lease(now)), WaitCause::Rate));
         }
         None
+    }
+
+    /// A call needs a lease it does not have: asks for a sync, and says when to look
+    /// again — when the shared rate has more, if the last sync said, else soon.
+    fn wait_for_lease(&mut self, now: Instant) -> Instant {
+        self.ask(now);
+        self.retry_at.filter(|r| *r > now).unwrap_or(now + POLL)
     }
 
     /// A call waits for the shared limits: the sync should run now, unless the last
@@ -209,11 +205,23 @@ impl Shared {
         self.charge(rates, [estimate, estimate, 0]);
     }
 
-    /// Charges what a call really used, beyond its estimate (negative gives back).
-    pub(crate) fn settle(&mut self, input_delta: i64, output: u64, rates: &RateConfig) {
+    /// Charges what a call really used: input corrected against the `estimate`
+    /// spent (when reported), output added.
+    pub(crate) fn settle(
+        &mut self,
+        estimate: u64,
+        input: Option<u64>,
+        output: u64,
+        rates: &RateConfig,
+    ) {
         if self.mode != Mode::Shared {
             return;
         }
+        let input_delta = input.map_or(0, |input| {
+            i64::try_from(input)
+                .unwrap_or(i64::MAX)
+                .saturating_sub(i64::try_from(estimate).unwrap_or(i64::MAX))
+        });
         let output = i64::try_from(output).unwrap_or(i64::MAX);
         self.charge(
             rates,
@@ -460,5 +468,9 @@ mod tests {
         shared.spend(1_000, &r);
         assert!(shared.blocks(now, &r, 0).is_some(), "750 in debt");
         assert_eq!(shared.wants(&r, 0, 0, 1, now).units[1], 250 + 750);
+        // Reported at 200 tokens used, 100 output: the estimate's 1,000 come back
+        // but for 200, and 100 more are owed.
+        shared.settle(1_000, Some(200), 100, &r);
+        assert_eq!(shared.tokens[0], -750 + 800 - 100);
     }
 }

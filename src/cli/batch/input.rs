@@ -183,13 +183,10 @@ fn parse_json(number: u64, line: &str) -> Line {
             "the field \"{reserved}\" is where the output puts the result; rename it"
         ));
     }
-    let (id, key) = match fields.remove("id") {
-        None => (Value::from(number), number.to_string()),
-        Some(Value::String(s)) if !s.is_empty() => (Value::String(s.clone()), s),
-        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => {
-            let key = n.to_string();
-            (Value::Number(n), key)
-        }
+    let id = match fields.remove("id") {
+        None => Value::from(number),
+        Some(Value::String(s)) if !s.is_empty() => Value::String(s),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Value::Number(n),
         Some(other) => {
             return Line::Bad(format!(
                 "\"id\" must be a non-empty string or an integer, found {}",
@@ -197,6 +194,7 @@ fn parse_json(number: u64, line: &str) -> Line {
             ));
         }
     };
+    let key = key_of(&id).unwrap_or_default();
     Line::Entry(Entry {
         id,
         key,
@@ -214,6 +212,15 @@ fn kind(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+    }
+}
+
+/// An id as text: `7` and `"7"` are the same id. `None` for what cannot be an id.
+pub fn key_of(id: &Value) -> Option<String> {
+    match id {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
     }
 }
 

@@ -12,6 +12,8 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::input::key_of;
+
 /// What an earlier run left in the output.
 #[derive(Debug, Default)]
 pub struct Previous {
@@ -38,15 +40,6 @@ struct Seen {
 #[derive(Deserialize)]
 struct SeenResponse {
     ok: bool,
-}
-
-/// An id as text: `7` and `"7"` are the same id.
-pub fn key_of(id: &Value) -> Option<String> {
-    match id {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
 }
 
 /// Reads the output an earlier run left at `path` (none is fine), cutting off a

@@ -17,16 +17,6 @@ use tokio::time::Instant;
 use super::super::args::ClusterBenchArgs;
 use super::stats::percentile;
 
-/// The agents of every instance: six, as in every bench.
-const AGENTS: [&str; 6] = [
-    "researcher",
-    "analyst",
-    "critic",
-    "planner",
-    "fact-checker",
-    "writer",
-];
-
 #[derive(Debug, Serialize)]
 struct Run {
     instances: u32,
@@ -275,7 +265,9 @@ fn config(args: &ClusterBenchArgs, upstream: &str, redis: Option<(&String, &Stri
             "[redis]\nurl = \"{url}\"\nnamespace = \"{namespace}\"\n"
         ));
     }
-    for id in AGENTS {
+    // The six agents of every bench: the embedded default's.
+    for agent in metaorch::config::Config::embedded().agents {
+        let id = agent.id;
         config.push_str(&format!(
             "[[agents]]\nid = \"{id}\"\nrole = \"{id}\"\nprovider = \"mock\"\nmodel = \"claude-haiku-4-5\"\nprompt = \"As the {id}: {{query}}\"\n"
         ));
