@@ -11,10 +11,11 @@ use std::borrow::Cow;
 
 use tokio::time::Instant;
 
+use ::http::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use async_trait::async_trait;
-use reqwest::header::CONTENT_TYPE;
 use serde::{Deserialize, Serialize};
 
+use super::client::HttpClient;
 use super::http::{self, Http2, ResponseMeta, Secret};
 use super::sse::SseEvent;
 use super::{Completion, CompletionRequest, ErrorKind, Provider, ProviderError, Usage};
@@ -51,22 +52,37 @@ impl Default for AnthropicOptions {
 /// A client of Anthropic's Messages API.
 #[derive(Debug, Clone)]
 pub struct AnthropicProvider {
-    options: AnthropicOptions,
     url: String,
-    client: reqwest::Client,
+    client: HttpClient,
 }
 
 impl AnthropicProvider {
     /// A provider with its own connection pool.
     pub fn new(options: AnthropicOptions) -> Self {
-        let client = http::client(options.http2);
         let url = endpoint(&options.base_url, "v1/messages");
-        AnthropicProvider {
-            options,
-            url,
-            client,
-        }
+        let client = http::client(&url, options.http2, headers(&options));
+        AnthropicProvider { url, client }
     }
+}
+
+/// The headers of every call: the API version, the content type and the key.
+fn headers(options: &AnthropicOptions) -> Result<HeaderMap, ProviderError> {
+    let mut headers = HeaderMap::with_capacity(4);
+    let version = HeaderValue::from_str(&options.version).map_err(|_| {
+        ProviderError::new(
+            ErrorKind::BadRequest,
+            format!(
+                "the API version {:?} cannot go in an HTTP header",
+                options.version
+            ),
+        )
+    })?;
+    headers.insert("anthropic-version", version);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(key) = &options.api_key {
+        headers.insert("x-api-key", key.header("")?);
+    }
+    Ok(headers)
 }
 
 /// `{base}/v1/…`, without doubling a `/v1` the base already ends with.
@@ -186,24 +202,10 @@ impl Provider for AnthropicProvider {
             stop_sequences: &request.stop_sequences,
             stream: request.stream,
         })?;
-        let mut builder = self
-            .client
-            .post(&self.url)
-            .header("anthropic-version", &self.options.version)
-            .header(CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(key) = &self.options.api_key {
-            builder = builder.header("x-api-key", key.header("")?);
-        }
-        if let Some(traceparent) = http::traceparent(&request.meta.trace_id) {
-            builder = builder.header("traceparent", traceparent);
-        }
+        let traceparent = http::traceparent(&request.meta.trace_id).map(|v| ("traceparent", v));
         // The body readers below are boxed: inline, their state would make every call's
         // future larger while it waits for the response, which is most of its life.
-        let response = builder
-            .send()
-            .await
-            .map_err(|e| http::transport_error(&e))?;
+        let response = self.client.post(traceparent, body).await?;
         let status = response.status().as_u16();
         let meta = ResponseMeta::from_headers(response.headers());
         if !response.status().is_success() {

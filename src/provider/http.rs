@@ -5,9 +5,11 @@
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{HeaderMap, HeaderValue};
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 
+use super::client::{BodyError, HttpClient, Response};
 use super::{ErrorKind, ProviderError, retry_after};
 
 /// The most a response body may hold: a reply of `max_tokens` is far smaller, so more
@@ -126,34 +128,13 @@ impl std::str::FromStr for Http2 {
     }
 }
 
-/// An HTTP client for providers: no retries of its own (the resilience layer is the
-/// only one), no redirects (an API that redirects is misconfigured), a connect timeout,
-/// and HTTP/2 as `http2` says.
-pub(crate) fn client(http2: Http2) -> reqwest::Client {
-    client_with_idle(http2, POOL_IDLE_TIMEOUT)
-}
-
-/// [`client`] with another idle timeout (tests watch the pool shrink).
-pub(crate) fn client_with_idle(http2: Http2, pool_idle_timeout: Duration) -> reqwest::Client {
-    let builder = reqwest::Client::builder()
-        .connect_timeout(CONNECT_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("metaorch/", env!("CARGO_PKG_VERSION")))
-        .pool_idle_timeout(pool_idle_timeout)
-        // Fixed windows, not the adaptive one: its estimate starts at 64 KiB and grows
-        // with bulk transfers, and calls here are many small replies.
-        .http2_adaptive_window(false)
-        .http2_initial_stream_window_size(H2_STREAM_WINDOW)
-        .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
-        .http2_keep_alive_interval(H2_KEEP_ALIVE.0)
-        .http2_keep_alive_timeout(H2_KEEP_ALIVE.1)
-        .http2_keep_alive_while_idle(false);
-    let builder = match http2 {
-        Http2::Auto => builder,
-        Http2::Always => builder.http2_prior_knowledge(),
-        Http2::Never => builder.http1_only(),
-    };
-    builder.build().unwrap_or_else(|_| reqwest::Client::new())
+/// The client of a provider's endpoint: `headers` go with every request.
+pub(crate) fn client(
+    url: &str,
+    http2: Http2,
+    headers: Result<HeaderMap, ProviderError>,
+) -> HttpClient {
+    HttpClient::new(url, http2, headers, POOL_IDLE_TIMEOUT)
 }
 
 /// The rate limit state a provider reported with its response, for flow control.
@@ -298,53 +279,21 @@ pub(crate) fn kind_for_status(status: u16) -> ErrorKind {
     }
 }
 
-/// Classifies a failure to send a request or read its headers: timeouts, refused or
-/// broken connections.
-pub(crate) fn transport_error(error: &reqwest::Error) -> ProviderError {
-    // reqwest's message names the URL, never headers, so no key can be in it.
-    let message = error_chain(error);
-    let kind = if error.is_timeout() {
-        ErrorKind::Timeout
-    } else {
-        ErrorKind::Connection
-    };
-    ProviderError::new(kind, message)
-}
-
 /// Classifies a failure while reading a body, after the headers came: the connection
-/// dropped, was reset, or ended short of its `Content-Length` or last chunk. reqwest
-/// reports these as decode errors (`Response::chunk` maps every body error so), but
-/// nothing is decoded here — no compression is enabled — so the source is a broken
-/// connection, and a broken connection is retried.
-pub(crate) fn body_error(error: &reqwest::Error) -> ProviderError {
-    let kind = if error.is_timeout() {
-        ErrorKind::Timeout
-    } else {
-        ErrorKind::Connection
-    };
+/// dropped, was reset, or ended short of its `Content-Length` or last chunk. A broken
+/// connection is retried.
+pub(crate) fn body_error(error: &BodyError) -> ProviderError {
     ProviderError::new(
-        kind,
+        ErrorKind::Connection,
         format!(
-            "the connection broke while the response was being read ({}); the reply is incomplete",
-            error_chain(error)
+            "the connection broke while the response was being read ({error}); the reply is incomplete"
         ),
     )
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        message.push_str(": ");
-        message.push_str(&e.to_string());
-        source = e.source();
-    }
-    message
-}
-
 /// A request's body as JSON. The buffer is trimmed to the body: it is held until
 /// sent, by every call in flight, and the encoder grows it by doubling.
-pub(crate) fn encode_json(body: &impl serde::Serialize) -> Result<Vec<u8>, ProviderError> {
+pub(crate) fn encode_json(body: &impl serde::Serialize) -> Result<Bytes, ProviderError> {
     let mut bytes = serde_json::to_vec(body).map_err(|e| {
         ProviderError::new(
             ErrorKind::BadRequest,
@@ -352,11 +301,11 @@ pub(crate) fn encode_json(body: &impl serde::Serialize) -> Result<Vec<u8>, Provi
         )
     })?;
     bytes.shrink_to_fit();
-    Ok(bytes)
+    Ok(Bytes::from(bytes))
 }
 
 /// Reads a whole body, failing once it passes [`MAX_RESPONSE_BYTES`].
-pub(crate) async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, ProviderError> {
+pub(crate) async fn read_body(mut response: Response) -> Result<Vec<u8>, ProviderError> {
     if let Some(len) = response.content_length()
         && len > MAX_RESPONSE_BYTES as u64
     {
@@ -378,7 +327,7 @@ pub const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
 
 /// Reads an error response's body, up to [`MAX_ERROR_BODY_BYTES`]; never fails (what
 /// could be read is what there is), so the status and headers always decide.
-pub(crate) async fn read_error_body(mut response: reqwest::Response) -> Vec<u8> {
+pub(crate) async fn read_error_body(mut response: Response) -> Vec<u8> {
     let mut body = Vec::new();
     while let Ok(Some(chunk)) = response.chunk().await {
         let room = MAX_ERROR_BODY_BYTES - body.len();
@@ -392,10 +341,10 @@ pub(crate) async fn read_error_body(mut response: reqwest::Response) -> Vec<u8> 
 
 /// True when a response's content type is JSON: a streaming request answered with a
 /// JSON body (an error object, as some gateways send) is read whole, not as events.
-pub(crate) fn is_json(response: &reqwest::Response) -> bool {
+pub(crate) fn is_json(response: &Response) -> bool {
     response
         .headers()
-        .get(reqwest::header::CONTENT_TYPE)
+        .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().starts_with("application/json"))
 }
@@ -431,7 +380,7 @@ pub(crate) fn unparsed_error(status: Option<u16>, body: &[u8]) -> ProviderError 
 /// the finished value. A stream that ends first, or breaks, is a `connection` error:
 /// the reply is incomplete, and `end` (the event that should have closed it) is named.
 pub(crate) async fn read_sse<T>(
-    mut response: reqwest::Response,
+    mut response: Response,
     end: &str,
     mut on_event: impl FnMut(&super::sse::SseEvent) -> Result<Option<T>, ProviderError>,
 ) -> Result<T, ProviderError> {
@@ -541,41 +490,6 @@ mod tests {
         assert_eq!(tp.len(), 55);
         assert!(traceparent("not-an-id").is_none());
         assert!(traceparent(&"0".repeat(32)).is_none());
-    }
-
-    /// The connections a burst opened leave the pool once idle for its timeout.
-    #[tokio::test]
-    async fn the_idle_pool_shrinks() {
-        use crate::mock_upstream::{MockOptions, MockUpstream};
-        let mock = MockUpstream::start(([127, 0, 0, 1], 0).into(), MockOptions::default())
-            .await
-            .unwrap();
-        for (http2, burst) in [(Http2::Never, 5), (Http2::Always, 1)] {
-            let before = mock.stats();
-            let client = client_with_idle(http2, Duration::from_millis(200));
-            let url = format!("{}/mock/stats", mock.url());
-            let mut calls = tokio::task::JoinSet::new();
-            for _ in 0..5 {
-                calls.spawn(client.get(&url).send());
-            }
-            while let Some(sent) = calls.join_next().await {
-                sent.unwrap().unwrap().bytes().await.unwrap();
-            }
-            let after = mock.stats();
-            let opened = after.connections_accepted - before.connections_accepted;
-            assert!((1..=burst).contains(&opened), "{http2}: {opened} opened");
-            assert_eq!(after.connections_open, opened, "{http2}: kept idle");
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while mock.stats().connections_open > 0 && std::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            assert_eq!(
-                mock.stats().connections_open,
-                0,
-                "{http2}: closed when idle"
-            );
-        }
-        mock.stop().await;
     }
 
     #[test]

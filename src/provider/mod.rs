@@ -7,6 +7,7 @@
 
 mod account;
 mod anthropic;
+mod client;
 mod error;
 mod http;
 mod openai;

@@ -6,12 +6,13 @@
 //! when a key is configured (local servers need none). A stream is complete only at
 //! `data: [DONE]`.
 
+use ::http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use async_trait::async_trait;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::anthropic::endpoint;
+use super::client::HttpClient;
 use super::http::{self, Http2, ResponseMeta, Secret};
 use super::sse::SseEvent;
 use super::{Completion, CompletionRequest, ErrorKind, Provider, ProviderError, Usage};
@@ -60,14 +61,24 @@ impl Default for OpenAiOptions {
 pub struct OpenAiProvider {
     options: OpenAiOptions,
     url: String,
-    client: reqwest::Client,
+    client: HttpClient,
+}
+
+/// The headers of every call: the content type and the key.
+fn headers(options: &OpenAiOptions) -> Result<HeaderMap, ProviderError> {
+    let mut headers = HeaderMap::with_capacity(3);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(key) = &options.api_key {
+        headers.insert(AUTHORIZATION, key.header("Bearer ")?);
+    }
+    Ok(headers)
 }
 
 impl OpenAiProvider {
     /// A provider with its own connection pool.
     pub fn new(options: OpenAiOptions) -> Self {
-        let client = http::client(options.http2);
         let url = endpoint(&options.base_url, "v1/chat/completions");
+        let client = http::client(&url, options.http2, headers(&options));
         OpenAiProvider {
             options,
             url,
@@ -147,23 +158,10 @@ impl Provider for OpenAiProvider {
                 include_usage: true,
             }),
         })?;
-        let mut builder = self
-            .client
-            .post(&self.url)
-            .header(CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(key) = &self.options.api_key {
-            builder = builder.header(AUTHORIZATION, key.header("Bearer ")?);
-        }
-        if let Some(traceparent) = http::traceparent(&request.meta.trace_id) {
-            builder = builder.header("traceparent", traceparent);
-        }
+        let traceparent = http::traceparent(&request.meta.trace_id).map(|v| ("traceparent", v));
         // The body readers below are boxed: inline, their state would make every call's
         // future larger while it waits for the response, which is most of its life.
-        let response = builder
-            .send()
-            .await
-            .map_err(|e| http::transport_error(&e))?;
+        let response = self.client.post(traceparent, body).await?;
         let status = response.status().as_u16();
         let meta = ResponseMeta::from_headers(response.headers());
         if !response.status().is_success() {

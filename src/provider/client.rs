@@ -1,0 +1,1057 @@
+//! The HTTP providers' client: one server, one shared HTTP/2 connection (or a pool of
+//! HTTP/1.1 connections), TLS with ALPN, proxies from the environment, and nothing a
+//! call does not need.
+//!
+//! It sits on `h2` and on hyper's `client::conn` directly rather than on a general
+//! client: a call in flight holds an h2 response future (a reference to its stream)
+//! and the few bytes of its own state, with no per-call task, service future or copy of
+//! its headers kept for redirects. That is most of what a call in flight costs (see
+//! BENCHMARKS.md, "Cost per call in flight").
+//!
+//! What it does:
+//! - **HTTP/2** where the server offers it by ALPN (`http2 = "auto"` over TLS), or with
+//!   prior knowledge (`"always"`: h2c over `http://`). Every call is a stream on one
+//!   connection per provider; calls past the server's stream cap wait in h2's queue.
+//!   While no connection exists, callers wait for the one being made rather than each
+//!   opening their own.
+//! - **HTTP/1.1** otherwise: a pool of idle connections, the most recently used first,
+//!   a connection going back to it once its response is read to the end.
+//! - Idle connections are closed after the idle timeout; an HTTP/2 connection is pinged
+//!   every [`H2_KEEP_ALIVE`]`.0` and dropped when a ping goes unanswered for
+//!   [`H2_KEEP_ALIVE`]`.1`, so its calls fail as connection errors (and are retried)
+//!   instead of waiting for their attempt timeouts.
+//! - A request the server did not process is sent again, at most twice: a pooled
+//!   connection that closed before the request was written, an HTTP/2 stream the server
+//!   refused (`REFUSED_STREAM`) or a connection it was shutting down (`GOAWAY`). Nothing
+//!   else is retried here: the resilience layer owns retries.
+//! - Proxies from `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY` (as curl and
+//!   reqwest read them): `https://` targets through a `CONNECT` tunnel, `http://` ones
+//!   sent to the proxy in absolute form. Only `http://` proxies are supported.
+//! - No redirects, no compression, no cookies.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
+
+use super::http::{CONNECT_TIMEOUT, H2_CONNECTION_WINDOW, H2_KEEP_ALIVE, H2_STREAM_WINDOW, Http2};
+use super::{ErrorKind, ProviderError};
+
+/// How many times a request the server did not process is sent again.
+const MAX_RESENDS: u32 = 2;
+
+/// The most of a response's header block accepted over HTTP/2 (hyper's HTTP/1.1 limit
+/// is its own, about the same). API responses send 1–3 KiB.
+const MAX_HEADER_LIST: u32 = 64 << 10;
+
+/// A client of one HTTP endpoint. Clones share the connections.
+#[derive(Clone)]
+pub(crate) struct HttpClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The endpoint and the headers every request carries, or why there are none (a bad
+    /// URL or API key: every call fails with it, no connection is tried).
+    setup: Result<Setup, ProviderError>,
+    mode: Http2,
+    idle_timeout: Duration,
+    pool: Mutex<Pool>,
+    /// Held while an HTTP/2 connection is being made (or one that may turn out so), so
+    /// calls that find none wait for it rather than each opening one.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+struct Setup {
+    target: Target,
+    headers: HeaderMap,
+    proxy: Option<Proxy>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Where requests go, parsed once.
+struct Target {
+    https: bool,
+    /// For DNS and the TLS server name: no brackets around an IPv6 address.
+    host: String,
+    port: u16,
+    /// `host[:port]` as written, without any user info: the `Host` header.
+    host_header: HeaderValue,
+    /// The absolute URI: HTTP/2's pseudo-headers, and HTTP/1.1 through a proxy.
+    uri: Uri,
+    /// Path and query: the HTTP/1.1 request target.
+    path: PathAndQuery,
+    /// The URL for error messages: no user info, no query.
+    shown: String,
+}
+
+struct Proxy {
+    host: String,
+    port: u16,
+    /// `Proxy-Authorization`, from the proxy URL's user info.
+    auth: Option<HeaderValue>,
+    /// An `http://` target (not h2c) goes to the proxy in absolute form; everything else
+    /// through a `CONNECT` tunnel.
+    forward: bool,
+}
+
+#[derive(Default)]
+struct Pool {
+    h2: Option<SharedH2>,
+    h1: Vec<IdleH1>,
+    /// Over TLS with `http2 = "auto"`: the server chose HTTP/1.1 when last asked, so
+    /// calls open connections of their own without waiting for one another.
+    speaks_h1: bool,
+    /// A task closes idle connections while the pool holds any.
+    reaper: bool,
+    next_id: u64,
+}
+
+struct SharedH2 {
+    id: u64,
+    send: h2::client::SendRequest<Bytes>,
+    last_used: Instant,
+    calls: Arc<AtomicUsize>,
+}
+
+/// A call on an HTTP/2 connection, counted until its response is dropped: the
+/// connection is idle only when none is left.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(calls: &Arc<AtomicUsize>) -> Busy {
+        calls.fetch_add(1, Ordering::Relaxed);
+        Busy(calls.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct IdleH1 {
+    send: http1::SendRequest<Full<Bytes>>,
+    since: Instant,
+}
+
+enum Conn {
+    H2(h2::client::SendRequest<Bytes>, u64, Busy),
+    H1(http1::SendRequest<Full<Bytes>>),
+}
+
+/// Why a request failed: `Unsent` when the server cannot have processed it.
+enum Failed {
+    Unsent(ProviderError),
+    Fatal(ProviderError),
+}
+
+impl fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("HttpClient");
+        match &self.inner.setup {
+            Ok(setup) => d.field("url", &setup.target.shown),
+            Err(e) => d.field("error", &e.message),
+        };
+        d.field("http2", &self.inner.mode).finish_non_exhaustive()
+    }
+}
+
+impl HttpClient {
+    /// A client of `url`. `headers` go with every request (mark secrets sensitive);
+    /// an error there, or a URL that cannot be called, is what every call returns.
+    pub(crate) fn new(
+        url: &str,
+        mode: Http2,
+        headers: Result<HeaderMap, ProviderError>,
+        idle_timeout: Duration,
+    ) -> Self {
+        let setup = headers.and_then(|mut headers| {
+            headers.insert(
+                header::USER_AGENT,
+                HeaderValue::from_static(concat!("metaorch/", env!("CARGO_PKG_VERSION"))),
+            );
+            let target = Target::parse(url).map_err(|why| {
+                ProviderError::new(ErrorKind::BadRequest, format!("cannot call {url}: {why}"))
+            })?;
+            let proxy = Proxy::from_env(&target, mode)?;
+            let tls = match target.https {
+                true => Some(tls_config(mode)?),
+                false => None,
+            };
+            Ok(Setup {
+                target,
+                headers,
+                proxy,
+                tls,
+            })
+        });
+        HttpClient {
+            inner: Arc::new(Inner {
+                setup,
+                mode,
+                idle_timeout,
+                pool: Mutex::new(Pool::default()),
+                connecting: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    /// POSTs `body`, with `extra` headers besides the client's own, and returns once
+    /// the response's headers are in.
+    pub(crate) async fn post(
+        &self,
+        extra: Option<(&'static str, HeaderValue)>,
+        body: Bytes,
+    ) -> Result<Response, ProviderError> {
+        let setup = self.inner.setup.as_ref().map_err(Clone::clone)?;
+        let mut resent = 0;
+        loop {
+            let sent = match self.inner.checkout(setup).await? {
+                Conn::H2(send, id, busy) => {
+                    self.inner
+                        .send_h2(setup, send, id, busy, extra.clone(), body.clone())
+                        .await
+                }
+                Conn::H1(send) => {
+                    self.inner
+                        .send_h1(setup, send, extra.clone(), body.clone())
+                        .await
+                }
+            };
+            match sent {
+                Ok(response) => return Ok(response),
+                Err(Failed::Unsent(_)) if resent < MAX_RESENDS => resent += 1,
+                Err(Failed::Unsent(e) | Failed::Fatal(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// The connections this client holds open now, idle or busy (tests).
+    #[cfg(test)]
+    fn pooled(&self) -> usize {
+        let pool = self.inner.lock();
+        pool.h1.len() + usize::from(pool.h2.is_some())
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the next connection may be HTTP/2, so callers should share it.
+    fn may_be_h2(&self, setup: &Setup, pool: &Pool) -> bool {
+        match self.mode {
+            Http2::Always => true,
+            Http2::Never => false,
+            Http2::Auto => setup.target.https && !pool.speaks_h1,
+        }
+    }
+
+    /// A connection to send on: the shared HTTP/2 one, an idle HTTP/1.1 one, or a new one.
+    async fn checkout(self: &Arc<Self>, setup: &Setup) -> Result<Conn, ProviderError> {
+        if let Some(conn) = self.pooled().await {
+            return Ok(conn);
+        }
+        let may_be_h2 = self.may_be_h2(setup, &self.lock());
+        if !may_be_h2 {
+            return Box::pin(self.connect(setup)).await;
+        }
+        let gate = self.connecting.lock().await;
+        // Someone else may have connected while this call waited, or learned that the
+        // server speaks HTTP/1.1, whose connections are not shared.
+        if let Some(conn) = self.pooled().await {
+            return Ok(conn);
+        }
+        if !self.may_be_h2(setup, &self.lock()) {
+            drop(gate);
+        }
+        Box::pin(self.connect(setup)).await
+    }
+
+    /// A pooled connection, if one is ready.
+    async fn pooled(&self) -> Option<Conn> {
+        loop {
+            let idle = {
+                let mut pool = self.lock();
+                if let Some(h2) = &mut pool.h2 {
+                    h2.last_used = Instant::now();
+                    return Some(Conn::H2(h2.send.clone(), h2.id, Busy::new(&h2.calls)));
+                }
+                pool.h1.pop()?
+            };
+            // Ready once the connection has finished its last response; an error means
+            // the server closed it while it sat idle.
+            let mut send = idle.send;
+            if send.ready().await.is_ok() {
+                return Some(Conn::H1(send));
+            }
+        }
+    }
+
+    fn forget_h2(&self, id: u64) {
+        let mut pool = self.lock();
+        if pool.h2.as_ref().is_some_and(|h2| h2.id == id) {
+            pool.h2 = None;
+        }
+    }
+
+    fn give_back(self: &Arc<Self>, send: http1::SendRequest<Full<Bytes>>) {
+        if send.is_closed() {
+            return;
+        }
+        let mut pool = self.lock();
+        pool.h1.push(IdleH1 {
+            send,
+            since: Instant::now(),
+        });
+        self.start_reaper(&mut pool);
+    }
+
+    /// Starts the task that closes connections idle for longer than the idle timeout;
+    /// it ends when the pool is empty or the client is gone.
+    fn start_reaper(self: &Arc<Self>, pool: &mut Pool) {
+        if pool.reaper {
+            return;
+        }
+        pool.reaper = true;
+        let client = Arc::downgrade(self);
+        let every = (self.idle_timeout / 4).max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = client.upgrade() else {
+                    return;
+                };
+                let mut pool = inner.lock();
+                let now = Instant::now();
+                let idle = inner.idle_timeout;
+                pool.h1
+                    .retain(|c| !c.send.is_closed() && now.duration_since(c.since) < idle);
+                if pool.h2.as_ref().is_some_and(|h2| {
+                    now.duration_since(h2.last_used) >= idle
+                        && h2.calls.load(Ordering::Relaxed) == 0
+                }) {
+                    // Dropping the last handle lets h2 close the connection once its
+                    // streams are done.
+                    pool.h2 = None;
+                }
+                if pool.h1.is_empty() && pool.h2.is_none() {
+                    pool.reaper = false;
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Opens a connection; an HTTP/2 one goes into the pool for every caller.
+    async fn connect(self: &Arc<Self>, setup: &Setup) -> Result<Conn, ProviderError> {
+        let made = tokio::time::timeout(CONNECT_TIMEOUT, self.handshake(setup)).await;
+        let conn = match made {
+            Ok(conn) => conn?,
+            Err(_) => {
+                return Err(ProviderError::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "error sending request for url ({}): no connection within {} s",
+                        setup.target.shown,
+                        CONNECT_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+        };
+        match conn {
+            Handshaken::H2(send, connection) => {
+                let mut pool = self.lock();
+                pool.next_id += 1;
+                let id = pool.next_id;
+                let calls = Arc::new(AtomicUsize::new(0));
+                let busy = Busy::new(&calls);
+                pool.h2 = Some(SharedH2 {
+                    id,
+                    send: send.clone(),
+                    last_used: Instant::now(),
+                    calls,
+                });
+                self.start_reaper(&mut pool);
+                drop(pool);
+                tokio::spawn(drive_h2(connection, Arc::downgrade(self), id));
+                Ok(Conn::H2(send, id, busy))
+            }
+            Handshaken::H1(send, speaks_h1) => {
+                if speaks_h1 {
+                    self.lock().speaks_h1 = true;
+                }
+                Ok(Conn::H1(send))
+            }
+        }
+    }
+
+    async fn handshake(&self, setup: &Setup) -> Result<Handshaken, ProviderError> {
+        let target = &setup.target;
+        let failed = |why: String| {
+            ProviderError::new(
+                ErrorKind::Connection,
+                format!("error sending request for url ({}): {why}", target.shown),
+            )
+        };
+        let mut tcp = match &setup.proxy {
+            None => tcp_connect(&target.host, target.port).await,
+            Some(proxy) => tcp_connect(&proxy.host, proxy.port)
+                .await
+                .map_err(|e| format!("proxy {}:{}: {e}", proxy.host, proxy.port)),
+        }
+        .map_err(failed)?;
+        if let Some(proxy) = setup.proxy.as_ref().filter(|p| !p.forward) {
+            tunnel(&mut tcp, target, proxy.auth.as_ref())
+                .await
+                .map_err(failed)?;
+        }
+        // Calls are small requests answered after a while: send them at once.
+        let _ = tcp.set_nodelay(true);
+        let (io, h2) = match &setup.tls {
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+                    .map_err(|e| failed(format!("TLS: {e}")))?;
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| failed(format!("TLS handshake: {}", error_chain(&e))))?;
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                if self.mode == Http2::Always && !h2 {
+                    return Err(failed(
+                        "the server does not offer HTTP/2 (http2 = \"always\"); set http2 = \"auto\""
+                            .to_owned(),
+                    ));
+                }
+                (Io::Tls(Box::new(tls)), h2)
+            }
+            None => (Io::Plain(tcp), self.mode == Http2::Always),
+        };
+        if h2 {
+            let (send, connection) = h2::client::Builder::new()
+                .enable_push(false)
+                .initial_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONNECTION_WINDOW)
+                .max_header_list_size(MAX_HEADER_LIST)
+                .handshake::<_, Bytes>(io)
+                .await
+                .map_err(|e| failed(format!("HTTP/2 handshake: {}", error_chain(&e))))?;
+            Ok(Handshaken::H2(send, connection))
+        } else {
+            let (send, connection) = http1::Builder::new()
+                .handshake::<_, Full<Bytes>>(TokioIo::new(io))
+                .await
+                .map_err(|e| failed(format!("HTTP/1.1 handshake: {}", error_chain(&e))))?;
+            tokio::spawn(async move {
+                // The connection's error, if any, reaches the call it was serving.
+                let _ = connection.await;
+            });
+            Ok(Handshaken::H1(
+                send,
+                setup.tls.is_some() && self.mode == Http2::Auto,
+            ))
+        }
+    }
+
+    fn headers(
+        &self,
+        setup: &Setup,
+        extra: Option<(&'static str, HeaderValue)>,
+        h1: bool,
+    ) -> HeaderMap {
+        let mut headers = HeaderMap::with_capacity(setup.headers.len() + 3);
+        if h1 {
+            headers.insert(header::HOST, setup.target.host_header.clone());
+            if let Some(auth) = setup
+                .proxy
+                .as_ref()
+                .filter(|p| p.forward)
+                .and_then(|p| p.auth.clone())
+            {
+                headers.insert(header::PROXY_AUTHORIZATION, auth);
+            }
+        }
+        for (name, value) in &setup.headers {
+            headers.append(name, value.clone());
+        }
+        if let Some((name, value)) = extra {
+            headers.insert(name, value);
+        }
+        headers
+    }
+
+    async fn send_h2(
+        &self,
+        setup: &Setup,
+        send: h2::client::SendRequest<Bytes>,
+        id: u64,
+        busy: Busy,
+        extra: Option<(&'static str, HeaderValue)>,
+        body: Bytes,
+    ) -> Result<Response, Failed> {
+        let unsent = |e: h2::Error| {
+            self.forget_h2(id);
+            Failed::Unsent(transport_error(&setup.target, &e))
+        };
+        let mut send = send.ready().await.map_err(unsent)?;
+        let mut request = Request::new(());
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = setup.target.uri.clone();
+        *request.headers_mut() = self.headers(setup, extra, false);
+        let end = body.is_empty();
+        let (response, mut stream) = send.send_request(request, end).map_err(unsent)?;
+        drop(send);
+        if !end {
+            stream
+                .send_data(body, true)
+                .map_err(|e| Failed::Fatal(transport_error(&setup.target, &e)))?;
+        }
+        drop(stream);
+        let response = response.await.map_err(|e| {
+            let refused = e.is_remote()
+                && ((e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM))
+                    || (e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR)));
+            if e.is_go_away() || e.is_io() {
+                self.forget_h2(id);
+            }
+            let error = transport_error(&setup.target, &e);
+            if refused {
+                Failed::Unsent(error)
+            } else {
+                Failed::Fatal(error)
+            }
+        })?;
+        let (parts, body) = response.into_parts();
+        Ok(Response {
+            status: parts.status,
+            headers: parts.headers,
+            body: Body::H2 { body, _busy: busy },
+        })
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        setup: &Setup,
+        mut send: http1::SendRequest<Full<Bytes>>,
+        extra: Option<(&'static str, HeaderValue)>,
+        body: Bytes,
+    ) -> Result<Response, Failed> {
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = match setup.proxy.as_ref().is_some_and(|p| p.forward) {
+            true => setup.target.uri.clone(),
+            false => Uri::from(setup.target.path.clone()),
+        };
+        *request.headers_mut() = self.headers(setup, extra, true);
+        match send.try_send_request(request).await {
+            Ok(response) => {
+                let (parts, body) = response.into_parts();
+                Ok(Response {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body: Body::H1 {
+                        body,
+                        reuse: Some((send, self.clone())),
+                    },
+                })
+            }
+            Err(mut e) => {
+                let unsent = e.take_message().is_some();
+                let error = transport_error(&setup.target, e.error());
+                Err(match unsent {
+                    true => Failed::Unsent(error),
+                    false => Failed::Fatal(error),
+                })
+            }
+        }
+    }
+}
+
+enum Handshaken {
+    H2(
+        h2::client::SendRequest<Bytes>,
+        h2::client::Connection<Io, Bytes>,
+    ),
+    /// The sender, and whether this tells that the server speaks HTTP/1.1 only.
+    H1(http1::SendRequest<Full<Bytes>>, bool),
+}
+
+/// Drives an HTTP/2 connection: pings it while it lives, drops it when a ping goes
+/// unanswered, and takes it out of the pool when it ends.
+async fn drive_h2(mut connection: h2::client::Connection<Io, Bytes>, client: Weak<Inner>, id: u64) {
+    let (every, patience) = H2_KEEP_ALIVE;
+    let mut pings = connection.ping_pong();
+    let mut next = Instant::now() + every;
+    let mut awaiting = false;
+    loop {
+        tokio::select! {
+            _ = &mut connection => break,
+            pong = poll_fn(|cx| match pings.as_mut() {
+                Some(p) => p.poll_pong(cx),
+                None => Poll::Pending,
+            }), if awaiting => match pong {
+                Ok(_) => {
+                    awaiting = false;
+                    next = Instant::now() + every;
+                }
+                Err(_) => break,
+            },
+            _ = tokio::time::sleep_until(next) => {
+                if awaiting {
+                    // Unanswered: the connection is dead, and so are its calls.
+                    break;
+                }
+                match pings.as_mut().map(|p| p.send_ping(h2::Ping::opaque())) {
+                    Some(Ok(())) => {
+                        awaiting = true;
+                        next = Instant::now() + patience;
+                    }
+                    Some(Err(_)) => break,
+                    None => next = Instant::now() + every,
+                }
+            }
+        }
+    }
+    if let Some(inner) = client.upgrade() {
+        inner.forget_h2(id);
+    }
+}
+
+/// A response whose headers are in; the body is read with [`Response::chunk`].
+pub(crate) struct Response {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Body,
+}
+
+enum Body {
+    /// The stream, and the call counted on its connection until the body is dropped.
+    H2 { body: h2::RecvStream, _busy: Busy },
+    /// With the connection, which goes back to the pool once the body is read to its end.
+    H1 {
+        body: hyper::body::Incoming,
+        reuse: Option<(http1::SendRequest<Full<Bytes>>, Arc<Inner>)>,
+    },
+}
+
+impl Response {
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub(crate) fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The body's length, if the server said it.
+    pub(crate) fn content_length(&self) -> Option<u64> {
+        self.headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// The next piece of the body; `None` at its end.
+    pub(crate) async fn chunk(&mut self) -> Result<Option<Bytes>, BodyError> {
+        match &mut self.body {
+            Body::H2 { body, .. } => match body.data().await {
+                Some(Ok(data)) => {
+                    let _ = body.flow_control().release_capacity(data.len());
+                    Ok(Some(data))
+                }
+                Some(Err(e)) => Err(BodyError(error_chain(&e))),
+                None => Ok(None),
+            },
+            Body::H1 { body, reuse } => loop {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data()
+                            && !data.is_empty()
+                        {
+                            return Ok(Some(data));
+                        }
+                    }
+                    Some(Err(e)) => return Err(BodyError(error_chain(&e))),
+                    None => {
+                        if let Some((send, client)) = reuse.take() {
+                            client.give_back(send);
+                        }
+                        return Ok(None);
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// A body that broke off: the connection dropped, was reset, or ended short.
+#[derive(Debug)]
+pub(crate) struct BodyError(pub String);
+
+impl fmt::Display for BodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn transport_error(target: &Target, error: &dyn std::error::Error) -> ProviderError {
+    ProviderError::new(
+        ErrorKind::Connection,
+        format!(
+            "error sending request for url ({}): {}",
+            target.shown,
+            error_chain(error)
+        ),
+    )
+}
+
+/// An error and its sources, `: `-separated, without repeating a source whose text the
+/// error's own already ends with.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = e.source();
+    }
+    message
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Target, String> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+        let https = match parsed.scheme() {
+            "https" => true,
+            "http" => false,
+            other => return Err(format!("the scheme is {other}, not http or https")),
+        };
+        let written = parsed.host_str().ok_or("the URL has no host")?;
+        let port = parsed
+            .port_or_known_default()
+            .ok_or("the URL has no port")?;
+        let authority = match parsed.port() {
+            Some(port) => format!("{written}:{port}"),
+            None => written.to_owned(),
+        };
+        let path = match parsed.query() {
+            Some(query) => format!("{}?{query}", parsed.path()),
+            None => parsed.path().to_owned(),
+        };
+        let scheme = if https { Scheme::HTTPS } else { Scheme::HTTP };
+        let shown = format!("{scheme}://{authority}{}", parsed.path());
+        let authority: Authority = authority.parse().map_err(|e| format!("{e}"))?;
+        let path: PathAndQuery = path.parse().map_err(|e| format!("{e}"))?;
+        let uri = Uri::builder()
+            .scheme(scheme)
+            .authority(authority.clone())
+            .path_and_query(path.clone())
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Target {
+            https,
+            host: written
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port,
+            host_header: HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?,
+            uri,
+            path,
+            shown,
+        })
+    }
+}
+
+impl Proxy {
+    /// The proxy the environment names for `target`, if any.
+    fn from_env(target: &Target, mode: Http2) -> Result<Option<Proxy>, ProviderError> {
+        let Some(intercept) = Matcher::from_env().intercept(&target.uri) else {
+            return Ok(None);
+        };
+        let uri = intercept.uri();
+        let unsupported = || {
+            ProviderError::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "the proxy for {} ({}://{}) is not supported: only http:// proxies are; \
+                     set NO_PROXY to reach it directly",
+                    target.shown,
+                    uri.scheme_str().unwrap_or(""),
+                    uri.host().unwrap_or("")
+                ),
+            )
+        };
+        if uri.scheme() != Some(&Scheme::HTTP) {
+            return Err(unsupported());
+        }
+        let host = uri.host().ok_or_else(unsupported)?;
+        Ok(Some(Proxy {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port: uri.port_u16().unwrap_or(80),
+            auth: intercept.basic_auth().cloned().map(|mut v| {
+                v.set_sensitive(true);
+                v
+            }),
+            forward: !target.https && mode != Http2::Always,
+        }))
+    }
+}
+
+/// Connects to the first of the host's addresses that answers.
+async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, String> {
+    let addresses = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("dns error: {e}"))?;
+    let mut last = None;
+    for address in addresses {
+        match TcpStream::connect(address).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(format!("tcp connect error: {address}: {e}")),
+        }
+    }
+    Err(last.unwrap_or_else(|| format!("dns error: no address for {host}")))
+}
+
+/// Asks an HTTP proxy for a tunnel to the target (`CONNECT host:port`).
+async fn tunnel(
+    tcp: &mut TcpStream,
+    target: &Target,
+    auth: Option<&HeaderValue>,
+) -> Result<(), String> {
+    let to = match target.host.contains(':') {
+        true => format!("[{}]:{}", target.host, target.port),
+        false => format!("{}:{}", target.host, target.port),
+    };
+    let mut ask = format!("CONNECT {to} HTTP/1.1\r\nHost: {to}\r\n").into_bytes();
+    if let Some(auth) = auth {
+        ask.extend_from_slice(b"Proxy-Authorization: ");
+        ask.extend_from_slice(auth.as_bytes());
+        ask.extend_from_slice(b"\r\n");
+    }
+    ask.extend_from_slice(b"\r\n");
+    let broke = |e: io::Error| format!("proxy tunnel: {e}");
+    tcp.write_all(&ask).await.map_err(broke)?;
+    // The proxy's answer is a status line and headers, no body; read up to its end.
+    let mut answer = Vec::with_capacity(256);
+    while !answer.ends_with(b"\r\n\r\n") {
+        if answer.len() >= 8 << 10 {
+            return Err("proxy tunnel: the proxy's answer has no end".to_owned());
+        }
+        let byte = tcp.read_u8().await.map_err(broke)?;
+        answer.push(byte);
+    }
+    let status = answer
+        .split(|&b| b == b'\r')
+        .next()
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    match status.split(' ').nth(1) {
+        Some(code) if code.starts_with('2') => Ok(()),
+        _ => Err(format!("the proxy refused the tunnel: {}", status.trim())),
+    }
+}
+
+/// The TLS setup for a mode: the web's root certificates (as browsers trust them) and
+/// the ALPN protocols the mode offers.
+fn tls_config(mode: Http2) -> Result<Arc<rustls::ClientConfig>, ProviderError> {
+    static CONFIGS: OnceLock<Result<[Arc<rustls::ClientConfig>; 3], String>> = OnceLock::new();
+    let configs = CONFIGS.get_or_init(|| {
+        let make = |alpn: &[&[u8]]| -> Result<Arc<rustls::ClientConfig>, String> {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let roots = rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            };
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            Ok(Arc::new(config))
+        };
+        Ok([
+            make(&[b"h2", b"http/1.1"])?,
+            make(&[b"h2"])?,
+            make(&[b"http/1.1"])?,
+        ])
+    });
+    let configs = configs
+        .as_ref()
+        .map_err(|e| ProviderError::new(ErrorKind::Connection, format!("TLS setup: {e}")))?;
+    Ok(configs[match mode {
+        Http2::Auto => 0,
+        Http2::Always => 1,
+        Http2::Never => 2,
+    }]
+    .clone())
+}
+
+/// A connection's byte stream: plain TCP or TLS over it.
+pub(crate) enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock_upstream::{MockOptions, MockUpstream};
+
+    const BODY: &[u8] =
+        br#"{"model":"m","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#;
+
+    fn json() -> Result<HeaderMap, ProviderError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert("x-api-key", HeaderValue::from_static("test"));
+        Ok(headers)
+    }
+
+    async fn call(client: &HttpClient) -> (StatusCode, Vec<u8>) {
+        let mut response = client.post(None, Bytes::from_static(BODY)).await.unwrap();
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.unwrap() {
+            body.extend_from_slice(&chunk);
+        }
+        (response.status(), body)
+    }
+
+    /// The connections a burst opened leave the pool once idle for its timeout.
+    #[tokio::test]
+    async fn the_idle_pool_shrinks() {
+        let options = MockOptions {
+            latency_min: Duration::from_millis(100),
+            latency_max: Duration::from_millis(200),
+            ..MockOptions::default()
+        };
+        let mock = MockUpstream::start(([127, 0, 0, 1], 0).into(), options)
+            .await
+            .unwrap();
+        let url = format!("{}/v1/messages", mock.url());
+        for (http2, burst) in [(Http2::Never, 5), (Http2::Always, 1)] {
+            let before = mock.stats();
+            let client = HttpClient::new(&url, http2, json(), Duration::from_millis(200));
+            let mut calls = tokio::task::JoinSet::new();
+            for _ in 0..5 {
+                let client = client.clone();
+                calls.spawn(async move { call(&client).await });
+            }
+            while let Some(done) = calls.join_next().await {
+                let (status, body) = done.unwrap();
+                assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+            }
+            let after = mock.stats();
+            let opened = after.connections_accepted - before.connections_accepted;
+            assert!((1..=burst).contains(&opened), "{http2}: {opened} opened");
+            assert_eq!(after.connections_open, opened, "{http2}: kept idle");
+            assert_eq!(client.pooled() as u64, opened, "{http2}: pooled");
+            // Reused while warm: five more calls, one after another, open nothing.
+            for _ in 0..5 {
+                call(&client).await;
+            }
+            assert_eq!(
+                mock.stats().connections_accepted,
+                after.connections_accepted
+            );
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while mock.stats().connections_open > 0 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(
+                mock.stats().connections_open,
+                0,
+                "{http2}: closed when idle"
+            );
+            assert_eq!(client.pooled(), 0, "{http2}: the pool is empty");
+        }
+        mock.stop().await;
+    }
+}
