@@ -184,6 +184,26 @@ impl HttpClient {
         headers: Result<HeaderMap, ProviderError>,
         idle_timeout: Duration,
     ) -> Self {
+        Self::build(
+            url,
+            mode,
+            headers,
+            idle_timeout,
+            &Matcher::from_env(),
+            tls_config,
+        )
+    }
+
+    /// [`HttpClient::new`] with the proxies `proxies` names and the TLS setup `tls`
+    /// makes for the mode.
+    fn build(
+        url: &str,
+        mode: Http2,
+        headers: Result<HeaderMap, ProviderError>,
+        idle_timeout: Duration,
+        proxies: &Matcher,
+        tls: impl FnOnce(Http2) -> Result<Arc<rustls::ClientConfig>, ProviderError>,
+    ) -> Self {
         let setup = headers.and_then(|mut headers| {
             headers.insert(
                 header::USER_AGENT,
@@ -192,9 +212,9 @@ impl HttpClient {
             let target = Target::parse(url).map_err(|why| {
                 ProviderError::new(ErrorKind::BadRequest, format!("cannot call {url}: {why}"))
             })?;
-            let proxy = Proxy::from_env(&target, mode)?;
+            let proxy = Proxy::new(proxies, &target, mode)?;
             let tls = match target.https {
-                true => Some(tls_config(mode)?),
+                true => Some(tls(mode)?),
                 false => None,
             };
             Ok(Setup {
@@ -787,9 +807,13 @@ impl Target {
 }
 
 impl Proxy {
-    /// The proxy the environment names for `target`, if any.
-    fn from_env(target: &Target, mode: Http2) -> Result<Option<Proxy>, ProviderError> {
-        let Some(intercept) = Matcher::from_env().intercept(&target.uri) else {
+    /// The proxy `proxies` names for `target`, if any.
+    fn new(
+        proxies: &Matcher,
+        target: &Target,
+        mode: Http2,
+    ) -> Result<Option<Proxy>, ProviderError> {
+        let Some(intercept) = proxies.intercept(&target.uri) else {
             return Ok(None);
         };
         let uri = intercept.uri();
@@ -883,23 +907,13 @@ async fn tunnel(
 fn tls_config(mode: Http2) -> Result<Arc<rustls::ClientConfig>, ProviderError> {
     static CONFIGS: OnceLock<Result<[Arc<rustls::ClientConfig>; 3], String>> = OnceLock::new();
     let configs = CONFIGS.get_or_init(|| {
-        let make = |alpn: &[&[u8]]| -> Result<Arc<rustls::ClientConfig>, String> {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let roots = rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            };
-            let mut config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-            Ok(Arc::new(config))
+        let roots = || rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
         Ok([
-            make(&[b"h2", b"http/1.1"])?,
-            make(&[b"h2"])?,
-            make(&[b"http/1.1"])?,
+            tls_config_with(roots(), Http2::Auto)?,
+            tls_config_with(roots(), Http2::Always)?,
+            tls_config_with(roots(), Http2::Never)?,
         ])
     });
     let configs = configs
@@ -911,6 +925,25 @@ fn tls_config(mode: Http2) -> Result<Arc<rustls::ClientConfig>, ProviderError> {
         Http2::Never => 2,
     }]
     .clone())
+}
+
+fn tls_config_with(
+    roots: rustls::RootCertStore,
+    mode: Http2,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let alpn: &[&[u8]] = match mode {
+        Http2::Auto => &[b"h2", b"http/1.1"],
+        Http2::Always => &[b"h2"],
+        Http2::Never => &[b"http/1.1"],
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
 }
 
 /// A connection's byte stream: plain TCP or TLS over it.
@@ -1053,5 +1086,276 @@ mod tests {
             assert_eq!(client.pooled(), 0, "{http2}: the pool is empty");
         }
         mock.stop().await;
+    }
+
+    const CA: &[u8] = include_bytes!("../../tests/fixtures/tls/ca.pem");
+    const CERT: &[u8] = include_bytes!("../../tests/fixtures/tls/cert.pem");
+    const KEY: &[u8] = include_bytes!("../../tests/fixtures/tls/key.pem");
+
+    /// What a test TLS server saw: the connections it accepted and the HTTP version of
+    /// each request.
+    #[derive(Default)]
+    struct Seen {
+        connections: AtomicUsize,
+        versions: Mutex<Vec<http::Version>>,
+    }
+
+    /// A TLS server on 127.0.0.1 with the test certificate, offering `alpn`, answering
+    /// every request with a small JSON body after 50 ms.
+    async fn tls_server(alpn: &[&[u8]]) -> (u16, Arc<Seen>) {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = vec![CertificateDer::from_pem_slice(CERT).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(KEY).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Seen::default());
+        let server = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                server.connections.fetch_add(1, Ordering::Relaxed);
+                let (acceptor, seen) = (acceptor.clone(), server.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |request: Request<_>| {
+                        seen.versions.lock().unwrap().push(request.version());
+                        async {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from_static(br#"{"ok":true}"#),
+                            )))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+                });
+            }
+        });
+        (port, seen)
+    }
+
+    fn trusting_the_test_ca(url: &str, mode: Http2) -> HttpClient {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        through(url, mode, &Matcher::builder().build())
+    }
+
+    /// A client trusting the test CA, going through the proxies `proxies` names.
+    fn through(url: &str, mode: Http2, proxies: &Matcher) -> HttpClient {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        HttpClient::build(
+            url,
+            mode,
+            json(),
+            Duration::from_secs(30),
+            proxies,
+            |mode| {
+                let mut roots = rustls::RootCertStore::empty();
+                roots
+                    .add(CertificateDer::from_pem_slice(CA).unwrap())
+                    .unwrap();
+                Ok(tls_config_with(roots, mode).unwrap())
+            },
+        )
+    }
+
+    /// A `CONNECT` proxy on 127.0.0.1 that records each request's head.
+    async fn tunnel_proxy() -> (u16, Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        head.push(client.read_u8().await.unwrap());
+                    }
+                    let head = String::from_utf8(head).unwrap();
+                    seen.lock().unwrap().push(head.clone());
+                    let to = head.split(' ').nth(1).unwrap().to_owned();
+                    let Ok(mut upstream) = TcpStream::connect(&to).await else {
+                        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                        return;
+                    };
+                    client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+        });
+        (port, heads)
+    }
+
+    /// An `https://` target is reached through a `CONNECT` tunnel (with the proxy's
+    /// credentials), TLS and HTTP/2 inside it; an `http://` one is sent to the proxy
+    /// in absolute form; a host in `NO_PROXY` is reached directly; a proxy that
+    /// refuses the tunnel is named in the error.
+    #[tokio::test]
+    async fn proxies_are_used_as_the_environment_says() {
+        let (proxy, heads) = tunnel_proxy().await;
+        let (port, seen) = tls_server(&[b"h2", b"http/1.1"]).await;
+        let proxies = Matcher::builder()
+            .https(format!("http://user:pa55@127.0.0.1:{proxy}"))
+            .build();
+        let url = format!("https://localhost:{port}/v1/messages");
+        let client = through(&url, Http2::Auto, &proxies);
+        for _ in 0..2 {
+            assert_eq!(call(&client).await.0, StatusCode::OK);
+        }
+        assert_eq!(
+            seen.versions.lock().unwrap().clone(),
+            vec![http::Version::HTTP_2; 2]
+        );
+        let asked = heads.lock().unwrap().clone();
+        assert_eq!(asked.len(), 1, "one tunnel for both calls: {asked:?}");
+        assert!(
+            asked[0].starts_with(&format!("CONNECT localhost:{port} HTTP/1.1\r\n"))
+                && asked[0].contains("Proxy-Authorization: Basic dXNlcjpwYTU1\r\n"),
+            "{}",
+            asked[0]
+        );
+
+        // No proxy for a host NO_PROXY names.
+        let proxies = Matcher::builder()
+            .https(format!("http://127.0.0.1:{proxy}"))
+            .no("localhost")
+            .build();
+        assert_eq!(
+            call(&through(&url, Http2::Auto, &proxies)).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(heads.lock().unwrap().len(), 1);
+
+        // Plain http: the request goes to the proxy, its target in absolute form (the
+        // mock answers it as if it were the server).
+        let mock = MockUpstream::start(([127, 0, 0, 1], 0).into(), MockOptions::default())
+            .await
+            .unwrap();
+        let proxies = Matcher::builder().http(mock.url()).build();
+        let client = through("http://upstream.invalid/v1/messages", Http2::Auto, &proxies);
+        let (status, body) = call(&client).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        mock.stop().await;
+
+        // A tunnel the proxy refuses.
+        let proxies = Matcher::builder()
+            .https(format!("http://127.0.0.1:{proxy}"))
+            .build();
+        let client = through("https://127.0.0.1:1/v1/messages", Http2::Auto, &proxies);
+        let error = client
+            .post(None, Bytes::from_static(BODY))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(error.kind, ErrorKind::Connection);
+        assert!(
+            error
+                .message
+                .contains("the proxy refused the tunnel: HTTP/1.1 502 Bad Gateway"),
+            "{}",
+            error.message
+        );
+    }
+
+    /// Over TLS, `auto` speaks HTTP/2 when the server offers it by ALPN (every call a
+    /// stream on one connection) and HTTP/1.1 when it does not; `never` keeps to
+    /// HTTP/1.1; `always` refuses a server without HTTP/2, saying so.
+    #[tokio::test]
+    async fn tls_speaks_what_alpn_agrees() {
+        let both: &[&[u8]] = &[b"h2", b"http/1.1"];
+        let h1: &[&[u8]] = &[b"http/1.1"];
+        for (offered, mode, version, host) in [
+            (both, Http2::Auto, http::Version::HTTP_2, "localhost"),
+            (h1, Http2::Auto, http::Version::HTTP_11, "127.0.0.1"),
+            (both, Http2::Never, http::Version::HTTP_11, "127.0.0.1"),
+            (both, Http2::Always, http::Version::HTTP_2, "127.0.0.1"),
+        ] {
+            let (port, seen) = tls_server(offered).await;
+            let client = trusting_the_test_ca(&format!("https://{host}:{port}/v1/messages"), mode);
+            let mut calls = tokio::task::JoinSet::new();
+            for _ in 0..4 {
+                let client = client.clone();
+                calls.spawn(async move { call(&client).await });
+            }
+            while let Some(done) = calls.join_next().await {
+                let (status, body) = done.unwrap();
+                assert_eq!(
+                    (status, &body[..]),
+                    (StatusCode::OK, &br#"{"ok":true}"#[..])
+                );
+            }
+            let versions = seen.versions.lock().unwrap().clone();
+            assert_eq!(versions, vec![version; 4], "{mode} against {offered:?}");
+            let connections = seen.connections.load(Ordering::Relaxed);
+            if version == http::Version::HTTP_2 {
+                assert_eq!(connections, 1, "{mode}: the calls shared one connection");
+            } else {
+                assert!(
+                    connections > 1,
+                    "{mode}: HTTP/1.1 calls in parallel, {connections}"
+                );
+            }
+        }
+
+        // A server that leaves ALPN out (one that knows it, and no h2, refuses the
+        // handshake with `NoApplicationProtocol`).
+        let (port, _) = tls_server(&[]).await;
+        let client = trusting_the_test_ca(
+            &format!("https://127.0.0.1:{port}/v1/messages"),
+            Http2::Always,
+        );
+        let error = client
+            .post(None, Bytes::from_static(BODY))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(error.kind, ErrorKind::Connection);
+        assert!(
+            error.message.contains("does not offer HTTP/2"),
+            "{}",
+            error.message
+        );
+    }
+
+    /// A server whose certificate the web's roots do not vouch for is refused, and the
+    /// error says why.
+    #[tokio::test]
+    async fn tls_refuses_an_unknown_issuer() {
+        let (port, seen) = tls_server(&[b"h2", b"http/1.1"]).await;
+        let url = format!("https://127.0.0.1:{port}/v1/messages");
+        let client = HttpClient::new(&url, Http2::Auto, json(), Duration::from_secs(30));
+        let error = client
+            .post(None, Bytes::from_static(BODY))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(error.kind, ErrorKind::Connection);
+        assert!(
+            error.message.contains(&url) && error.message.contains("UnknownIssuer"),
+            "{}",
+            error.message
+        );
+        assert!(seen.versions.lock().unwrap().is_empty());
     }
 }
