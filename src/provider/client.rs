@@ -414,7 +414,7 @@ impl Inner {
                 });
                 self.start_reaper(&mut pool);
                 drop(pool);
-                tokio::spawn(drive_h2(connection, Arc::downgrade(self), id));
+                tokio::spawn(drive_h2(*connection, Arc::downgrade(self), id));
                 Ok(Conn::H2(send, id, busy))
             }
             Handshaken::H1(send, speaks_h1) => {
@@ -476,7 +476,7 @@ impl Inner {
                 .handshake::<_, Bytes>(io)
                 .await
                 .map_err(|e| failed(format!("HTTP/2 handshake: {}", error_chain(&e))))?;
-            Ok(Handshaken::H2(send, connection))
+            Ok(Handshaken::H2(send, Box::new(connection)))
         } else {
             let (send, connection) = http1::Builder::new()
                 .handshake::<_, Full<Bytes>>(TokioIo::new(io))
@@ -610,7 +610,7 @@ impl Inner {
 enum Handshaken {
     H2(
         h2::client::SendRequest<Bytes>,
-        h2::client::Connection<Io, Bytes>,
+        Box<h2::client::Connection<Io, Bytes>>,
     ),
     /// The sender, and whether this tells that the server speaks HTTP/1.1 only.
     H1(http1::SendRequest<Full<Bytes>>, bool),
@@ -1150,8 +1150,6 @@ mod tests {
     }
 
     fn trusting_the_test_ca(url: &str, mode: Http2) -> HttpClient {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
         through(url, mode, &Matcher::builder().build())
     }
 
