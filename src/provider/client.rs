@@ -1356,4 +1356,88 @@ mod tests {
         );
         assert!(seen.versions.lock().unwrap().is_empty());
     }
+
+    /// Over HTTP/2, a stream the server refused (`REFUSED_STREAM`) is sent again, and
+    /// a connection the server shut down (`GOAWAY`) is replaced: neither reaches the
+    /// caller as a failure.
+    #[tokio::test]
+    async fn refused_streams_and_closed_connections_are_sent_again() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let streams = Arc::new(AtomicUsize::new(0));
+        let seen = streams.clone();
+        tokio::spawn(async move {
+            let mut connections = 0;
+            while let Ok((tcp, _)) = listener.accept().await {
+                connections += 1;
+                let first = connections == 1;
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(tcp).await.unwrap();
+                    let mut answered = 0;
+                    while let Some(Ok((_, mut respond))) = conn.accept().await {
+                        let n = seen.fetch_add(1, Ordering::Relaxed);
+                        if n == 0 {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
+                        let response = http::Response::new(());
+                        let mut body = respond.send_response(response, false).unwrap();
+                        body.send_data(Bytes::from_static(b"{}"), true).unwrap();
+                        answered += 1;
+                        if first && answered == 1 {
+                            conn.graceful_shutdown();
+                        }
+                    }
+                });
+            }
+        });
+        let url = format!("http://127.0.0.1:{port}/v1/messages");
+        let client = HttpClient::new(&url, Http2::Always, json(), Duration::from_secs(30));
+        for _ in 0..3 {
+            let (status, body) = call(&client).await;
+            assert_eq!((status, &body[..]), (StatusCode::OK, &b"{}"[..]));
+        }
+        assert_eq!(
+            streams.load(Ordering::Relaxed),
+            4,
+            "one refused, three answered"
+        );
+    }
+
+    /// An HTTP/2 connection that stops answering is found by its ping: the calls on it
+    /// fail as connection errors (which the resilience layer retries) within the
+    /// keep-alive interval and timeout, instead of waiting for their attempt timeouts,
+    /// and the next call opens a new connection.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_http2_connection_is_found_by_its_ping() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            // Accepts, reads nothing, answers nothing.
+            let mut sockets = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                sockets.push(tcp);
+            }
+        });
+        let url = format!("http://127.0.0.1:{port}/v1/messages");
+        let client = HttpClient::new(&url, Http2::Always, json(), Duration::from_secs(300));
+        let started = Instant::now();
+        let error = client
+            .post(None, Bytes::from_static(BODY))
+            .await
+            .err()
+            .unwrap();
+        let waited = started.elapsed();
+        assert_eq!(error.kind, ErrorKind::Connection, "{}", error.message);
+        let (every, patience) = H2_KEEP_ALIVE;
+        assert!(
+            waited >= every && waited <= every + patience + Duration::from_secs(1),
+            "failed after {waited:?}: {}",
+            error.message
+        );
+        tokio::task::yield_now().await;
+        assert_eq!(client.pooled(), 0, "the dead connection left the pool");
+        held.abort();
+    }
 }
