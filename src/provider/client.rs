@@ -128,23 +128,41 @@ struct SharedH2 {
     id: u64,
     send: h2::client::SendRequest<Bytes>,
     last_used: Instant,
-    calls: Arc<AtomicUsize>,
+    state: Arc<H2State>,
 }
 
-/// A call on an HTTP/2 connection, counted until its response is dropped: the
-/// connection is idle only when none is left.
-struct Busy(Arc<AtomicUsize>);
+/// What an HTTP/2 connection's calls and its driver share.
+#[derive(Default)]
+struct H2State {
+    /// Calls whose response has not been dropped: the connection is idle at zero.
+    calls: AtomicUsize,
+    /// Why the driver dropped the connection, for the errors of the calls it held.
+    dropped: OnceLock<String>,
+}
+
+/// A call on an HTTP/2 connection, counted until its response is dropped.
+struct Busy(Arc<H2State>);
 
 impl Busy {
-    fn new(calls: &Arc<AtomicUsize>) -> Busy {
-        calls.fetch_add(1, Ordering::Relaxed);
-        Busy(calls.clone())
+    fn new(state: &Arc<H2State>) -> Busy {
+        state.calls.fetch_add(1, Ordering::Relaxed);
+        Busy(state.clone())
+    }
+
+    /// An error of this call: the connection's fate added, if its driver dropped it.
+    fn explain(&self, mut message: String) -> String {
+        if let Some(why) = self.0.dropped.get() {
+            message.push_str(" (");
+            message.push_str(why);
+            message.push(')');
+        }
+        message
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.calls.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -315,7 +333,7 @@ impl Inner {
                 let mut pool = self.lock();
                 if let Some(h2) = &mut pool.h2 {
                     h2.last_used = Instant::now();
-                    return Some(Conn::H2(h2.send.clone(), h2.id, Busy::new(&h2.calls)));
+                    return Some(Conn::H2(h2.send.clone(), h2.id, Busy::new(&h2.state)));
                 }
                 pool.h1.pop()?
             };
@@ -369,7 +387,7 @@ impl Inner {
                     .retain(|c| !c.send.is_closed() && now.duration_since(c.since) < idle);
                 if pool.h2.as_ref().is_some_and(|h2| {
                     now.duration_since(h2.last_used) >= idle
-                        && h2.calls.load(Ordering::Relaxed) == 0
+                        && h2.state.calls.load(Ordering::Relaxed) == 0
                 }) {
                     // Dropping the last handle lets h2 close the connection once its
                     // streams are done.
@@ -404,17 +422,17 @@ impl Inner {
                 let mut pool = self.lock();
                 pool.next_id += 1;
                 let id = pool.next_id;
-                let calls = Arc::new(AtomicUsize::new(0));
-                let busy = Busy::new(&calls);
+                let state = Arc::new(H2State::default());
+                let busy = Busy::new(&state);
                 pool.h2 = Some(SharedH2 {
                     id,
                     send: send.clone(),
                     last_used: Instant::now(),
-                    calls,
+                    state: state.clone(),
                 });
                 self.start_reaper(&mut pool);
                 drop(pool);
-                tokio::spawn(drive_h2(*connection, Arc::downgrade(self), id));
+                tokio::spawn(drive_h2(*connection, state, Arc::downgrade(self), id));
                 Ok(Conn::H2(send, id, busy))
             }
             Handshaken::H1(send, speaks_h1) => {
@@ -554,7 +572,8 @@ impl Inner {
             if e.is_go_away() || e.is_io() {
                 self.forget_h2(id);
             }
-            let error = transport_error(&setup.target, &e);
+            let mut error = transport_error(&setup.target, &e);
+            error.message = busy.explain(error.message);
             if refused {
                 Failed::Unsent(error)
             } else {
@@ -565,7 +584,7 @@ impl Inner {
         Ok(Response {
             status: parts.status,
             headers: parts.headers,
-            body: Body::H2 { body, _busy: busy },
+            body: Body::H2 { body, busy },
         })
     }
 
@@ -618,7 +637,12 @@ enum Handshaken {
 
 /// Drives an HTTP/2 connection: pings it while it lives, drops it when a ping goes
 /// unanswered, and takes it out of the pool when it ends.
-async fn drive_h2(mut connection: h2::client::Connection<Io, Bytes>, client: Weak<Inner>, id: u64) {
+async fn drive_h2(
+    mut connection: h2::client::Connection<Io, Bytes>,
+    state: Arc<H2State>,
+    client: Weak<Inner>,
+    id: u64,
+) {
     let (every, patience) = H2_KEEP_ALIVE;
     let mut pings = connection.ping_pong();
     let mut next = Instant::now() + every;
@@ -639,6 +663,10 @@ async fn drive_h2(mut connection: h2::client::Connection<Io, Bytes>, client: Wea
             _ = tokio::time::sleep_until(next) => {
                 if awaiting {
                     // Unanswered: the connection is dead, and so are its calls.
+                    let _ = state.dropped.set(format!(
+                        "the connection was dropped: no answer to a ping within {} s",
+                        patience.as_secs()
+                    ));
                     break;
                 }
                 match pings.as_mut().map(|p| p.send_ping(h2::Ping::opaque())) {
@@ -666,7 +694,7 @@ pub(crate) struct Response {
 
 enum Body {
     /// The stream, and the call counted on its connection until the body is dropped.
-    H2 { body: h2::RecvStream, _busy: Busy },
+    H2 { body: h2::RecvStream, busy: Busy },
     /// With the connection, which goes back to the pool once the body is read to its end.
     H1 {
         body: hyper::body::Incoming,
@@ -694,12 +722,12 @@ impl Response {
     /// The next piece of the body; `None` at its end.
     pub(crate) async fn chunk(&mut self) -> Result<Option<Bytes>, BodyError> {
         match &mut self.body {
-            Body::H2 { body, .. } => match body.data().await {
+            Body::H2 { body, busy } => match body.data().await {
                 Some(Ok(data)) => {
                     let _ = body.flow_control().release_capacity(data.len());
                     Ok(Some(data))
                 }
-                Some(Err(e)) => Err(BodyError(error_chain(&e))),
+                Some(Err(e)) => Err(BodyError(busy.explain(error_chain(&e)))),
                 None => Ok(None),
             },
             Body::H1 { body, reuse } => loop {
@@ -1430,6 +1458,11 @@ mod tests {
             .unwrap();
         let waited = started.elapsed();
         assert_eq!(error.kind, ErrorKind::Connection, "{}", error.message);
+        assert!(
+            error.message.contains("no answer to a ping within 10 s"),
+            "{}",
+            error.message
+        );
         let (every, patience) = H2_KEEP_ALIVE;
         assert!(
             waited >= every && waited <= every + patience + Duration::from_secs(1),
