@@ -435,9 +435,14 @@ pub struct BenchUpstream {
 
     /// HTTP/2 to a URL upstream: `auto` (by ALPN over https, HTTP/1.1 over http),
     /// `always` (h2c with prior knowledge over http, as mock-upstream speaks it) or
-    /// `never` (HTTP/1.1 only).
-    #[arg(long, value_name = "auto|always|never", default_value_t = metaorch::provider::Http2::Auto)]
-    pub http2: metaorch::provider::Http2,
+    /// `never` (HTTP/1.1 only). Default: `always` against `metaorch mock-upstream`
+    /// (it stands for the Anthropic and OpenAI APIs, which speak HTTP/2), else `auto`.
+    #[arg(long, value_name = "auto|always|never")]
+    pub http2: Option<metaorch::provider::Http2>,
+
+    /// Set when `http2` was chosen for the upstream rather than given.
+    #[arg(skip)]
+    pub http2_chosen: bool,
 
     /// Simulated latency range (sim upstream). Default: 500ms..2000ms, or 0ms for
     /// `throughput`.

@@ -72,10 +72,11 @@ pub(super) async fn run(args: &CacheBenchArgs) -> anyhow::Result<ExitCode> {
     }
     let mut results = Vec::new();
     let mut upstream_name = String::new();
+    let upstream = super::settle_http2(&args.upstream).await;
     for (mode, cache) in modes {
         let limit = args.in_flight * 7;
         let default_latency = (Duration::from_millis(500), Duration::from_millis(2000));
-        let setup = setup(&args.upstream, limit, default_latency, cache)?;
+        let setup = setup(&upstream, limit, default_latency, cache)?;
         upstream_name.clone_from(&setup.upstream);
         let next = Arc::new(AtomicUsize::new(0));
         let queries = Arc::new(queries.clone());

@@ -24,7 +24,7 @@ use anyhow::{Context, bail};
 use async_trait::async_trait;
 use metaorch::config::Config;
 use metaorch::provider::{
-    AnthropicOptions, AnthropicProvider, Completion, CompletionRequest, OpenAiOptions,
+    AnthropicOptions, AnthropicProvider, Completion, CompletionRequest, Http2, OpenAiOptions,
     OpenAiProvider, Provider, ProviderError, Secret, SimOptions, SimProvider,
 };
 use metaorch::telemetry::{LogFormat, init_logging};
@@ -136,13 +136,13 @@ fn setup(
             ApiArg::Anthropic => Arc::new(AnthropicProvider::new(AnthropicOptions {
                 base_url: url,
                 api_key: key,
-                http2: up.http2,
+                http2: up.http2.unwrap_or_default(),
                 ..AnthropicOptions::default()
             })),
             ApiArg::Openai => Arc::new(OpenAiProvider::new(OpenAiOptions {
                 base_url: url,
                 api_key: key,
-                http2: up.http2,
+                http2: up.http2.unwrap_or_default(),
                 ..OpenAiOptions::default()
             })),
         }
@@ -201,10 +201,15 @@ fn setup(
             )
         } else {
             format!(
-                "{} ({:?}, http2 {}){}",
+                "{} ({:?}, http2 {}{}){}",
                 up.upstream,
                 up.api,
-                up.http2,
+                up.http2.unwrap_or_default(),
+                if up.http2_chosen {
+                    ": mock-upstream speaks h2c; --http2 never for HTTP/1.1"
+                } else {
+                    ""
+                },
                 if up.synthesize {
                     ", with synthesis"
                 } else {
@@ -218,6 +223,19 @@ fn setup(
             Duration::from_secs(1)
         },
     })
+}
+
+/// The upstream with its HTTP version settled: as `--http2` says, else HTTP/2 (h2c) to
+/// `metaorch mock-upstream` (known by its `/mock/stats`), which stands for APIs that
+/// speak HTTP/2, else `auto`.
+async fn settle_http2(up: &BenchUpstream) -> BenchUpstream {
+    let mut up = up.clone();
+    if up.http2.is_none() && up.upstream != "sim" {
+        let mock = connections::read(&up.upstream).await.is_some();
+        up.http2 = Some(if mock { Http2::Always } else { Http2::Auto });
+        up.http2_chosen = mock;
+    }
+    up
 }
 
 fn reqwest_url(text: &str) -> anyhow::Result<String> {
@@ -282,9 +300,10 @@ async fn table(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let default_latency = (Duration::from_millis(500), Duration::from_millis(2000));
     let mut results = Vec::new();
     let mut upstream = String::new();
+    let up = settle_http2(&args.upstream).await;
     for (name, limit) in modes {
         let lanes = (0..args.lanes.min(args.requests))
-            .map(|_| setup(&args.upstream, limit, default_latency, None))
+            .map(|_| setup(&up, limit, default_latency, None))
             .collect::<anyhow::Result<Vec<_>>>()?;
         upstream = lanes[0].upstream.clone();
         results.push(run_mode(lanes, &name, limit, args.requests).await?);
@@ -536,7 +555,8 @@ async fn load(args: &LoadArgs, throughput: bool) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let setup = setup(&args.upstream, limit, default_latency, None)?;
+    let upstream = settle_http2(&args.upstream).await;
+    let setup = setup(&upstream, limit, default_latency, None)?;
     let stats_before = if args.upstream.upstream == "sim" {
         None
     } else {
