@@ -16,9 +16,9 @@
 //! What it does:
 //! - **HTTP/2** where the server offers it by ALPN (`http2 = "auto"` over TLS), or with
 //!   prior knowledge (`"always"`: h2c over `http://`). Every call is a stream on one
-//!   connection per provider; calls past the server's stream cap wait in h2's queue.
-//!   While no connection exists, callers wait for the one being made rather than each
-//!   opening their own.
+//!   connection; only when every connection carries as many calls as the server allows
+//!   at once (`SETTINGS_MAX_CONCURRENT_STREAMS`) is another opened. While a connection is
+//!   being made, callers wait for it rather than each opening their own.
 //! - **HTTP/1.1** otherwise: a pool of idle connections, the most recently used first,
 //!   a connection going back to it once its response is read to the end.
 //! - Idle connections are closed after the idle timeout; an HTTP/2 connection with calls
@@ -119,7 +119,8 @@ struct Proxy {
 
 #[derive(Default)]
 struct Pool {
-    h2: Option<SharedH2>,
+    /// HTTP/2 connections, the first with room for another stream taking each call.
+    h2: Vec<SharedH2>,
     h1: Vec<IdleH1>,
     /// Over TLS with `http2 = "auto"`: the server chose HTTP/1.1 when last asked, so
     /// calls open connections of their own without waiting for one another.
@@ -292,7 +293,7 @@ impl HttpClient {
     #[cfg(test)]
     fn pooled(&self) -> usize {
         let pool = self.inner.lock();
-        pool.h1.len() + usize::from(pool.h2.is_some())
+        pool.h1.len() + pool.h2.len()
     }
 }
 
@@ -336,9 +337,18 @@ impl Inner {
         loop {
             let idle = {
                 let mut pool = self.lock();
-                if let Some(h2) = &mut pool.h2 {
+                // A connection has room while its calls are fewer than the streams the
+                // server allows at once; when none has, another is opened rather than
+                // calls waiting in h2's queue for a stream, unseen by flow control.
+                let room = pool.h2.iter_mut().find(|h2| {
+                    h2.state.calls.load(Ordering::Relaxed) < h2.send.current_max_send_streams()
+                });
+                if let Some(h2) = room {
                     h2.last_used = Instant::now();
                     return Some(Conn::H2(h2.send.clone(), h2.id, Busy::new(&h2.state)));
+                }
+                if !pool.h2.is_empty() {
+                    return None;
                 }
                 pool.h1.pop()?
             };
@@ -353,9 +363,7 @@ impl Inner {
 
     fn forget_h2(&self, id: u64) {
         let mut pool = self.lock();
-        if pool.h2.as_ref().is_some_and(|h2| h2.id == id) {
-            pool.h2 = None;
-        }
+        pool.h2.retain(|h2| h2.id != id);
     }
 
     fn give_back(self: &Arc<Self>, send: http1::SendRequest<Full<Bytes>>) {
@@ -390,15 +398,13 @@ impl Inner {
                 let idle = inner.idle_timeout;
                 pool.h1
                     .retain(|c| !c.send.is_closed() && now.duration_since(c.since) < idle);
-                if pool.h2.as_ref().is_some_and(|h2| {
-                    now.duration_since(h2.last_used) >= idle
-                        && h2.state.calls.load(Ordering::Relaxed) == 0
-                }) {
-                    // Dropping the last handle lets h2 close the connection once its
-                    // streams are done.
-                    pool.h2 = None;
-                }
-                if pool.h1.is_empty() && pool.h2.is_none() {
+                // Dropping the last handle lets h2 close the connection once its
+                // streams are done.
+                pool.h2.retain(|h2| {
+                    now.duration_since(h2.last_used) < idle
+                        || h2.state.calls.load(Ordering::Relaxed) > 0
+                });
+                if pool.h1.is_empty() && pool.h2.is_empty() {
                     pool.reaper = false;
                     return;
                 }
@@ -429,7 +435,7 @@ impl Inner {
                 let id = pool.next_id;
                 let state = Arc::new(H2State::default());
                 let busy = Busy::new(&state);
-                pool.h2 = Some(SharedH2 {
+                pool.h2.push(SharedH2 {
                     id,
                     send: send.clone(),
                     last_used: Instant::now(),
@@ -496,6 +502,10 @@ impl Inner {
                 .initial_window_size(H2_STREAM_WINDOW)
                 .initial_connection_window_size(H2_CONNECTION_WINDOW)
                 .max_header_list_size(MAX_HEADER_LIST)
+                // Until the server's SETTINGS say how many streams it takes at once,
+                // the 100 RFC 9113 asks servers to allow at least: a new connection
+                // takes no more calls than that before it knows.
+                .initial_max_send_streams(100)
                 .handshake::<_, Bytes>(io)
                 .await
                 .map_err(|e| failed(format!("HTTP/2 handshake: {}", error_chain(&e))))?;
@@ -1483,5 +1493,70 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(client.pooled(), 0, "the dead connection left the pool");
         held.abort();
+    }
+
+    /// When every HTTP/2 connection carries as many calls as the server allows at once,
+    /// the next call opens another connection rather than waiting in the client for a
+    /// stream.
+    #[tokio::test]
+    async fn a_full_http2_connection_is_joined_by_another() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (release, released) = tokio::sync::watch::channel(false);
+        let pending = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (seen_pending, seen_connections) = (pending.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                seen_connections.fetch_add(1, Ordering::Relaxed);
+                let (pending, released) = (seen_pending.clone(), released.clone());
+                tokio::spawn(async move {
+                    let mut conn = h2::server::Builder::new()
+                        .max_concurrent_streams(2)
+                        .handshake::<_, Bytes>(tcp)
+                        .await
+                        .unwrap();
+                    while let Some(Ok((_, mut respond))) = conn.accept().await {
+                        let (pending, mut released) = (pending.clone(), released.clone());
+                        tokio::spawn(async move {
+                            pending.fetch_add(1, Ordering::Relaxed);
+                            let _ = released.wait_for(|r| *r).await;
+                            let response = http::Response::new(());
+                            let mut body = respond.send_response(response, false).unwrap();
+                            body.send_data(Bytes::from_static(b"{}"), true).unwrap();
+                        });
+                    }
+                });
+            }
+        });
+        let url = format!("http://127.0.0.1:{port}/v1/messages");
+        let client = HttpClient::new(&url, Http2::Always, json(), Duration::from_secs(30));
+        // One call first: its connection then knows the server's cap of two streams.
+        release.send_replace(true);
+        assert_eq!(call(&client).await.0, StatusCode::OK);
+        release.send_replace(false);
+        pending.store(0, Ordering::Relaxed);
+
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let client = client.clone();
+            calls.spawn(async move { call(&client).await });
+        }
+        // All four reach the server at once: two on each connection.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while pending.load(Ordering::Relaxed) < 4 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            pending.load(Ordering::Relaxed),
+            4,
+            "calls waited for a stream"
+        );
+        release.send_replace(true);
+        while let Some(done) = calls.join_next().await {
+            assert_eq!(done.unwrap().0, StatusCode::OK);
+        }
+        assert_eq!(connections.load(Ordering::Relaxed), 2);
+        assert_eq!(client.pooled(), 2);
     }
 }
