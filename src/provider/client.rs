@@ -233,6 +233,9 @@ impl HttpClient {
                 header::USER_AGENT,
                 HeaderValue::from_static(concat!("metaorch/", env!("CARGO_PKG_VERSION"))),
             );
+            headers
+                .entry(header::ACCEPT)
+                .or_insert(HeaderValue::from_static("*/*"));
             let target = Target::parse(url).map_err(|why| {
                 ProviderError::new(ErrorKind::BadRequest, format!("cannot call {url}: {why}"))
             })?;
@@ -531,6 +534,7 @@ impl Inner {
         setup: &Setup,
         extra: Option<(&'static str, HeaderValue)>,
         h1: bool,
+        length: usize,
     ) -> HeaderMap {
         let mut headers = HeaderMap::with_capacity(setup.headers.len() + 3);
         if h1 {
@@ -546,6 +550,10 @@ impl Inner {
         }
         for (name, value) in &setup.headers {
             headers.append(name, value.clone());
+        }
+        if !h1 {
+            // HTTP/1.1 sets it from the body; some HTTP/2 front ends want it too.
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
         }
         if let Some((name, value)) = extra {
             headers.insert(name, value);
@@ -570,7 +578,7 @@ impl Inner {
         let mut request = Request::new(());
         *request.method_mut() = Method::POST;
         *request.uri_mut() = setup.target.uri.clone();
-        *request.headers_mut() = self.headers(setup, extra, false);
+        *request.headers_mut() = self.headers(setup, extra, false, body.len());
         let end = body.is_empty();
         let (response, mut stream) = send.send_request(request, end).map_err(unsent)?;
         drop(send);
@@ -610,13 +618,14 @@ impl Inner {
         extra: Option<(&'static str, HeaderValue)>,
         body: Bytes,
     ) -> Result<Response, Failed> {
+        let length = body.len();
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = match setup.proxy.as_ref().is_some_and(|p| p.forward) {
             true => setup.target.uri.clone(),
             false => Uri::from(setup.target.path.clone()),
         };
-        *request.headers_mut() = self.headers(setup, extra, true);
+        *request.headers_mut() = self.headers(setup, extra, true, length);
         match send.try_send_request(request).await {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
@@ -897,19 +906,60 @@ impl Proxy {
     }
 }
 
-/// Connects to the first of the host's addresses that answers.
+/// How long the first address family has alone before the other joins the race.
+const HAPPY_EYEBALLS_DELAY: Duration = Duration::from_millis(300);
+
+/// Connects to the first of the host's addresses that answers. Addresses of the family
+/// DNS listed first are tried in order; if the host has both IPv6 and IPv4 addresses,
+/// the other family starts [`HAPPY_EYEBALLS_DELAY`] later (RFC 8305), so a network
+/// where one family is broken costs a fraction of a second, not the connect timeout.
+/// Each address has an even share of [`CONNECT_TIMEOUT`].
 async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, String> {
-    let addresses = tokio::net::lookup_host((host, port))
+    let addresses: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|e| format!("dns error: {e}"))?;
-    let mut last = None;
-    for address in addresses {
-        match TcpStream::connect(address).await {
-            Ok(tcp) => return Ok(tcp),
-            Err(e) => last = Some(format!("tcp connect error: {address}: {e}")),
+        .map_err(|e| format!("dns error: {e}"))?
+        .collect();
+    let Some(first) = addresses.first() else {
+        return Err(format!("dns error: no address for {host}"));
+    };
+    let share = CONNECT_TIMEOUT / u32::try_from(addresses.len()).unwrap_or(u32::MAX).max(1);
+    let (preferred, other): (Vec<_>, Vec<_>) = addresses
+        .iter()
+        .partition(|a| a.is_ipv6() == first.is_ipv6());
+    let preferred = connect_in_turn(preferred, share);
+    if other.is_empty() {
+        return preferred.await;
+    }
+    let other = async {
+        tokio::time::sleep(HAPPY_EYEBALLS_DELAY).await;
+        connect_in_turn(other, share).await
+    };
+    tokio::pin!(preferred, other);
+    tokio::select! {
+        done = &mut preferred => match done {
+            Ok(tcp) => Ok(tcp),
+            Err(first) => other.await.map_err(|second| format!("{first}; {second}")),
+        },
+        done = &mut other => match done {
+            Ok(tcp) => Ok(tcp),
+            Err(second) => preferred.await.map_err(|first| format!("{first}; {second}")),
+        },
+    }
+}
+
+async fn connect_in_turn(
+    addresses: Vec<&std::net::SocketAddr>,
+    share: Duration,
+) -> Result<TcpStream, String> {
+    let mut last = String::new();
+    for &address in addresses {
+        match tokio::time::timeout(share, TcpStream::connect(address)).await {
+            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Err(e)) => last = format!("tcp connect error: {address}: {e}"),
+            Err(_) => last = format!("tcp connect error: {address}: no answer within {share:?}"),
         }
     }
-    Err(last.unwrap_or_else(|| format!("dns error: no address for {host}")))
+    Err(last)
 }
 
 /// Asks an HTTP proxy for a tunnel to the target (`CONNECT host:port`).
