@@ -44,6 +44,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, StatusCode, Uri};
@@ -127,6 +128,9 @@ struct Pool {
     speaks_h1: bool,
     /// A task closes idle connections while the pool holds any.
     reaper: bool,
+    /// The last connection that could not be made, and when: callers that waited for
+    /// it take its error rather than each trying again in turn.
+    failed: Option<(Instant, ProviderError)>,
     next_id: u64,
 }
 
@@ -323,11 +327,18 @@ impl Inner {
         if !may_be_h2 {
             return Box::pin(self.connect(setup)).await;
         }
+        let asked = Instant::now();
         let gate = self.connecting.lock().await;
         // Someone else may have connected while this call waited, or learned that the
-        // server speaks HTTP/1.1, whose connections are not shared.
+        // server speaks HTTP/1.1, whose connections are not shared, or failed to
+        // connect, which this call would only repeat.
         if let Some(conn) = self.pooled().await {
             return Ok(conn);
+        }
+        if let Some((at, error)) = &self.lock().failed
+            && *at >= asked
+        {
+            return Err(error.clone());
         }
         if !self.may_be_h2(setup, &self.lock()) {
             drop(gate);
@@ -418,17 +429,21 @@ impl Inner {
     /// Opens a connection; an HTTP/2 one goes into the pool for every caller.
     async fn connect(self: &Arc<Self>, setup: &Setup) -> Result<Conn, ProviderError> {
         let made = tokio::time::timeout(CONNECT_TIMEOUT, self.handshake(setup)).await;
+        let made = made.unwrap_or_else(|_| {
+            Err(ProviderError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "error sending request for url ({}): no connection within {} s",
+                    setup.target.shown,
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            ))
+        });
         let conn = match made {
-            Ok(conn) => conn?,
-            Err(_) => {
-                return Err(ProviderError::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "error sending request for url ({}): no connection within {} s",
-                        setup.target.shown,
-                        CONNECT_TIMEOUT.as_secs()
-                    ),
-                ));
+            Ok(conn) => conn,
+            Err(error) => {
+                self.lock().failed = Some((Instant::now(), error.clone()));
+                return Err(error);
             }
         };
         match conn {
@@ -778,6 +793,38 @@ impl Response {
                     }
                 }
             },
+        }
+    }
+}
+
+impl Drop for Response {
+    /// A body left before its end — a stream read up to its closing event, an error
+    /// body cut at its cap — may still be whole in the connection's buffer: once the
+    /// connection says it is ready for another request, it goes back to the pool, as
+    /// if read to the end. hyper closes it instead if the rest never came.
+    fn drop(&mut self) {
+        if let Body::H1 { body, reuse } = &mut self.body
+            && let Some((mut send, client)) = reuse.take()
+            && !send.is_closed()
+        {
+            // What already arrived is read now: a body whose end came with it is done,
+            // and its connection free for the next call at once.
+            loop {
+                match body.frame().now_or_never() {
+                    Some(Some(Ok(_))) => {}
+                    Some(None) => return client.give_back(send),
+                    Some(Some(Err(_))) => return,
+                    None => break,
+                }
+            }
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            runtime.spawn(async move {
+                if send.ready().await.is_ok() {
+                    client.give_back(send);
+                }
+            });
         }
     }
 }
@@ -1436,24 +1483,37 @@ mod tests {
     }
 
     /// A server whose certificate the web's roots do not vouch for is refused, and the
-    /// error says why.
+    /// error says why; calls waiting for that connection share its error.
     #[tokio::test]
     async fn tls_refuses_an_unknown_issuer() {
         let (port, seen) = tls_server(&[b"h2", b"http/1.1"]).await;
         let url = format!("https://127.0.0.1:{port}/v1/messages");
         let client = HttpClient::new(&url, Http2::Auto, json(), Duration::from_secs(30));
-        let error = client
+        // Five calls at once: the four that waited for the first one's connection take
+        // its error instead of each trying again.
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..5 {
+            let client = client.clone();
+            calls.spawn(async move { client.post(None, Bytes::from_static(BODY)).await });
+        }
+        while let Some(done) = calls.join_next().await {
+            let error = done.unwrap().err().unwrap();
+            assert_eq!(error.kind, ErrorKind::Connection);
+            assert!(
+                error.message.contains(&url) && error.message.contains("UnknownIssuer"),
+                "{}",
+                error.message
+            );
+        }
+        assert_eq!(seen.connections.load(Ordering::Relaxed), 1);
+        assert!(seen.versions.lock().unwrap().is_empty());
+        // A later call tries again.
+        client
             .post(None, Bytes::from_static(BODY))
             .await
             .err()
             .unwrap();
-        assert_eq!(error.kind, ErrorKind::Connection);
-        assert!(
-            error.message.contains(&url) && error.message.contains("UnknownIssuer"),
-            "{}",
-            error.message
-        );
-        assert!(seen.versions.lock().unwrap().is_empty());
+        assert_eq!(seen.connections.load(Ordering::Relaxed), 2);
     }
 
     /// Over HTTP/2, a stream the server refused (`REFUSED_STREAM`) is sent again, and
@@ -1608,5 +1668,40 @@ mod tests {
         }
         assert_eq!(connections.load(Ordering::Relaxed), 2);
         assert_eq!(client.pooled(), 2);
+    }
+
+    /// A streamed HTTP/1.1 reply left at its closing event (before the body's own end)
+    /// gives its connection back to the pool all the same.
+    #[tokio::test]
+    async fn a_stream_left_at_its_last_event_keeps_its_connection() {
+        let options = MockOptions {
+            latency_min: Duration::ZERO,
+            latency_max: Duration::ZERO,
+            ..MockOptions::default()
+        };
+        let mock = MockUpstream::start(([127, 0, 0, 1], 0).into(), options)
+            .await
+            .unwrap();
+        let url = format!("{}/v1/messages", mock.url());
+        let client = HttpClient::new(&url, Http2::Never, json(), Duration::from_secs(30));
+        let streamed = br#"{"model":"m","max_tokens":8,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        for _ in 0..3 {
+            let mut response = client
+                .post(None, Bytes::from_static(streamed))
+                .await
+                .unwrap();
+            let mut seen = Vec::new();
+            while !String::from_utf8_lossy(&seen).contains("message_stop") {
+                seen.extend_from_slice(&response.chunk().await.unwrap().unwrap());
+            }
+            drop(response);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while client.pooled() == 0 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(client.pooled(), 1, "the connection went back to the pool");
+        }
+        assert_eq!(mock.stats().connections_accepted, 1);
+        mock.stop().await;
     }
 }
