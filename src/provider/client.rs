@@ -60,11 +60,18 @@ use tokio_rustls::client::TlsStream;
 use super::http::{CONNECT_TIMEOUT, H2_CONNECTION_WINDOW, H2_KEEP_ALIVE, H2_STREAM_WINDOW, Http2};
 use super::{ErrorKind, ProviderError};
 
+/// TCP keep-alive: idle time before the first probe, and between probes.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// How long a pooled HTTP/1.1 connection may take to be ready for another request: an
+/// idle one is at once; one whose server stopped midway never is, and is dropped.
+const READY_WAIT: Duration = Duration::from_secs(1);
+
 /// How many times a request the server did not process is sent again.
 const MAX_RESENDS: u32 = 2;
 
-/// The most of a response's header block accepted over HTTP/2 (hyper's HTTP/1.1 limit
-/// is its own, about the same). API responses send 1–3 KiB.
+/// The most of a response's header block accepted (over HTTP/1.1, the most buffered
+/// at once while reading it). API responses send 1–3 KiB.
 const MAX_HEADER_LIST: u32 = 64 << 10;
 
 /// A client of one HTTP endpoint. Clones share the connections.
@@ -106,6 +113,8 @@ struct Target {
     path: PathAndQuery,
     /// The URL for error messages: no user info, no query.
     shown: String,
+    /// Basic authorization from the URL's user info, marked sensitive.
+    basic: Option<HeaderValue>,
 }
 
 struct Proxy {
@@ -186,11 +195,19 @@ enum Conn {
     H1(http1::SendRequest<Full<Bytes>>),
 }
 
-/// Why a request failed: `Unsent` when the server cannot have processed it.
+/// Why a request failed.
 enum Failed {
+    /// The connection was found closed before the request went out on it.
+    Stale(ProviderError),
+    /// The server refused the request unprocessed.
     Unsent(ProviderError),
+    /// Anything else: the server may have processed it.
     Fatal(ProviderError),
 }
+
+/// How many pooled connections found closed one call may go through before it gives
+/// up (each is dropped from the pool as it is found).
+const MAX_STALE: u32 = 8;
 
 impl fmt::Debug for HttpClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -240,9 +257,18 @@ impl HttpClient {
             headers
                 .entry(header::ACCEPT)
                 .or_insert(HeaderValue::from_static("*/*"));
+            // The URL is not repeated: it may carry credentials.
             let target = Target::parse(url).map_err(|why| {
-                ProviderError::new(ErrorKind::BadRequest, format!("cannot call {url}: {why}"))
+                ProviderError::new(
+                    ErrorKind::BadRequest,
+                    format!("the URL cannot be called: {why}"),
+                )
             })?;
+            // Credentials in the URL (`https://user:pass@gateway`) are sent as Basic
+            // authorization, unless the provider sends its own, as reqwest did.
+            if let Some(basic) = target.basic.clone() {
+                headers.entry(header::AUTHORIZATION).or_insert(basic);
+            }
             let proxy = Proxy::new(proxies, &target, mode)?;
             let tls = match target.https {
                 true => Some(tls(mode)?),
@@ -274,9 +300,10 @@ impl HttpClient {
         body: Bytes,
     ) -> Result<Response, ProviderError> {
         let setup = self.inner.setup.as_ref().map_err(Clone::clone)?;
-        let mut resent = 0;
+        let (mut resent, mut stale) = (0, 0);
         loop {
-            let sent = match self.inner.checkout(setup).await? {
+            let (conn, fresh) = self.inner.checkout(setup).await?;
+            let sent = match conn {
                 Conn::H2(send, id, busy) => {
                     self.inner
                         .send_h2(setup, send, id, busy, extra.clone(), body.clone())
@@ -290,8 +317,11 @@ impl HttpClient {
             };
             match sent {
                 Ok(response) => return Ok(response),
-                Err(Failed::Unsent(_)) if resent < MAX_RESENDS => resent += 1,
-                Err(Failed::Unsent(e) | Failed::Fatal(e)) => return Err(e),
+                // A pooled connection that closed while idle (a server restarting
+                // drops them all at once) costs nothing of the resend budget.
+                Err(Failed::Stale(_)) if !fresh && stale < MAX_STALE => stale += 1,
+                Err(Failed::Stale(_) | Failed::Unsent(_)) if resent < MAX_RESENDS => resent += 1,
+                Err(Failed::Stale(e) | Failed::Unsent(e) | Failed::Fatal(e)) => return Err(e),
             }
         }
     }
@@ -319,13 +349,14 @@ impl Inner {
     }
 
     /// A connection to send on: the shared HTTP/2 one, an idle HTTP/1.1 one, or a new one.
-    async fn checkout(self: &Arc<Self>, setup: &Setup) -> Result<Conn, ProviderError> {
+    /// The connection, and whether it was made for this call.
+    async fn checkout(self: &Arc<Self>, setup: &Setup) -> Result<(Conn, bool), ProviderError> {
         if let Some(conn) = self.pooled().await {
-            return Ok(conn);
+            return Ok((conn, false));
         }
         let may_be_h2 = self.may_be_h2(setup, &self.lock());
         if !may_be_h2 {
-            return Box::pin(self.connect(setup)).await;
+            return Ok((Box::pin(self.connect(setup)).await?, true));
         }
         let asked = Instant::now();
         let gate = self.connecting.lock().await;
@@ -333,7 +364,7 @@ impl Inner {
         // server speaks HTTP/1.1, whose connections are not shared, or failed to
         // connect, which this call would only repeat.
         if let Some(conn) = self.pooled().await {
-            return Ok(conn);
+            return Ok((conn, true));
         }
         if let Some((at, error)) = &self.lock().failed
             && *at >= asked
@@ -343,7 +374,7 @@ impl Inner {
         if !self.may_be_h2(setup, &self.lock()) {
             drop(gate);
         }
-        Box::pin(self.connect(setup)).await
+        Ok((Box::pin(self.connect(setup)).await?, true))
     }
 
     /// A pooled connection, if one is ready.
@@ -369,7 +400,7 @@ impl Inner {
             // Ready once the connection has finished its last response; an error means
             // the server closed it while it sat idle.
             let mut send = idle.send;
-            if send.ready().await.is_ok() {
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, send.ready()).await {
                 return Some(Conn::H1(send));
             }
         }
@@ -395,13 +426,16 @@ impl Inner {
     /// Starts the task that closes connections idle for longer than the idle timeout;
     /// it ends when the pool is empty or the client is gone.
     fn start_reaper(self: &Arc<Self>, pool: &mut Pool) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         if pool.reaper {
             return;
         }
         pool.reaper = true;
         let client = Arc::downgrade(self);
         let every = (self.idle_timeout / 4).max(Duration::from_millis(10));
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(inner) = client.upgrade() else {
@@ -414,9 +448,12 @@ impl Inner {
                     .retain(|c| !c.send.is_closed() && now.duration_since(c.since) < idle);
                 // Dropping the last handle lets h2 close the connection once its
                 // streams are done.
-                pool.h2.retain(|h2| {
+                pool.h2.retain_mut(|h2| {
+                    if h2.state.calls.load(Ordering::Relaxed) > 0 {
+                        // Busy: idle time counts from when its last call ends.
+                        h2.last_used = now;
+                    }
                     now.duration_since(h2.last_used) < idle
-                        || h2.state.calls.load(Ordering::Relaxed) > 0
                 });
                 if pool.h1.is_empty() && pool.h2.is_empty() {
                     pool.reaper = false;
@@ -481,20 +518,33 @@ impl Inner {
                 format!("error sending request for url ({}): {why}", target.shown),
             )
         };
-        let mut tcp = match &setup.proxy {
+        let tcp = match &setup.proxy {
             None => tcp_connect(&target.host, target.port).await,
-            Some(proxy) => tcp_connect(&proxy.host, proxy.port)
-                .await
-                .map_err(|e| format!("proxy {}:{}: {e}", proxy.host, proxy.port)),
-        }
-        .map_err(failed)?;
+            Some(proxy) => tcp_connect(&proxy.host, proxy.port).await.map_err(|mut e| {
+                e.message = format!("the proxy: {}", e.message);
+                e
+            }),
+        };
+        let mut tcp = tcp.map_err(|e| {
+            let mut error = failed(e.message);
+            if e.timed_out {
+                error.kind = ErrorKind::Timeout;
+            }
+            error
+        })?;
         if let Some(proxy) = setup.proxy.as_ref().filter(|p| !p.forward) {
             tunnel(&mut tcp, target, proxy.auth.as_ref())
                 .await
                 .map_err(failed)?;
         }
-        // Calls are small requests answered after a while: send them at once.
+        // Calls are small requests answered after a while: send them at once. Probes
+        // find a path that died in silence (a NAT or load balancer forgetting the
+        // connection), which HTTP/1.1 has no pings for: as reqwest set them.
         let _ = tcp.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(TCP_KEEPALIVE)
+            .with_interval(TCP_KEEPALIVE);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
         let (io, h2) = match &setup.tls {
             Some(config) => {
                 let name = rustls::pki_types::ServerName::try_from(target.host.clone())
@@ -530,6 +580,7 @@ impl Inner {
             Ok(Handshaken::H2(send, Box::new(connection)))
         } else {
             let (send, connection) = http1::Builder::new()
+                .max_buf_size(MAX_HEADER_LIST as usize)
                 .handshake::<_, Full<Bytes>>(TokioIo::new(io))
                 .await
                 .map_err(|e| failed(format!("HTTP/1.1 handshake: {}", error_chain(&e))))?;
@@ -587,7 +638,7 @@ impl Inner {
     ) -> Result<Response, Failed> {
         let unsent = |e: h2::Error| {
             self.forget_h2(id);
-            Failed::Unsent(transport_error(&setup.target, &e))
+            Failed::Stale(transport_error(&setup.target, &e))
         };
         let mut send = send.ready().await.map_err(unsent)?;
         let mut request = Request::new(());
@@ -657,7 +708,7 @@ impl Inner {
                 let unsent = e.take_message().is_some();
                 let error = transport_error(&setup.target, e.error());
                 Err(match unsent {
-                    true => Failed::Unsent(error),
+                    true => Failed::Stale(error),
                     false => Failed::Fatal(error),
                 })
             }
@@ -821,7 +872,8 @@ impl Drop for Response {
                 return;
             };
             runtime.spawn(async move {
-                if send.ready().await.is_ok() {
+                let idle = client.idle_timeout;
+                if let Ok(Ok(())) = tokio::time::timeout(idle, send.ready()).await {
                     client.give_back(send);
                 }
             });
@@ -874,6 +926,26 @@ impl Target {
             "http" => false,
             other => return Err(format!("the scheme is {other}, not http or https")),
         };
+        let basic = if parsed.username().is_empty() && parsed.password().is_none() {
+            None
+        } else {
+            use base64::Engine as _;
+            let decode = |part: &str| {
+                percent_encoding::percent_decode_str(part)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            let pair = format!(
+                "{}:{}",
+                decode(parsed.username()),
+                decode(parsed.password().unwrap_or(""))
+            );
+            let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+            let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
+                .map_err(|_| "its user info cannot go in a header".to_owned())?;
+            value.set_sensitive(true);
+            Some(value)
+        };
         let written = parsed.host_str().ok_or("the URL has no host")?;
         let port = parsed
             .port_or_known_default()
@@ -907,6 +979,7 @@ impl Target {
             uri,
             path,
             shown,
+            basic,
         })
     }
 }
@@ -956,18 +1029,46 @@ impl Proxy {
 /// How long the first address family has alone before the other joins the race.
 const HAPPY_EYEBALLS_DELAY: Duration = Duration::from_millis(300);
 
+/// Why no TCP connection was made. The addresses tried are left out of the text: it
+/// can reach a `serve` client, and internal addresses are not theirs to see.
+struct ConnectFailed {
+    message: String,
+    /// Every address tried went unanswered: a timeout, not a refusal.
+    timed_out: bool,
+}
+
+impl ConnectFailed {
+    fn join(first: ConnectFailed, second: ConnectFailed) -> ConnectFailed {
+        ConnectFailed {
+            message: if first.message == second.message {
+                first.message
+            } else {
+                format!("{}; {}", first.message, second.message)
+            },
+            timed_out: first.timed_out && second.timed_out,
+        }
+    }
+}
+
 /// Connects to the first of the host's addresses that answers. Addresses of the family
 /// DNS listed first are tried in order; if the host has both IPv6 and IPv4 addresses,
-/// the other family starts [`HAPPY_EYEBALLS_DELAY`] later (RFC 8305), so a network
-/// where one family is broken costs a fraction of a second, not the connect timeout.
-/// Each address has an even share of [`CONNECT_TIMEOUT`].
-async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, String> {
+/// the other family starts [`HAPPY_EYEBALLS_DELAY`] later, or as soon as the first has
+/// failed (RFC 8305), so a network where one family is broken costs a fraction of a
+/// second, not the connect timeout. Each address has an even share of
+/// [`CONNECT_TIMEOUT`].
+async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, ConnectFailed> {
     let addresses: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|e| format!("dns error: {e}"))?
+        .map_err(|e| ConnectFailed {
+            message: format!("dns error: {e}"),
+            timed_out: false,
+        })?
         .collect();
     let Some(first) = addresses.first() else {
-        return Err(format!("dns error: no address for {host}"));
+        return Err(ConnectFailed {
+            message: format!("dns error: no address for {host}"),
+            timed_out: false,
+        });
     };
     let share = CONNECT_TIMEOUT / u32::try_from(addresses.len()).unwrap_or(u32::MAX).max(1);
     let (preferred, other): (Vec<_>, Vec<_>) = addresses
@@ -977,19 +1078,28 @@ async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, String> {
     if other.is_empty() {
         return preferred.await;
     }
-    let other = async {
-        tokio::time::sleep(HAPPY_EYEBALLS_DELAY).await;
-        connect_in_turn(other, share).await
-    };
-    tokio::pin!(preferred, other);
+    tokio::pin!(preferred);
+    tokio::select! {
+        done = &mut preferred => {
+            return match done {
+                Ok(tcp) => Ok(tcp),
+                Err(first) => connect_in_turn(other, share)
+                    .await
+                    .map_err(|second| ConnectFailed::join(first, second)),
+            };
+        }
+        _ = tokio::time::sleep(HAPPY_EYEBALLS_DELAY) => {}
+    }
+    let other = connect_in_turn(other, share);
+    tokio::pin!(other);
     tokio::select! {
         done = &mut preferred => match done {
             Ok(tcp) => Ok(tcp),
-            Err(first) => other.await.map_err(|second| format!("{first}; {second}")),
+            Err(first) => other.await.map_err(|second| ConnectFailed::join(first, second)),
         },
         done = &mut other => match done {
             Ok(tcp) => Ok(tcp),
-            Err(second) => preferred.await.map_err(|first| format!("{first}; {second}")),
+            Err(second) => preferred.await.map_err(|first| ConnectFailed::join(first, second)),
         },
     }
 }
@@ -997,15 +1107,25 @@ async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, String> {
 async fn connect_in_turn(
     addresses: Vec<&std::net::SocketAddr>,
     share: Duration,
-) -> Result<TcpStream, String> {
-    let mut last = String::new();
+) -> Result<TcpStream, ConnectFailed> {
+    let mut last = ConnectFailed {
+        message: String::new(),
+        timed_out: true,
+    };
+    let mut timed_out = true;
     for &address in addresses {
         match tokio::time::timeout(share, TcpStream::connect(address)).await {
             Ok(Ok(tcp)) => return Ok(tcp),
-            Ok(Err(e)) => last = format!("tcp connect error: {address}: {e}"),
-            Err(_) => last = format!("tcp connect error: {address}: no answer within {share:?}"),
+            Ok(Err(e)) => {
+                timed_out &= e.kind() == io::ErrorKind::TimedOut;
+                last.message = format!("tcp connect error: {e}");
+            }
+            Err(_) => {
+                last.message = format!("tcp connect error: no answer within {share:?}");
+            }
         }
     }
+    last.timed_out = timed_out;
     Err(last)
 }
 
@@ -1244,6 +1364,7 @@ mod tests {
     struct Seen {
         connections: AtomicUsize,
         versions: Mutex<Vec<http::Version>>,
+        authorization: Mutex<Vec<Option<HeaderValue>>>,
     }
 
     /// A TLS server on 127.0.0.1 with the test certificate, offering `alpn`, answering
@@ -1277,6 +1398,11 @@ mod tests {
                     };
                     let service = hyper::service::service_fn(move |request: Request<_>| {
                         seen.versions.lock().unwrap().push(request.version());
+                        let authorization = request.headers().get(header::AUTHORIZATION);
+                        seen.authorization
+                            .lock()
+                            .unwrap()
+                            .push(authorization.cloned());
                         async {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
@@ -1703,5 +1829,85 @@ mod tests {
         }
         assert_eq!(mock.stats().connections_accepted, 1);
         mock.stop().await;
+    }
+
+    /// Credentials in the URL are sent as Basic authorization (percent-decoded), never
+    /// shown: not in an error, not in `Debug`.
+    #[tokio::test]
+    async fn credentials_in_the_url_authorize_and_never_show() {
+        let (port, seen) = tls_server(&[b"h2", b"http/1.1"]).await;
+        let url = format!("https://user:p%40ss@127.0.0.1:{port}/v1/messages");
+        let client = trusting_the_test_ca(&url, Http2::Auto);
+        assert_eq!(call(&client).await.0, StatusCode::OK);
+        let sent = seen.authorization.lock().unwrap().clone();
+        // user:p@ss
+        assert_eq!(
+            sent,
+            vec![Some(HeaderValue::from_static("Basic dXNlcjpwQHNz"))]
+        );
+        assert!(!format!("{client:?}").contains("p%40ss"), "{client:?}");
+
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://user:p%40ss@127.0.0.1:{}/v1/messages",
+            closed.local_addr().unwrap().port()
+        );
+        drop(closed);
+        let client = HttpClient::new(&url, Http2::Never, json(), Duration::from_secs(30));
+        let error = client
+            .post(None, Bytes::from_static(BODY))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(error.kind, ErrorKind::Connection);
+        assert!(
+            !error.message.contains("p%40ss") && !error.message.contains("user"),
+            "{}",
+            error.message
+        );
+        assert!(
+            error.message.contains("tcp connect error"),
+            "{}",
+            error.message
+        );
+    }
+
+    /// A response dropped outside any runtime (its connection's end already read) does
+    /// not panic.
+    #[test]
+    fn a_response_dropped_outside_a_runtime_is_fine() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let options = MockOptions {
+            latency_min: Duration::ZERO,
+            latency_max: Duration::ZERO,
+            ..MockOptions::default()
+        };
+        let (mock, client, response) = runtime.block_on(async {
+            let mock = MockUpstream::start(([127, 0, 0, 1], 0).into(), options)
+                .await
+                .unwrap();
+            let url = format!("{}/v1/messages", mock.url());
+            let client = HttpClient::new(&url, Http2::Never, json(), Duration::from_secs(30));
+            let mut response = client.post(None, Bytes::from_static(BODY)).await.unwrap();
+            let length = response.content_length().unwrap() as usize;
+            let mut read = 0;
+            while read < length {
+                read += response.chunk().await.unwrap().unwrap().len();
+            }
+            // Let the body's end arrive, unread.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            (mock, client, response)
+        });
+        drop(response);
+        assert_eq!(
+            client.pooled(),
+            1,
+            "back in the pool, with no reaper to start"
+        );
+        runtime.block_on(mock.stop());
     }
 }
