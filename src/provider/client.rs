@@ -1303,6 +1303,27 @@ mod tests {
         (response.status(), body)
     }
 
+    /// The error of a call that must fail to connect.
+    async fn connection_error(client: &HttpClient) -> ProviderError {
+        let error = client
+            .post(None, Bytes::from_static(BODY))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(error.kind, ErrorKind::Connection, "{}", error.message);
+        error
+    }
+
+    /// `n` calls at once, each read to its end.
+    async fn calls_at_once(client: &HttpClient, n: usize) -> Vec<(StatusCode, Vec<u8>)> {
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let client = client.clone();
+            calls.spawn(async move { call(&client).await });
+        }
+        calls.join_all().await
+    }
+
     /// The connections a burst opened leave the pool once idle for its timeout.
     #[tokio::test]
     async fn the_idle_pool_shrinks() {
@@ -1318,13 +1339,7 @@ mod tests {
         for (http2, burst) in [(Http2::Never, 5), (Http2::Always, 1)] {
             let before = mock.stats();
             let client = HttpClient::new(&url, http2, json(), Duration::from_millis(200));
-            let mut calls = tokio::task::JoinSet::new();
-            for _ in 0..5 {
-                let client = client.clone();
-                calls.spawn(async move { call(&client).await });
-            }
-            while let Some(done) = calls.join_next().await {
-                let (status, body) = done.unwrap();
+            for (status, body) in calls_at_once(&client, 5).await {
                 assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
             }
             let after = mock.stats();
@@ -1533,12 +1548,7 @@ mod tests {
             .https(format!("http://127.0.0.1:{proxy}"))
             .build();
         let client = through("https://127.0.0.1:1/v1/messages", Http2::Auto, &proxies);
-        let error = client
-            .post(None, Bytes::from_static(BODY))
-            .await
-            .err()
-            .unwrap();
-        assert_eq!(error.kind, ErrorKind::Connection);
+        let error = connection_error(&client).await;
         assert!(
             error
                 .message
@@ -1563,13 +1573,7 @@ mod tests {
         ] {
             let (port, seen) = tls_server(offered).await;
             let client = trusting_the_test_ca(&format!("https://{host}:{port}/v1/messages"), mode);
-            let mut calls = tokio::task::JoinSet::new();
-            for _ in 0..4 {
-                let client = client.clone();
-                calls.spawn(async move { call(&client).await });
-            }
-            while let Some(done) = calls.join_next().await {
-                let (status, body) = done.unwrap();
+            for (status, body) in calls_at_once(&client, 4).await {
                 assert_eq!(
                     (status, &body[..]),
                     (StatusCode::OK, &br#"{"ok":true}"#[..])
@@ -1595,12 +1599,7 @@ mod tests {
             &format!("https://127.0.0.1:{port}/v1/messages"),
             Http2::Always,
         );
-        let error = client
-            .post(None, Bytes::from_static(BODY))
-            .await
-            .err()
-            .unwrap();
-        assert_eq!(error.kind, ErrorKind::Connection);
+        let error = connection_error(&client).await;
         assert!(
             error.message.contains("does not offer HTTP/2"),
             "{}",
@@ -1854,12 +1853,7 @@ mod tests {
         );
         drop(closed);
         let client = HttpClient::new(&url, Http2::Never, json(), Duration::from_secs(30));
-        let error = client
-            .post(None, Bytes::from_static(BODY))
-            .await
-            .err()
-            .unwrap();
-        assert_eq!(error.kind, ErrorKind::Connection);
+        let error = connection_error(&client).await;
         assert!(
             !error.message.contains("p%40ss") && !error.message.contains("user"),
             "{}",
