@@ -918,6 +918,19 @@ fn config_check_reads_the_environment_a_run_would_use() {
         "{}",
         stderr(&out)
     );
+
+    // A proxy the client cannot use is named before any call fails through it.
+    let socks = [
+        ("ANTHROPIC_API_KEY", "k"),
+        ("HTTPS_PROXY", "socks5://10.0.0.1:1080"),
+    ];
+    let out = run(&socks, &["config", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("warning: providers.claude: the proxy for https://api.anthropic.com/ (socks5://10.0.0.1) is not supported: only http:// proxies are"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 /// An environment variable's bad value is named by the variable, not "command line".

@@ -624,6 +624,20 @@ impl Config {
                     ),
                 });
             }
+            let url = http
+                .base_url
+                .clone()
+                .or_else(|| env(url_var).filter(|u| is_http_url(u)))
+                .unwrap_or_else(|| match provider {
+                    ProviderConfig::OpenAi(_) => crate::provider::OPENAI_BASE_URL.to_owned(),
+                    _ => crate::provider::ANTHROPIC_BASE_URL.to_owned(),
+                });
+            if let Some(why) = crate::provider::proxy_problem(&url, &env) {
+                problems.push(EnvProblem {
+                    error: false,
+                    message: format!("providers.{name}: {why}; every call to it will fail"),
+                });
+            }
             if http.base_url.is_none()
                 && let Some(url) = env(url_var).filter(|u| !u.trim().is_empty())
                 && !is_http_url(&url)

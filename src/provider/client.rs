@@ -984,6 +984,33 @@ impl Target {
     }
 }
 
+/// Why every call to `url` would fail for the proxy the environment (`env`) names for
+/// it, if it would: only `http://` proxies are supported. The variables are read as
+/// the client reads them, upper case first.
+pub fn proxy_problem(url: &str, env: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let target = Target::parse(url).ok()?;
+    let first = |names: [&str; 2]| names.into_iter().find_map(&env);
+    let mut proxies = Matcher::builder();
+    if let Some(all) = first(["ALL_PROXY", "all_proxy"]) {
+        proxies = proxies.all(all);
+    }
+    if let Some(https) = first(["HTTPS_PROXY", "https_proxy"]) {
+        proxies = proxies.https(https);
+    }
+    // HTTP_PROXY is ignored under CGI, where it may be a request's header.
+    if env("REQUEST_METHOD").is_none()
+        && let Some(http) = first(["HTTP_PROXY", "http_proxy"])
+    {
+        proxies = proxies.http(http);
+    }
+    if let Some(no) = first(["NO_PROXY", "no_proxy"]) {
+        proxies = proxies.no(no);
+    }
+    Proxy::new(&proxies.build(), &target, Http2::Auto)
+        .err()
+        .map(|e| e.message)
+}
+
 impl Proxy {
     /// The proxy `proxies` names for `target`, if any.
     fn new(
@@ -991,6 +1018,16 @@ impl Proxy {
         target: &Target,
         mode: Http2,
     ) -> Result<Option<Proxy>, ProviderError> {
+        // A proxy cannot reach this machine's loopback (its own would answer): as Go's
+        // clients do, loopback hosts are never proxied.
+        let loopback = target.host.eq_ignore_ascii_case("localhost")
+            || target
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if loopback {
+            return Ok(None);
+        }
         let Some(intercept) = proxies.intercept(&target.uri) else {
             return Ok(None);
         };
@@ -1476,7 +1513,11 @@ mod tests {
                     }
                     let head = String::from_utf8(head).unwrap();
                     seen.lock().unwrap().push(head.clone());
-                    let to = head.split(' ').nth(1).unwrap().to_owned();
+                    let to = head
+                        .split(' ')
+                        .nth(1)
+                        .unwrap()
+                        .replace("upstream.test", "127.0.0.1");
                     let Ok(mut upstream) = TcpStream::connect(&to).await else {
                         let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
                         return;
@@ -1494,8 +1535,8 @@ mod tests {
 
     /// An `https://` target is reached through a `CONNECT` tunnel (with the proxy's
     /// credentials), TLS and HTTP/2 inside it; an `http://` one is sent to the proxy
-    /// in absolute form; a host in `NO_PROXY` is reached directly; a proxy that
-    /// refuses the tunnel is named in the error.
+    /// in absolute form; a host in `NO_PROXY`, or a loopback one, is reached directly;
+    /// a proxy that refuses the tunnel is named in the error.
     #[tokio::test]
     async fn proxies_are_used_as_the_environment_says() {
         let (proxy, heads) = tunnel_proxy().await;
@@ -1503,7 +1544,7 @@ mod tests {
         let proxies = Matcher::builder()
             .https(format!("http://user:pa55@127.0.0.1:{proxy}"))
             .build();
-        let url = format!("https://localhost:{port}/v1/messages");
+        let url = format!("https://upstream.test:{port}/v1/messages");
         let client = through(&url, Http2::Auto, &proxies);
         for _ in 0..2 {
             assert_eq!(call(&client).await.0, StatusCode::OK);
@@ -1515,19 +1556,26 @@ mod tests {
         let asked = heads.lock().unwrap().clone();
         assert_eq!(asked.len(), 1, "one tunnel for both calls: {asked:?}");
         assert!(
-            asked[0].starts_with(&format!("CONNECT localhost:{port} HTTP/1.1\r\n"))
+            asked[0].starts_with(&format!("CONNECT upstream.test:{port} HTTP/1.1\r\n"))
                 && asked[0].contains("Proxy-Authorization: Basic dXNlcjpwYTU1\r\n"),
             "{}",
             asked[0]
         );
 
-        // No proxy for a host NO_PROXY names.
+        // No proxy for a host NO_PROXY names (so `upstream.test` is looked up, and is
+        // not found), nor for a loopback host, whatever the variables say.
         let proxies = Matcher::builder()
             .https(format!("http://127.0.0.1:{proxy}"))
-            .no("localhost")
+            .no("upstream.test")
+            .build();
+        let error = connection_error(&through(&url, Http2::Auto, &proxies)).await;
+        assert!(error.message.contains("dns error"), "{}", error.message);
+        let local = format!("https://localhost:{port}/v1/messages");
+        let proxies = Matcher::builder()
+            .https(format!("http://127.0.0.1:{proxy}"))
             .build();
         assert_eq!(
-            call(&through(&url, Http2::Auto, &proxies)).await.0,
+            call(&through(&local, Http2::Auto, &proxies)).await.0,
             StatusCode::OK
         );
         assert_eq!(heads.lock().unwrap().len(), 1);
@@ -1547,7 +1595,7 @@ mod tests {
         let proxies = Matcher::builder()
             .https(format!("http://127.0.0.1:{proxy}"))
             .build();
-        let client = through("https://127.0.0.1:1/v1/messages", Http2::Auto, &proxies);
+        let client = through("https://upstream.test:1/v1/messages", Http2::Auto, &proxies);
         let error = connection_error(&client).await;
         assert!(
             error
@@ -1903,5 +1951,29 @@ mod tests {
             "back in the pool, with no reaper to start"
         );
         runtime.block_on(mock.stop());
+    }
+
+    /// `config check` learns of a proxy calls cannot go through before any call does.
+    #[test]
+    fn an_unsupported_proxy_is_named_before_any_call() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let url = "https://api.anthropic.com/v1/messages";
+        let socks = env(&[("HTTPS_PROXY", "socks5://10.0.0.1:1080")]);
+        let problem = proxy_problem(url, socks).unwrap();
+        assert!(problem.contains("only http:// proxies"), "{problem}");
+        let bypassed = env(&[
+            ("https_proxy", "https://10.0.0.1:3128"),
+            ("NO_PROXY", "anthropic.com"),
+        ]);
+        assert_eq!(proxy_problem(url, bypassed), None);
+        let fine = env(&[("HTTPS_PROXY", "http://10.0.0.1:3128")]);
+        assert_eq!(proxy_problem(url, fine), None);
+        assert_eq!(proxy_problem(url, env(&[])), None);
     }
 }
