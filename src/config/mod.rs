@@ -645,7 +645,8 @@ impl Config {
                 problems.push(EnvProblem {
                     error: true,
                     message: format!(
-                        "providers.{name}: {url_var}=\"{url}\" is not an http(s) URL; expected e.g. \"https://api.anthropic.com\" or \"http://127.0.0.1:8081\", or unset it"
+                        "providers.{name}: {url_var}=\"{}\" is not an http(s) URL; expected e.g. \"https://api.anthropic.com\" or \"http://127.0.0.1:8081\", or unset it",
+                        without_credentials(&url)
                     ),
                 });
             }
@@ -661,6 +662,19 @@ pub struct EnvProblem {
     pub error: bool,
     /// What is wrong and what to do.
     pub message: String,
+}
+
+/// A URL as an error may show it: anything before an `@` in its authority (a user
+/// name and password) replaced by `***`, whether or not the rest parses.
+pub fn without_credentials(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}***@{}", &url[..start], &url[start + at + 1..]),
+        None => url.to_owned(),
+    }
 }
 
 /// True for an absolute `http` or `https` URL with a host.
@@ -728,6 +742,20 @@ mod tests {
             discover(None, None, dir.path()),
             Some(dir.path().join("metaorch.toml"))
         );
+    }
+
+    #[test]
+    fn a_url_in_an_error_shows_no_credentials() {
+        assert_eq!(
+            without_credentials("htps://user:s3cret@gw.example/v1"),
+            "htps://***@gw.example/v1"
+        );
+        assert_eq!(without_credentials("user:s3cret@gw:80"), "***@gw:80");
+        assert_eq!(
+            without_credentials("https://gw.example/a@b"),
+            "https://gw.example/a@b"
+        );
+        assert_eq!(without_credentials("localhost:8081"), "localhost:8081");
     }
 
     #[test]

@@ -321,7 +321,7 @@ fn build_provider(
                 Some(url) => Err(BuildError::BadBaseUrl {
                     provider: name.to_owned(),
                     variable: env_name.to_owned(),
-                    value: url,
+                    value: crate::config::without_credentials(&url),
                 }),
                 None => Ok(default.to_owned()),
             }

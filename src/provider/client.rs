@@ -147,6 +147,8 @@ struct SharedH2 {
     id: u64,
     send: h2::client::SendRequest<Bytes>,
     last_used: Instant,
+    /// The reaper saw calls on it last time: its idle time starts now.
+    was_busy: bool,
     state: Arc<H2State>,
 }
 
@@ -364,7 +366,9 @@ impl Inner {
         // server speaks HTTP/1.1, whose connections are not shared, or failed to
         // connect, which this call would only repeat.
         if let Some(conn) = self.pooled().await {
-            return Ok((conn, true));
+            // An HTTP/2 connection just made; an HTTP/1.1 one from the pool is not.
+            let fresh = matches!(conn, Conn::H2(..));
+            return Ok((conn, fresh));
         }
         if let Some((at, error)) = &self.lock().failed
             && *at >= asked
@@ -434,8 +438,20 @@ impl Inner {
         }
         pool.reaper = true;
         let client = Arc::downgrade(self);
+        /// Lets the next connection start a reaper again if this one's task ends in
+        /// any way, its runtime shutting down included.
+        struct Off(Weak<Inner>);
+        impl Drop for Off {
+            fn drop(&mut self) {
+                if let Some(inner) = self.0.upgrade() {
+                    inner.lock().reaper = false;
+                }
+            }
+        }
+        let off = Off(client.clone());
         let every = (self.idle_timeout / 4).max(Duration::from_millis(10));
         runtime.spawn(async move {
+            let mut off = off;
             loop {
                 tokio::time::sleep(every).await;
                 let Some(inner) = client.upgrade() else {
@@ -449,14 +465,18 @@ impl Inner {
                 // Dropping the last handle lets h2 close the connection once its
                 // streams are done.
                 pool.h2.retain_mut(|h2| {
-                    if h2.state.calls.load(Ordering::Relaxed) > 0 {
-                        // Busy: idle time counts from when its last call ends.
+                    // Idle time counts from the first look that finds no call on it.
+                    let busy = h2.state.calls.load(Ordering::Relaxed) > 0;
+                    if busy || h2.was_busy {
                         h2.last_used = now;
                     }
-                    now.duration_since(h2.last_used) < idle
+                    h2.was_busy = busy;
+                    busy || now.duration_since(h2.last_used) < idle
                 });
                 if pool.h1.is_empty() && pool.h2.is_empty() {
+                    // Under the lock, so a connection given back now starts another.
                     pool.reaper = false;
+                    off.0 = Weak::new();
                     return;
                 }
             }
@@ -494,6 +514,7 @@ impl Inner {
                     id,
                     send: send.clone(),
                     last_used: Instant::now(),
+                    was_busy: true,
                     state: state.clone(),
                 });
                 self.start_reaper(&mut pool);
@@ -636,9 +657,17 @@ impl Inner {
         extra: Option<(&'static str, HeaderValue)>,
         body: Bytes,
     ) -> Result<Response, Failed> {
+        // The connection is gone (closed, shutting down, broken): the request never left,
+        // and another connection takes it. Anything else (h2 refusing the request
+        // itself) is this call's failure, and the connection stays.
         let unsent = |e: h2::Error| {
-            self.forget_h2(id);
-            Failed::Stale(transport_error(&setup.target, &e))
+            let error = transport_error(&setup.target, &e);
+            if e.is_io() || e.is_go_away() || e.reason().is_some() {
+                self.forget_h2(id);
+                Failed::Stale(error)
+            } else {
+                Failed::Fatal(error)
+            }
         };
         let mut send = send.ready().await.map_err(unsent)?;
         let mut request = Request::new(());
@@ -989,6 +1018,11 @@ impl Target {
 /// the client reads them, upper case first.
 pub fn proxy_problem(url: &str, env: impl Fn(&str) -> Option<String>) -> Option<String> {
     let target = Target::parse(url).ok()?;
+    // Under CGI no variable is read: `HTTP_PROXY` may be a request's header there, and
+    // the matcher leaves them all.
+    if env("REQUEST_METHOD").is_some() {
+        return None;
+    }
     let first = |names: [&str; 2]| names.into_iter().find_map(&env);
     let mut proxies = Matcher::builder();
     if let Some(all) = first(["ALL_PROXY", "all_proxy"]) {
@@ -997,10 +1031,7 @@ pub fn proxy_problem(url: &str, env: impl Fn(&str) -> Option<String>) -> Option<
     if let Some(https) = first(["HTTPS_PROXY", "https_proxy"]) {
         proxies = proxies.https(https);
     }
-    // HTTP_PROXY is ignored under CGI, where it may be a request's header.
-    if env("REQUEST_METHOD").is_none()
-        && let Some(http) = first(["HTTP_PROXY", "http_proxy"])
-    {
+    if let Some(http) = first(["HTTP_PROXY", "http_proxy"]) {
         proxies = proxies.http(http);
     }
     if let Some(no) = first(["NO_PROXY", "no_proxy"]) {
@@ -1103,7 +1134,7 @@ async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, ConnectFailed> 
         .collect();
     let Some(first) = addresses.first() else {
         return Err(ConnectFailed {
-            message: format!("dns error: no address for {host}"),
+            message: "dns error: no address found".to_owned(),
             timed_out: false,
         });
     };
@@ -1147,9 +1178,9 @@ async fn connect_in_turn(
 ) -> Result<TcpStream, ConnectFailed> {
     let mut last = ConnectFailed {
         message: String::new(),
-        timed_out: true,
+        timed_out: false,
     };
-    let mut timed_out = true;
+    let mut timed_out = !addresses.is_empty();
     for &address in addresses {
         match tokio::time::timeout(share, TcpStream::connect(address)).await {
             Ok(Ok(tcp)) => return Ok(tcp),
@@ -1158,7 +1189,10 @@ async fn connect_in_turn(
                 last.message = format!("tcp connect error: {e}");
             }
             Err(_) => {
-                last.message = format!("tcp connect error: no answer within {share:?}");
+                last.message = format!(
+                    "tcp connect error: no answer within {} ms",
+                    share.as_millis()
+                );
             }
         }
     }
@@ -1568,8 +1602,8 @@ mod tests {
             .https(format!("http://127.0.0.1:{proxy}"))
             .no("upstream.test")
             .build();
-        let error = connection_error(&through(&url, Http2::Auto, &proxies)).await;
-        assert!(error.message.contains("dns error"), "{}", error.message);
+        let direct = through(&url, Http2::Auto, &proxies);
+        assert!(direct.post(None, Bytes::from_static(BODY)).await.is_err());
         let local = format!("https://localhost:{port}/v1/messages");
         let proxies = Matcher::builder()
             .https(format!("http://127.0.0.1:{proxy}"))
