@@ -931,6 +931,21 @@ fn config_check_reads_the_environment_a_run_would_use() {
         "{}",
         stdout(&out)
     );
+
+    // So is a CA file that cannot serve.
+    let missing = dir.path().join("missing-ca.pem");
+    let missing = missing.to_str().unwrap();
+    let out = run(
+        &[("ANTHROPIC_API_KEY", "k"), ("SSL_CERT_FILE", missing)],
+        &["config", "check"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("warning: SSL_CERT_FILE={missing}: "))
+            && stdout(&out).contains("every https:// call will fail"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 /// An environment variable's bad value is named by the variable, not "command line".

@@ -605,9 +605,21 @@ impl Config {
     /// variable that is not an http(s) URL (an error: they would refuse it too).
     pub fn check_environment(&self, env: impl Fn(&str) -> Option<String>) -> Vec<EnvProblem> {
         let mut problems = Vec::new();
+        let mut tls_checked = false;
         for (name, provider) in &self.providers {
             if !self.agents.iter().any(|a| &a.provider == name) {
                 continue;
+            }
+            if !tls_checked && !matches!(provider, ProviderConfig::Sim(_)) {
+                tls_checked = true;
+                if let Some(why) = crate::provider::ca_file_problem(&env) {
+                    problems.push(EnvProblem {
+                        error: false,
+                        message: format!(
+                            "{why}; every https:// call will fail until it is fixed or unset"
+                        ),
+                    });
+                }
             }
             let (http, url_var) = match provider {
                 ProviderConfig::Sim(_) => continue,

@@ -1239,29 +1239,66 @@ async fn tunnel(
     }
 }
 
-/// The TLS setup for a mode: the web's root certificates (as browsers trust them) and
-/// the ALPN protocols the mode offers.
+/// The variable naming a PEM file of certificates to trust besides the web's roots.
+pub const CA_FILE_VARIABLE: &str = "SSL_CERT_FILE";
+
+/// The TLS setup for a mode: the web's root certificates (as browsers trust them), and
+/// those of the PEM file `SSL_CERT_FILE` names (a company's own CA, a TLS-inspecting
+/// proxy's), read once; and the ALPN protocols the mode offers.
 fn tls_config(mode: Http2) -> Result<Arc<rustls::ClientConfig>, ProviderError> {
     static CONFIGS: OnceLock<Result<[Arc<rustls::ClientConfig>; 3], String>> = OnceLock::new();
     let configs = CONFIGS.get_or_init(|| {
-        let roots = || rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
+        let file = std::env::var_os(CA_FILE_VARIABLE).filter(|f| !f.is_empty());
+        let roots = roots(file.as_deref().map(std::path::Path::new))?;
         Ok([
-            tls_config_with(roots(), Http2::Auto)?,
-            tls_config_with(roots(), Http2::Always)?,
-            tls_config_with(roots(), Http2::Never)?,
+            tls_config_with(roots.clone(), Http2::Auto)?,
+            tls_config_with(roots.clone(), Http2::Always)?,
+            tls_config_with(roots, Http2::Never)?,
         ])
     });
     let configs = configs
         .as_ref()
-        .map_err(|e| ProviderError::new(ErrorKind::Connection, format!("TLS setup: {e}")))?;
+        // A setup that cannot be made fails every call alike: not worth a retry.
+        .map_err(|e| ProviderError::new(ErrorKind::BadRequest, format!("TLS setup: {e}")))?;
     Ok(configs[match mode {
         Http2::Auto => 0,
         Http2::Always => 1,
         Http2::Never => 2,
     }]
     .clone())
+}
+
+/// Why the file `SSL_CERT_FILE` names (in `env`) cannot serve, if it is set and cannot:
+/// every `https://` call would fail.
+pub fn ca_file_problem(env: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let file = env(CA_FILE_VARIABLE).filter(|f| !f.is_empty())?;
+    roots(Some(std::path::Path::new(&file))).err()
+}
+
+/// The web's roots, and every certificate in the PEM file `extra`, if given.
+fn roots(extra: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let Some(path) = extra else {
+        return Ok(roots);
+    };
+    let named = |why: String| format!("{CA_FILE_VARIABLE}={}: {why}", path.display());
+    let pem = std::fs::read(path).map_err(|e| named(e.to_string()))?;
+    let mut added = 0;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| named(format!("not a PEM file of certificates ({e})")))?;
+        roots
+            .add(cert)
+            .map_err(|e| named(format!("a certificate cannot be trusted ({e})")))?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err(named("no certificate in it".to_owned()));
+    }
+    Ok(roots)
 }
 
 fn tls_config_with(
@@ -2009,5 +2046,37 @@ mod tests {
         let fine = env(&[("HTTPS_PROXY", "http://10.0.0.1:3128")]);
         assert_eq!(proxy_problem(url, fine), None);
         assert_eq!(proxy_problem(url, env(&[])), None);
+    }
+
+    /// The certificates of the file `SSL_CERT_FILE` names are trusted besides the web's
+    /// roots; a file that cannot serve is named in the error.
+    #[tokio::test]
+    async fn a_ca_file_is_trusted_besides_the_webs_roots() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.pem");
+        std::fs::write(&file, CA).unwrap();
+        let with_ca = roots(Some(&file)).unwrap();
+        assert_eq!(with_ca.len(), webpki_roots::TLS_SERVER_ROOTS.len() + 1);
+        let (port, _) = tls_server(&[b"h2", b"http/1.1"]).await;
+        let url = format!("https://localhost:{port}/v1/messages");
+        let client = HttpClient::build(
+            &url,
+            Http2::Auto,
+            json(),
+            Duration::from_secs(30),
+            &Matcher::builder().build(),
+            |mode| Ok(tls_config_with(with_ca, mode).unwrap()),
+        );
+        assert_eq!(call(&client).await.0, StatusCode::OK);
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let error = roots(Some(&empty)).err().unwrap();
+        assert!(
+            error.starts_with("SSL_CERT_FILE=") && error.ends_with("no certificate in it"),
+            "{error}"
+        );
+        let missing = roots(Some(&dir.path().join("missing.pem"))).err().unwrap();
+        assert!(missing.contains("missing.pem"), "{missing}");
     }
 }

@@ -25,7 +25,7 @@ pub use account::{
     Account, AccountLimits, AccountPermit, AccountRejection, AccountState, BucketState, LimitedBy,
 };
 pub use anthropic::{ANTHROPIC_BASE_URL, ANTHROPIC_VERSION, AnthropicOptions, AnthropicProvider};
-pub use client::proxy_problem;
+pub use client::{CA_FILE_VARIABLE, ca_file_problem, proxy_problem};
 pub use error::{ErrorKind, ProviderError};
 pub use http::{
     H2_CONNECTION_WINDOW, H2_KEEP_ALIVE, H2_STREAM_WINDOW, Http2, MAX_ERROR_BODY_BYTES,
