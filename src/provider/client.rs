@@ -18,8 +18,7 @@
 //!   prior knowledge (`"always"`: h2c over `http://`). Every call is a stream on one
 //!   connection; only when every connection carries as many calls as the server allows
 //!   at once (`SETTINGS_MAX_CONCURRENT_STREAMS`) is another opened. While a connection is
-//!   being made, callers wait for it rather than each opening their own, and a new one
-//!   is shared once the server's settings are in (the answer to a first ping).
+//!   being made, callers wait for it rather than each opening their own.
 //! - **HTTP/1.1** otherwise: a pool of idle connections, the most recently used first,
 //!   a connection going back to it once its response is read to the end.
 //! - Idle connections are closed after the idle timeout; an HTTP/2 connection with calls
@@ -366,14 +365,11 @@ impl Inner {
     /// A connection to send on: the shared HTTP/2 one, an idle HTTP/1.1 one, or a new one.
     /// The connection, and whether it was made for this call.
     async fn checkout(self: &Arc<Self>, setup: &Setup) -> Result<(Conn, bool), ProviderError> {
-        // Once a wait for a connection's settings has run out, that connection is
-        // taken as it is (its cap assumed 100) rather than waited for again.
-        let mut waited = false;
         loop {
-            match self.pooled(waited).await {
+            match self.pooled().await {
                 Found::Conn(conn) => return Ok((conn, false)),
                 Found::Settling(settled) => {
-                    waited = !wait_settled(settled).await;
+                    wait_settled(settled).await;
                     continue;
                 }
                 Found::Nothing => {}
@@ -387,7 +383,7 @@ impl Inner {
             // Someone else may have connected while this call waited, or learned that
             // the server speaks HTTP/1.1, whose connections are not shared, or failed to
             // connect, which this call would only repeat.
-            match self.pooled(waited).await {
+            match self.pooled().await {
                 Found::Conn(conn) => {
                     // An HTTP/2 connection just made; an HTTP/1.1 one from the pool is not.
                     let fresh = matches!(conn, Conn::H2(..));
@@ -395,7 +391,7 @@ impl Inner {
                 }
                 Found::Settling(settled) => {
                     drop(gate);
-                    waited = !wait_settled(settled).await;
+                    wait_settled(settled).await;
                     continue;
                 }
                 Found::Nothing => {}
@@ -412,9 +408,8 @@ impl Inner {
         }
     }
 
-    /// A pooled connection with room for a call, if one is ready; `unsettled`: an
-    /// HTTP/2 connection whose settings are not in yet counts as one.
-    async fn pooled(&self, unsettled: bool) -> Found {
+    /// A pooled connection with room for a call, if one is ready.
+    async fn pooled(&self) -> Found {
         loop {
             let idle = {
                 let mut pool = self.lock();
@@ -423,7 +418,7 @@ impl Inner {
                 // calls waiting in h2's queue for a stream, unseen by flow control.
                 let mut settling = None;
                 for h2 in pool.h2.iter_mut() {
-                    if !unsettled && !*h2.settled.borrow() {
+                    if !*h2.settled.borrow() {
                         settling.get_or_insert_with(|| h2.settled.clone());
                     } else if h2.state.calls.load(Ordering::Relaxed)
                         < h2.send.current_max_send_streams()
@@ -454,13 +449,11 @@ impl Inner {
     }
 }
 
-/// Waits until a new HTTP/2 connection knows the server's settings or ends (its driver
-/// drops it when a ping goes unanswered for [`H2_KEEP_ALIVE`]`.1`), for at most the
-/// connect timeout; false when that ran out.
-async fn wait_settled(mut settled: tokio::sync::watch::Receiver<bool>) -> bool {
-    tokio::time::timeout(CONNECT_TIMEOUT, settled.wait_for(|s| *s))
-        .await
-        .is_ok()
+/// Waits until a new HTTP/2 connection knows the server's settings, it ends, or the
+/// connect timeout passes (its driver drops it sooner: a ping unanswered for
+/// [`H2_KEEP_ALIVE`]`.1`).
+async fn wait_settled(mut settled: tokio::sync::watch::Receiver<bool>) {
+    let _ = tokio::time::timeout(CONNECT_TIMEOUT, settled.wait_for(|s| *s)).await;
 }
 
 impl Inner {
@@ -649,8 +642,8 @@ impl Inner {
                 .initial_connection_window_size(H2_CONNECTION_WINDOW)
                 .max_header_list_size(MAX_HEADER_LIST)
                 // Until the server's SETTINGS say how many streams it takes at once,
-                // the 100 RFC 9113 asks servers to allow at least (a new connection is
-                // shared only once they are in, or a wait for them ran out).
+                // the 100 RFC 9113 asks servers to allow at least: a new connection
+                // takes no more calls than that before it knows.
                 .initial_max_send_streams(100)
                 .handshake::<_, Bytes>(io)
                 .await
