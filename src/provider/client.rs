@@ -150,18 +150,6 @@ struct SharedH2 {
     /// The reaper saw calls on it last time: its idle time starts now.
     was_busy: bool,
     state: Arc<H2State>,
-    /// True once the server's settings are in (its answer to a first ping, which it
-    /// sends after them): until then its stream cap is unknown, and only the call that
-    /// opened it uses it.
-    settled: tokio::sync::watch::Receiver<bool>,
-}
-
-/// What the pool has for a call.
-enum Found {
-    Conn(Conn),
-    /// Nothing with room yet, but an HTTP/2 connection whose settings are on their way.
-    Settling(tokio::sync::watch::Receiver<bool>),
-    Nothing,
 }
 
 /// What an HTTP/2 connection's calls and its driver share.
@@ -365,98 +353,63 @@ impl Inner {
     /// A connection to send on: the shared HTTP/2 one, an idle HTTP/1.1 one, or a new one.
     /// The connection, and whether it was made for this call.
     async fn checkout(self: &Arc<Self>, setup: &Setup) -> Result<(Conn, bool), ProviderError> {
-        loop {
-            match self.pooled().await {
-                Found::Conn(conn) => return Ok((conn, false)),
-                Found::Settling(settled) => {
-                    wait_settled(settled).await;
-                    continue;
-                }
-                Found::Nothing => {}
-            }
-            let may_be_h2 = self.may_be_h2(setup, &self.lock());
-            if !may_be_h2 {
-                return Ok((Box::pin(self.connect(setup)).await?, true));
-            }
-            let asked = Instant::now();
-            let gate = self.connecting.lock().await;
-            // Someone else may have connected while this call waited, or learned that
-            // the server speaks HTTP/1.1, whose connections are not shared, or failed to
-            // connect, which this call would only repeat.
-            match self.pooled().await {
-                Found::Conn(conn) => {
-                    // An HTTP/2 connection just made; an HTTP/1.1 one from the pool is not.
-                    let fresh = matches!(conn, Conn::H2(..));
-                    return Ok((conn, fresh));
-                }
-                Found::Settling(settled) => {
-                    drop(gate);
-                    wait_settled(settled).await;
-                    continue;
-                }
-                Found::Nothing => {}
-            }
-            if let Some((at, error)) = &self.lock().failed
-                && *at >= asked
-            {
-                return Err(error.clone());
-            }
-            if !self.may_be_h2(setup, &self.lock()) {
-                drop(gate);
-            }
+        if let Some(conn) = self.pooled().await {
+            return Ok((conn, false));
+        }
+        let may_be_h2 = self.may_be_h2(setup, &self.lock());
+        if !may_be_h2 {
             return Ok((Box::pin(self.connect(setup)).await?, true));
         }
+        let asked = Instant::now();
+        let gate = self.connecting.lock().await;
+        // Someone else may have connected while this call waited, or learned that the
+        // server speaks HTTP/1.1, whose connections are not shared, or failed to
+        // connect, which this call would only repeat.
+        if let Some(conn) = self.pooled().await {
+            // An HTTP/2 connection just made; an HTTP/1.1 one from the pool is not.
+            let fresh = matches!(conn, Conn::H2(..));
+            return Ok((conn, fresh));
+        }
+        if let Some((at, error)) = &self.lock().failed
+            && *at >= asked
+        {
+            return Err(error.clone());
+        }
+        if !self.may_be_h2(setup, &self.lock()) {
+            drop(gate);
+        }
+        Ok((Box::pin(self.connect(setup)).await?, true))
     }
 
-    /// A pooled connection with room for a call, if one is ready.
-    async fn pooled(&self) -> Found {
+    /// A pooled connection, if one is ready.
+    async fn pooled(&self) -> Option<Conn> {
         loop {
             let idle = {
                 let mut pool = self.lock();
                 // A connection has room while its calls are fewer than the streams the
                 // server allows at once; when none has, another is opened rather than
                 // calls waiting in h2's queue for a stream, unseen by flow control.
-                let mut settling = None;
-                for h2 in pool.h2.iter_mut() {
-                    if !*h2.settled.borrow() {
-                        settling.get_or_insert_with(|| h2.settled.clone());
-                    } else if h2.state.calls.load(Ordering::Relaxed)
-                        < h2.send.current_max_send_streams()
-                    {
-                        h2.last_used = Instant::now();
-                        let conn = Conn::H2(h2.send.clone(), h2.id, Busy::new(&h2.state));
-                        return Found::Conn(conn);
-                    }
-                }
-                if let Some(settled) = settling {
-                    return Found::Settling(settled);
+                let room = pool.h2.iter_mut().find(|h2| {
+                    h2.state.calls.load(Ordering::Relaxed) < h2.send.current_max_send_streams()
+                });
+                if let Some(h2) = room {
+                    h2.last_used = Instant::now();
+                    return Some(Conn::H2(h2.send.clone(), h2.id, Busy::new(&h2.state)));
                 }
                 if !pool.h2.is_empty() {
-                    return Found::Nothing;
+                    return None;
                 }
-                match pool.h1.pop() {
-                    Some(idle) => idle,
-                    None => return Found::Nothing,
-                }
+                pool.h1.pop()?
             };
             // Ready once the connection has finished its last response; an error means
             // the server closed it while it sat idle.
             let mut send = idle.send;
             if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, send.ready()).await {
-                return Found::Conn(Conn::H1(send));
+                return Some(Conn::H1(send));
             }
         }
     }
-}
 
-/// Waits until a new HTTP/2 connection knows the server's settings, it ends, or the
-/// connect timeout passes (its driver drops it sooner: a ping unanswered for
-/// [`H2_KEEP_ALIVE`]`.1`).
-async fn wait_settled(mut settled: tokio::sync::watch::Receiver<bool>) {
-    let _ = tokio::time::timeout(CONNECT_TIMEOUT, settled.wait_for(|s| *s)).await;
-}
-
-impl Inner {
     fn forget_h2(&self, id: u64) {
         let mut pool = self.lock();
         pool.h2.retain(|h2| h2.id != id);
@@ -557,19 +510,16 @@ impl Inner {
                 let id = pool.next_id;
                 let state = Arc::new(H2State::default());
                 let busy = Busy::new(&state);
-                let (settle, settled) = tokio::sync::watch::channel(false);
                 pool.h2.push(SharedH2 {
                     id,
                     send: send.clone(),
                     last_used: Instant::now(),
                     was_busy: true,
                     state: state.clone(),
-                    settled,
                 });
                 self.start_reaper(&mut pool);
                 drop(pool);
-                let driver = drive_h2(*connection, state, settle, Arc::downgrade(self), id);
-                tokio::spawn(driver);
+                tokio::spawn(drive_h2(*connection, state, Arc::downgrade(self), id));
                 Ok(Conn::H2(send, id, busy))
             }
             Handshaken::H1(send, speaks_h1) => {
@@ -809,22 +759,13 @@ enum Handshaken {
 async fn drive_h2(
     mut connection: h2::client::Connection<Io, Bytes>,
     state: Arc<H2State>,
-    settle: tokio::sync::watch::Sender<bool>,
     client: Weak<Inner>,
     id: u64,
 ) {
     let (every, patience) = H2_KEEP_ALIVE;
     let mut pings = connection.ping_pong();
-    // A first ping at once: the server answers it after its settings, so its answer
-    // says they are in.
-    let mut awaiting = match pings.as_mut().map(|p| p.send_ping(h2::Ping::opaque())) {
-        Some(Ok(())) => true,
-        _ => {
-            settle.send_replace(true);
-            false
-        }
-    };
-    let mut next = Instant::now() + if awaiting { patience } else { every };
+    let mut next = Instant::now() + every;
+    let mut awaiting = false;
     loop {
         tokio::select! {
             _ = &mut connection => break,
@@ -833,7 +774,6 @@ async fn drive_h2(
                 None => Poll::Pending,
             }), if awaiting => match pong {
                 Ok(_) => {
-                    settle.send_replace(true);
                     awaiting = false;
                     next = Instant::now() + every;
                 }
@@ -868,9 +808,6 @@ async fn drive_h2(
     if let Some(inner) = client.upgrade() {
         inner.forget_h2(id);
     }
-    // `settle` drops here, after the connection left the pool: whoever waited for its
-    // settings looks again and finds it gone.
-    drop(settle);
 }
 
 /// A response whose headers are in; the body is read with [`Response::chunk`].
@@ -1871,10 +1808,10 @@ mod tests {
         );
     }
 
-    /// An HTTP/2 connection that stops answering is found by its ping (the first is
-    /// sent as it opens): the calls on it fail as connection errors (which the
-    /// resilience layer retries) once the ping has gone unanswered for its timeout,
-    /// instead of waiting for their attempt timeouts, and the connection leaves the pool.
+    /// An HTTP/2 connection that stops answering is found by its ping: the calls on it
+    /// fail as connection errors (which the resilience layer retries) within the
+    /// keep-alive interval and timeout, instead of waiting for their attempt timeouts,
+    /// and the next call opens a new connection.
     #[tokio::test(start_paused = true)]
     async fn a_silent_http2_connection_is_found_by_its_ping() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1901,9 +1838,9 @@ mod tests {
             "{}",
             error.message
         );
-        let patience = H2_KEEP_ALIVE.1;
+        let (every, patience) = H2_KEEP_ALIVE;
         assert!(
-            waited >= patience && waited <= patience + Duration::from_secs(1),
+            waited >= every && waited <= every + patience + Duration::from_secs(1),
             "failed after {waited:?}: {}",
             error.message
         );
@@ -1914,8 +1851,7 @@ mod tests {
 
     /// When every HTTP/2 connection carries as many calls as the server allows at once,
     /// the next call opens another connection rather than waiting in the client for a
-    /// stream — from the first calls on, since a new connection is shared only once the
-    /// server's settings are in.
+    /// stream.
     #[tokio::test]
     async fn a_full_http2_connection_is_joined_by_another() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1949,8 +1885,12 @@ mod tests {
         });
         let url = format!("http://127.0.0.1:{port}/v1/messages");
         let client = HttpClient::new(&url, Http2::Always, json(), Duration::from_secs(30));
-        // From cold: the calls that find a connection whose settings are not in yet
-        // wait for them (one ping's round trip), then take the room it has.
+        // One call first: its connection then knows the server's cap of two streams.
+        release.send_replace(true);
+        assert_eq!(call(&client).await.0, StatusCode::OK);
+        release.send_replace(false);
+        pending.store(0, Ordering::Relaxed);
+
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..4 {
             let client = client.clone();
