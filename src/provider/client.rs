@@ -99,6 +99,41 @@ struct Setup {
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
+impl Setup {
+    /// One request's headers: the client's own, the call's `extra`, and those the
+    /// protocol needs (`Host` over HTTP/1.1, `content-length` over HTTP/2).
+    fn headers(
+        &self,
+        extra: Option<(&'static str, HeaderValue)>,
+        h1: bool,
+        length: usize,
+    ) -> HeaderMap {
+        let mut headers = HeaderMap::with_capacity(self.headers.len() + 3);
+        if h1 {
+            headers.insert(header::HOST, self.target.host_header.clone());
+            if let Some(auth) = self
+                .proxy
+                .as_ref()
+                .filter(|p| p.forward)
+                .and_then(|p| p.auth.clone())
+            {
+                headers.insert(header::PROXY_AUTHORIZATION, auth);
+            }
+        }
+        for (name, value) in &self.headers {
+            headers.append(name, value.clone());
+        }
+        if !h1 {
+            // HTTP/1.1 sets it from the body; some HTTP/2 front ends want it too.
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        if let Some((name, value)) = extra {
+            headers.insert(name, value);
+        }
+        headers
+    }
+}
+
 /// Where requests go, parsed once.
 struct Target {
     https: bool,
@@ -616,38 +651,6 @@ impl Inner {
         }
     }
 
-    fn headers(
-        &self,
-        setup: &Setup,
-        extra: Option<(&'static str, HeaderValue)>,
-        h1: bool,
-        length: usize,
-    ) -> HeaderMap {
-        let mut headers = HeaderMap::with_capacity(setup.headers.len() + 3);
-        if h1 {
-            headers.insert(header::HOST, setup.target.host_header.clone());
-            if let Some(auth) = setup
-                .proxy
-                .as_ref()
-                .filter(|p| p.forward)
-                .and_then(|p| p.auth.clone())
-            {
-                headers.insert(header::PROXY_AUTHORIZATION, auth);
-            }
-        }
-        for (name, value) in &setup.headers {
-            headers.append(name, value.clone());
-        }
-        if !h1 {
-            // HTTP/1.1 sets it from the body; some HTTP/2 front ends want it too.
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-        }
-        if let Some((name, value)) = extra {
-            headers.insert(name, value);
-        }
-        headers
-    }
-
     async fn send_h2(
         &self,
         setup: &Setup,
@@ -673,7 +676,7 @@ impl Inner {
         let mut request = Request::new(());
         *request.method_mut() = Method::POST;
         *request.uri_mut() = setup.target.uri.clone();
-        *request.headers_mut() = self.headers(setup, extra, false, body.len());
+        *request.headers_mut() = setup.headers(extra, false, body.len());
         let end = body.is_empty();
         let (response, mut stream) = send.send_request(request, end).map_err(unsent)?;
         drop(send);
@@ -720,7 +723,7 @@ impl Inner {
             true => setup.target.uri.clone(),
             false => Uri::from(setup.target.path.clone()),
         };
-        *request.headers_mut() = self.headers(setup, extra, true, length);
+        *request.headers_mut() = setup.headers(extra, true, length);
         match send.try_send_request(request).await {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
@@ -933,7 +936,7 @@ fn transport_error(target: &Target, error: &dyn std::error::Error) -> ProviderEr
 
 /// An error and its sources, `: `-separated, without repeating a source whose text the
 /// error's own already ends with.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {

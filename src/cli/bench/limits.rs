@@ -272,11 +272,7 @@ fn orchestrator(args: &LimitsArgs, provider: Arc<dyn Provider>) -> anyhow::Resul
         agent.provider = "bench".into();
         agent.model = "bench-model".into();
     }
-    // The simulated model's illustrative price, as `bench load` gives it: no
-    // `price.unknown` warning in the middle of the report.
-    if let Some(price) = config.prices.get("sim-1").copied() {
-        config.prices.insert("bench-model".into(), price);
-    }
+    super::price_bench_model(&mut config);
     if let Some(n) = args.fixed {
         config.flow.concurrency.enabled = false;
         config.flow.concurrency.max = n;

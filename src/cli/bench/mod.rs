@@ -174,11 +174,7 @@ fn setup(
             agent.model = "bench-model".into();
         }
     }
-    // The default config's illustrative price for its simulated model, for the model
-    // the agents ask an HTTP upstream for too: a bench reports a plausible cost.
-    if let Some(price) = config.prices.get("sim-1").copied() {
-        config.prices.insert("bench-model".into(), price);
-    }
+    price_bench_model(&mut config);
     let orchestrator = Orchestrator::builder()
         .config(config)
         .provider("bench", Arc::clone(&recorder) as Arc<dyn Provider>)
@@ -223,6 +219,15 @@ fn setup(
             Duration::from_secs(1)
         },
     })
+}
+
+/// The default config's illustrative price for its simulated model, for the model the
+/// agents ask an HTTP upstream for too: a bench reports a plausible cost, and no
+/// `price.unknown` warning in the middle of its report.
+fn price_bench_model(config: &mut Config) {
+    if let Some(price) = config.prices.get("sim-1").copied() {
+        config.prices.insert("bench-model".into(), price);
+    }
 }
 
 /// The upstream with its HTTP version settled: as `--http2` says, else HTTP/2 (h2c) to
