@@ -16,8 +16,8 @@ use super::{ErrorKind, ProviderError, retry_after};
 /// is a broken or hostile upstream, and reading on would only cost memory.
 pub const MAX_RESPONSE_BYTES: usize = 8 << 20;
 
-/// How long to wait for a TCP connection (and TLS) before calling it a connection
-/// failure. The attempt timeout bounds the whole call.
+/// How long to wait for a connection (DNS, TCP, a proxy's tunnel, TLS) before the call
+/// fails as a `timeout`. The attempt timeout bounds the whole call.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An API key. Its `Debug` and `Display` print `***`, so it cannot leak through logs,
